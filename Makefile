@@ -1,0 +1,31 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both build .venv first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: env demo test bench clean
+
+env: $(STAMP)
+
+# Re-run only when the pins change. torch goes first so nothing can pull a CUDA build.
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	DS_BUILD_OPS=0 $(PIP) install -q -c constraints.txt -r requirements.txt
+	$(PIP) install -q -c constraints.txt --no-deps -e .
+	@touch $(STAMP)
+
+demo: env
+	$(VENV)/bin/hyena-glt demo
+
+test: env
+	$(PY) -m pytest -q
+
+bench: env
+	$(VENV)/bin/hyena-glt bench ops
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,159 @@
+"""HyenaGLTConfig: the one typed, validated description of a model.
+
+Validated once at construction (pydantic); every later module trusts it. An invalid value
+or combination raises ValueError (pydantic's ValidationError is one) naming the field and
+the rule.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .tokenizer import BYTE_VOCAB_SIZE
+
+# One character per layer. '|' marks a pipeline-stage boundary and is not a layer.
+OPERATORS = {
+    "S": "hyena_se",  # short explicit filter, shared within channel groups
+    "D": "hyena_mr",  # medium explicit filter x fixed per-channel exponential decay
+    "H": "hyena_li",  # long implicit (modal) filter, FFT convolution
+    "*": "attention",  # causal multi-head attention with RoPE
+}
+STAGE_SEPARATOR = "|"
+
+
+class HyenaGLTConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    pattern: str = Field("SDH*", description="layer string over S, D, H, * ('|' = pipeline stage boundary)")
+    d_model: int = Field(256, gt=0)
+    num_heads: int = Field(4, gt=0)
+    vocab_size: int = Field(BYTE_VOCAB_SIZE, description="at least the byte tokenizer's 260 ids")
+    max_seq_len: int = Field(8192, gt=0, description="longest context the model is meant to see")
+    mlp_ratio: float = Field(8 / 3, gt=0, description="gated-MLP hidden size = round(mlp_ratio * d_model)")
+    mlp_multiple_of: int = Field(16, gt=0, description="MLP hidden size is rounded up to this multiple")
+    # Hidden quirk made explicit: one trainer ran every MLP after layer 1 with an identity activation.
+    mlp_activation: str = Field("silu", description="'silu' or 'gelu' or 'identity'")
+    short_filter_len: int = Field(7, gt=0)
+    featurizer_len: int = Field(3, gt=0)
+    medium_filter_len: int = Field(128, gt=0)
+    modal_order: int = Field(16, gt=0)
+    num_filter_groups: int = Field(16, gt=0, description="channel groups sharing an S/D filter")
+    medium_decay_min: float = Field(1e-2, gt=0, description="slowest per-channel decay rate of D filters")
+    medium_decay_max: float = Field(1.0, gt=0, description="fastest per-channel decay rate of D filters")
+    rope_base: float = Field(10000.0, gt=0)
+    norm_eps: float = Field(1e-6, gt=0)
+    init_std: float = Field(0.02, gt=0)
+    tie_embeddings: bool = True
+    soft_mask_weight: float = Field(0.1, ge=0, le=1, description="loss weight of lower-case (soft-masked) bases")
+    # Genomic adaptations, each off by default.
+    seq_type_embedding: bool = Field(False, description="add a learned DNA/RNA/protein/mixed embedding")
+    motif_branch: bool = Field(False, description="causal multi-width motif convolution on the embeddings")
+    motif_kernel_sizes: list[int] = Field(default_factory=lambda: [6, 10, 16])
+    conservation: bool = Field(False, description="per-position conservation scores weight the operator output")
+    seed: int = Field(0, ge=0)
+
+    # ---- validation: each rule names its field ----
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        bad = sorted(set(v) - set(OPERATORS) - {STAGE_SEPARATOR})
+        if bad:
+            raise ValueError(f"pattern: unknown layer code(s) {bad}; allowed: S, D, H, * and '|' for stage boundaries")
+        stages = v.split(STAGE_SEPARATOR)
+        if not v.replace(STAGE_SEPARATOR, ""):
+            raise ValueError("pattern: must contain at least one layer")
+        if STAGE_SEPARATOR in v and any(not s for s in stages):
+            raise ValueError(f"pattern: every pipeline stage between '|' needs at least one layer, got {v!r}")
+        return v
+
+    @field_validator("mlp_activation")
+    @classmethod
+    def _activation(cls, v: str) -> str:
+        if v not in ("silu", "gelu", "identity"):
+            raise ValueError(f"mlp_activation: must be 'silu', 'gelu' or 'identity', got {v!r}")
+        return v
+
+    @field_validator("motif_kernel_sizes")
+    @classmethod
+    def _motif(cls, v: list[int]) -> list[int]:
+        if not v or any(k < 1 for k in v):
+            raise ValueError(f"motif_kernel_sizes: need one or more positive sizes, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "HyenaGLTConfig":
+        if self.vocab_size < BYTE_VOCAB_SIZE:
+            raise ValueError(f"vocab_size: must be >= {BYTE_VOCAB_SIZE} (4 specials + 256 bytes), got {self.vocab_size}")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"num_heads: d_model={self.d_model} must be divisible by num_heads={self.num_heads}")
+        if (self.d_model // self.num_heads) % 2:
+            raise ValueError(f"num_heads: head dim d_model/num_heads={self.d_model // self.num_heads} must be even for RoPE")
+        if self.d_model % self.num_filter_groups:
+            raise ValueError(
+                f"num_filter_groups: d_model={self.d_model} must be divisible by num_filter_groups={self.num_filter_groups}"
+            )
+        if self.medium_decay_min > self.medium_decay_max:
+            raise ValueError(
+                f"medium_decay_min: {self.medium_decay_min} must be <= medium_decay_max={self.medium_decay_max}"
+            )
+        return self
+
+    # ---- derived views ----
+    @property
+    def layers(self) -> str:
+        """The pattern without stage separators: one character per layer."""
+        return self.pattern.replace(STAGE_SEPARATOR, "")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def stage_layer_counts(self) -> list[int] | None:
+        """Layers per pipeline stage as given by '|' in the pattern, or None if not given."""
+        if STAGE_SEPARATOR not in self.pattern:
+            return None
+        return [len(s) for s in self.pattern.split(STAGE_SEPARATOR)]
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def group_size(self) -> int:
+        return self.d_model // self.num_filter_groups
+
+    @property
+    def mlp_hidden(self) -> int:
+        h = int(round(self.mlp_ratio * self.d_model))
+        return -(-h // self.mlp_multiple_of) * self.mlp_multiple_of
+
+    # ---- serialization ----
+    def to_dict(self) -> dict:
+        return self.model_dump()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HyenaGLTConfig":
+        return cls.model_validate(d)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "HyenaGLTConfig":
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if "model" in data and isinstance(data["model"], dict):  # a full training config
+            data = data["model"]
+        return cls.from_dict(data)
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "HyenaGLTConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))

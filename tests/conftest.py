@@ -1,0 +1,50 @@
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLED_GENOMES = REPO / "data" / "genomes"
+# CI and developers have the project's shared/ folder beside the checkout.
+SHARED_GENOMES = REPO.parent / "shared" / "data" / "genomes"
+
+
+def genome_path(name: str) -> Path:
+    for d in (BUNDLED_GENOMES, SHARED_GENOMES):
+        if (d / name).exists():
+            return d / name
+    pytest.skip(f"genome {name} not found in {BUNDLED_GENOMES} or {SHARED_GENOMES}")
+
+
+@pytest.fixture
+def ecoli() -> Path:
+    return genome_path("ecoli_k12_w3110.fasta.gz")
+
+
+@pytest.fixture
+def lambda_phage() -> Path:
+    return genome_path("lambda_phage.fasta.gz")
+
+
+@pytest.fixture
+def nmasked_contig() -> Path:
+    return genome_path("ecoli_contig_nmasked.fasta.gz")
+
+
+@pytest.fixture
+def diphtheriae() -> Path:
+    return genome_path("c_diphtheriae_nctc11397.fasta.gz")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads(monkeypatch, tmp_path):
+    # Keep DeepSpeed's JIT builds and caches out of the user's home.
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch_extensions"))
+    yield
