@@ -1,0 +1,124 @@
+"""`hyena-glt bench ops`: per-layer fwd+bwd time and peak memory, and FFT conv vs reference.
+
+Every measurement runs in a forked child process so the peak resident-memory increase
+(ru_maxrss after minus before) belongs to that measurement alone. CPU torch has no
+allocator statistics; on a GPU the CUDA allocator's peak is reported instead.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import platform
+import resource
+import time
+
+import torch
+
+from .config import HyenaGLTConfig
+from .fftconv import causal_conv, causal_conv_reference
+from .layers import Block
+from .params import initialize
+
+OPS = {"H": "long implicit (FFT)", "D": "medium regularized", "S": "short explicit", "*": "attention (SDPA)"}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--lengths", default="4096,16384,65536", help="comma-separated sequence lengths")
+    p.add_argument("--ops", default="HDS*", help="layer codes to measure")
+    p.add_argument("--repeats", type=int, default=2, help="timed repetitions (after one warm-up)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _measure(fn, device: str, repeats: int) -> dict:
+    """Warm up once, then time `repeats` calls; report mean seconds and peak memory delta."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    _sync(device)
+    seconds = (time.perf_counter() - t0) / repeats
+    if device.startswith("cuda"):
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024  # KiB -> MiB
+    return {"seconds": seconds, "peak_mib": peak}
+
+
+def _layer_job(code: str, d_model: int, L: int, device: str, dtype: torch.dtype, repeats: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    cfg = HyenaGLTConfig(pattern=code, d_model=d_model, num_heads=max(1, d_model // 64), num_filter_groups=16, max_seq_len=L)
+    block = Block(code, cfg, 0)
+    initialize(block, 0)
+    block = block.to(device=device, dtype=dtype)
+    x = torch.randn(1, L, d_model, device=device, dtype=dtype, requires_grad=True)
+
+    def step():
+        block.zero_grad(set_to_none=True)
+        block(x).float().square().mean().backward()
+
+    return _measure(step, device, repeats)
+
+
+def _conv_job(kind: str, d_model: int, L: int, taps: int, device: str, repeats: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, d_model, L, generator=g).to(device).requires_grad_()
+    h = (torch.randn(d_model, taps, generator=g) * 0.02).to(device).requires_grad_()
+    fn = causal_conv if kind == "ours" else causal_conv_reference
+
+    def step():
+        fn(z, h).square().mean().backward()
+
+    return _measure(step, device, repeats)
+
+
+def _in_child(target, *args) -> dict:
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        return pool.apply(target, args)
+
+
+def run(args) -> int:
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    lengths = [int(x) for x in args.lengths.split(",")]
+    rows, convs = [], []
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    print(f"# bench ops: d_model={args.d_model}, batch 1, {args.dtype}, fwd+bwd, device={args.device} ({device_name}), "
+          f"threads={args.threads}, repeats={args.repeats}", flush=True)
+    print(f"{'layer':<26}{'L':>8}{'fwd+bwd ms':>12}{'peak MiB':>10}", flush=True)
+    for L in lengths:
+        for code in args.ops:
+            r = _in_child(_layer_job, code, args.d_model, L, args.device, dtype, args.repeats, args.threads)
+            rows.append({"layer": code, "name": OPS[code], "L": L, **r})
+            print(f"{code + ' ' + OPS[code]:<26}{L:>8}{r['seconds'] * 1e3:>12.1f}{r['peak_mib']:>10.0f}", flush=True)
+    print(f"\n{'causal conv vs plain FFT reference':<36}{'L':>8}{'ours ms':>10}{'ref ms':>10}{'speedup':>9}{'ours MiB':>10}{'ref MiB':>9}")
+    for L in lengths:
+        for label, taps in (("full-length filter (H)", L), (f"{128}-tap filter (D)", 128)):
+            ours = _in_child(_conv_job, "ours", args.d_model, L, taps, args.device, args.repeats, args.threads)
+            ref = _in_child(_conv_job, "ref", args.d_model, L, taps, args.device, args.repeats, args.threads)
+            speedup = ref["seconds"] / ours["seconds"]
+            convs.append({"L": L, "filter": label, "taps": taps, "ours": ours, "reference": ref, "speedup": speedup})
+            print(f"{label:<36}{L:>8}{ours['seconds'] * 1e3:>10.1f}{ref['seconds'] * 1e3:>10.1f}"
+                  f"{speedup:>8.2f}x{ours['peak_mib']:>10.0f}{ref['peak_mib']:>9.0f}", flush=True)
+    result = {"bench": "ops", "d_model": args.d_model, "dtype": args.dtype, "device": args.device,
+              "device_name": device_name, "threads": args.threads, "layers": rows, "fft_conv": convs}
+    print("\n" + json.dumps(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0

@@ -1,0 +1,79 @@
+"""Causal depthwise convolution y[c, t] = sum_{j<=t} h[c, j] * z[c, t - j] (+ skip[c] * z[c, t]).
+
+Two exact paths, chosen by filter length:
+* direct (`F.conv1d`, depthwise) for short filters, where it is faster than any FFT;
+* FFT, computed in at least fp32 whatever the input dtype (bf16 FFTs lose the tail of
+  long filters). Taps beyond L can never reach an output < L, so the filter is cut to
+  K' = min(K, L) and the transform length is the next 5-smooth n >= L + K' - 1, which is
+  exactly what linear (non-circular) convolution needs: no output wraps around. With a
+  full-length filter that is n >= 2L - 1; with a 128-tap filter it is about L + 128,
+  half the work of the usual n = 2L.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+# Filters up to this many taps use the direct path. Measured fwd+bwd on CPU (C=256):
+# direct wins for the 7-tap S filter at every L; for 128 taps the FFT of size ~L+K wins
+# (conv1d's weight gradient is slow for long depthwise kernels).
+DIRECT_MAX_TAPS = 64
+
+
+@functools.lru_cache(maxsize=None)
+def fft_size(n: int) -> int:
+    """Smallest 2^a 3^b 5^c >= n: sizes pocketfft/cuFFT handle at full speed."""
+    best = 1 << (n - 1).bit_length()
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            m = p35
+            while m < n:
+                m *= 2
+            best = min(best, m)
+            p35 *= 3
+        p5 *= 5
+    return best
+
+
+def causal_conv_direct(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """z: (B, C, L); h: (C, K). Depthwise causal conv via conv1d (cross-correlation, so flip)."""
+    C, K = h.shape
+    weight = h.flip(-1).unsqueeze(1).to(z.dtype)
+    return F.conv1d(F.pad(z, (K - 1, 0)), weight, groups=C)
+
+
+def causal_conv_fft(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """z: (B, C, L); h: (C, K) with any K. Exact linear convolution, first L outputs."""
+    L = z.shape[-1]
+    h = h[..., :L]
+    n = fft_size(L + h.shape[-1] - 1)
+    compute = torch.promote_types(z.dtype, torch.float32)
+    z_f = torch.fft.rfft(z.to(compute), n=n)
+    h_f = torch.fft.rfft(h.to(compute), n=n)
+    y = torch.fft.irfft(z_f * h_f, n=n)[..., :L]
+    return y.to(z.dtype)
+
+
+def causal_conv(z: torch.Tensor, h: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+    """Dispatch on filter length; add the per-channel skip term skip[c] * z."""
+    if h.shape[-1] <= DIRECT_MAX_TAPS:
+        y = causal_conv_direct(z, h)
+    else:
+        y = causal_conv_fft(z, h)
+    if skip is not None:
+        y = y + skip.to(z.dtype)[:, None] * z
+    return y
+
+
+def causal_conv_reference(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The plain textbook FFT convolution (fp32, n = 2L), the baseline `bench ops` compares to."""
+    L = z.shape[-1]
+    n = 2 * L
+    h = h[..., :L].float()
+    y = torch.fft.irfft(torch.fft.rfft(z.float(), n=n) * torch.fft.rfft(h, n=n), n=n)[..., :L]
+    return y.to(z.dtype)

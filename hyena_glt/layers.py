@@ -1,0 +1,69 @@
+"""Norm, gated MLP and the pre-norm residual block that wraps every mixer."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import params
+from .config import HyenaGLTConfig
+from .operators import make_mixer
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = params.new_param((dim,), params.constant(1.0), no_weight_decay=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.to(x.dtype) * self.weight
+
+
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "identity": lambda t: t}
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)). gate/up are separate so each is plainly column-parallel."""
+
+    def __init__(self, cfg: HyenaGLTConfig, out_std: float):
+        super().__init__()
+        self.act = ACTIVATIONS[cfg.mlp_activation]
+        self.gate_proj = params.linear(cfg.d_model, cfg.mlp_hidden, cfg.init_std)
+        self.up_proj = params.linear(cfg.d_model, cfg.mlp_hidden, cfg.init_std)
+        self.down_proj = params.linear(cfg.mlp_hidden, cfg.d_model, out_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """x + mixer(norm(x)) [x (1 + g * conservation)], then + mlp(norm(.))."""
+
+    def __init__(self, code: str, cfg: HyenaGLTConfig, layer_index: int):
+        super().__init__()
+        self.code = code
+        self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = make_mixer(code, cfg, layer_index)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = GatedMLP(cfg, cfg.init_std / math.sqrt(2 * cfg.num_layers))
+        if cfg.conservation:
+            # Starts at 0 so conservation scores change nothing until training finds them useful.
+            self.conservation_gate = params.new_param((cfg.d_model,), params.constant(0.0), no_weight_decay=True)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        conservation: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        y = self.mixer(self.mixer_norm(x), position_ids)
+        if conservation is not None and hasattr(self, "conservation_gate"):
+            y = y * (1 + self.conservation_gate * conservation[..., None].to(y.dtype))
+        x = x + y
+        return x + self.mlp(self.mlp_norm(x))

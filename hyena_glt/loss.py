@@ -1,0 +1,28 @@
+"""Token-weighted cross entropy, returned as (sum, weight) so any parallel layout can
+add partial sums across ranks and micro-batches and divide once: the loss of a global
+batch is then the same whatever the split."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .tokenizer import NUM_SPECIAL
+
+
+def default_loss_weights(labels: torch.Tensor) -> torch.Tensor:
+    """1 for byte targets, 0 for specials, padding and ignored (-100) positions."""
+    return (labels >= NUM_SPECIAL).float()
+
+
+def weighted_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, loss_weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (sum_i w_i * CE_i, sum_i w_i), computed in fp32."""
+    if loss_weights is None:
+        loss_weights = default_loss_weights(labels)
+    ce = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.clamp_min(0).reshape(-1), reduction="none"
+    )
+    w = loss_weights.reshape(-1).to(ce.dtype)
+    return (ce * w).sum(), w.sum()

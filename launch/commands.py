@@ -1,0 +1,71 @@
+"""Model-level subcommands: demo, train (single process for now), generate, info."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="end-to-end demo on the bundled E. coli genome (tiny model, CPU)")
+    p.add_argument("--out", default="runs/demo", help="output directory")
+    p.add_argument("--steps", type=int, default=None, help="override the number of training steps")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("train-single", help="train a model in one process (no parallelism) from a YAML config")
+    p.add_argument("--config", required=True, help="YAML training config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=50")
+    p.set_defaults(func=_train_single)
+
+    p = sub.add_parser("generate", help="sample continuations from a saved model")
+    p.add_argument("--model", required=True, help="directory with config.json + model.safetensors")
+    p.add_argument("--prompt", default="", help="prompt bases (e.g. ATG)")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("info", help="print a model config's layers and parameter count")
+    p.add_argument("config", help="model or training YAML, or a saved model directory")
+    p.set_defaults(func=_info)
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.out, steps=args.steps)
+
+
+def _train_single(args) -> int:
+    from .single import train_from_config
+
+    train_from_config(args.config, args.overrides)
+    return 0
+
+
+def _generate(args) -> int:
+    import torch
+
+    from hyena_glt import ByteTokenizer, HyenaGLTForCausalLM
+
+    model = HyenaGLTForCausalLM.from_pretrained(args.model).eval()
+    tok = ByteTokenizer()
+    prompt = tok.encode(args.prompt, add_bos=True).ids[None].repeat(args.num_samples, 1)
+    g = torch.Generator().manual_seed(args.seed)
+    out = model.generate(prompt, args.max_new_tokens, args.temperature, args.top_k, generator=g)
+    for row in out:
+        print(tok.decode(row).decode("ascii", errors="replace"))
+    return 0
+
+
+def _info(args) -> int:
+    from pathlib import Path
+
+    from hyena_glt import HyenaGLTConfig, HyenaGLTForCausalLM
+
+    path = Path(args.config)
+    cfg = HyenaGLTConfig.from_json(path / "config.json") if path.is_dir() else HyenaGLTConfig.from_yaml(path)
+    model = HyenaGLTForCausalLM(cfg, initialize=False)
+    counts = {c: cfg.layers.count(c) for c in "SDH*"}
+    print(f"pattern {cfg.pattern}: {cfg.num_layers} layers {counts}, d_model {cfg.d_model}, "
+          f"{model.num_parameters():,} parameters")
+    return 0

@@ -1,0 +1,125 @@
+"""The training config: one YAML file, one validated object, dotted overrides.
+
+    model:      the HyenaGLTConfig fields
+    parallel:   tp, cp, pp, sp
+    zero:       stage (0 = plain optimizer, 1/2/3 = DeepSpeed ZeRO)
+    train:      steps, micro_batch_size, global_batch_size, seq_len, lr, ...
+    data:       train / val: packed directories (or {dir: weight} to mix)
+    checkpoint: dir, every, keep, resume
+    out_dir:    where metrics.jsonl and the final model go
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from hyena_glt import HyenaGLTConfig
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ParallelSection(_Section):
+    tp: int = Field(1, ge=1, description="tensor-parallel size")
+    cp: int = Field(1, ge=1, description="context-parallel size")
+    pp: int = Field(1, ge=1, description="pipeline-parallel size")
+    sp: bool = Field(False, description="sequence parallel (needs tp > 1)")
+
+
+class ZeroSection(_Section):
+    stage: int = Field(0, ge=0, le=3, description="0: no ZeRO; 1/2/3: DeepSpeed ZeRO stage")
+    config: str | None = Field(None, description="a DeepSpeed JSON config to use instead of the generated one")
+
+
+class TrainSection(_Section):
+    steps: int = Field(100, ge=1)
+    micro_batch_size: int = Field(1, ge=1)
+    global_batch_size: int = Field(8, ge=1)
+    seq_len: int = Field(1024, ge=2)
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr * min_lr_ratio")
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables")
+    seed: int = Field(0, ge=0)
+    precision: str = Field("fp32", pattern="^(fp32|bf16)$")
+    soft_mask_weight: float = Field(0.1, ge=0, le=1)
+    reverse_complement_prob: float = Field(0.0, ge=0, le=1, description="load-time RC augmentation")
+    activation_checkpointing: bool = False
+    log_every: int = Field(1, ge=1)
+    eval_every: int = Field(0, ge=0, description="validate every N steps (0: only at the end)")
+    eval_batches: int = Field(8, ge=1)
+    max_nonfinite_steps: int = Field(5, ge=1, description="stop after this many NaN/inf losses in a row")
+    tensorboard: bool = False
+
+
+class DataSection(_Section):
+    train: Union[str, list[str], dict[str, float]] = Field(..., description="packed dir(s), or {dir: weight}")
+    val: Union[str, list[str], dict[str, float], None] = None
+    num_workers: int = Field(0, ge=0)
+
+
+class CheckpointSection(_Section):
+    dir: str | None = None
+    every: int = Field(0, ge=0, description="save every N steps (0: only at the end)")
+    keep: int = Field(2, ge=1)
+    resume: bool = True
+
+
+class TrainConfig(_Section):
+    model: HyenaGLTConfig
+    parallel: ParallelSection = ParallelSection()
+    zero: ZeroSection = ZeroSection()
+    train: TrainSection = TrainSection()
+    data: DataSection
+    checkpoint: CheckpointSection = CheckpointSection()
+    out_dir: str = "runs/train"
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        t, p = self.train, self.parallel
+        if t.global_batch_size % t.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size={t.global_batch_size} must be a multiple of "
+                f"train.micro_batch_size={t.micro_batch_size}"
+            )
+        if p.sp and p.tp == 1:
+            raise ValueError("parallel.sp=true needs parallel.tp > 1")
+        if self.zero.stage == 3 and p.pp > 1:
+            raise ValueError(f"zero.stage=3 shards parameters and cannot run with pipeline parallelism (parallel.pp={p.pp}); use stage 1 or 2")
+        if t.seq_len % (2 * p.cp):
+            raise ValueError(f"train.seq_len={t.seq_len} must be divisible by 2*parallel.cp={2 * p.cp} (zigzag context split)")
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] | None = None) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        for item in overrides or []:
+            apply_override(data, item)
+        return cls.model_validate(data)
+
+    def dump(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+def apply_override(data: dict, item: str) -> None:
+    """`a.b.c=value`: the value is parsed as YAML (numbers, booleans, lists, null)."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r}: expected key=value, e.g. train.steps=100")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {item!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
