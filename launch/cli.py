@@ -14,8 +14,11 @@ import sys
 
 # Modules that add subcommands, in the order they appear in --help.
 COMMAND_MODULES = [
-    "launch.commands",  # demo, train, generate
+    "launch.commands",  # demo, train, generate, info
+    "launch.convert",  # convert, reshard
+    "launch.evaluate",  # eval, embed
     "data_tools.cli",  # pack, data
+    "launch.finetune",  # finetune, predict (task heads)
     "launch.bench",  # bench
 ]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="end-to-end demo on the bundled E. coli genome (tiny model, CPU)")
@@ -9,10 +11,17 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="override the number of training steps")
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("train-single", help="train a model in one process (no parallelism) from a YAML config")
+    p = sub.add_parser(
+        "train",
+        help="train from a YAML config: one process, or under torchrun / deepspeed / srun",
+        description="Train from a YAML config. The same command runs in one process or under "
+        "`torchrun --nproc_per_node N`, `deepspeed --num_gpus N` or SLURM (launch/slurm.sbatch); the layout "
+        "comes from parallel.* and zero.stage. A checkpoint.dir holding a checkpoint is resumed from.",
+    )
     p.add_argument("--config", required=True, help="YAML training config (see configs/)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=50")
-    p.set_defaults(func=_train_single)
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=50 parallel.tp=2")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    p.set_defaults(func=_train)
 
     p = sub.add_parser("generate", help="sample continuations from a saved model")
     p.add_argument("--model", required=True, help="directory with config.json + model.safetensors")
@@ -35,11 +44,10 @@ def _demo(args) -> int:
     return run_demo(args.out, steps=args.steps)
 
 
-def _train_single(args) -> int:
-    from .single import train_from_config
+def _train(args) -> int:
+    from .trainer import run_train
 
-    train_from_config(args.config, args.overrides)
-    return 0
+    return run_train(args.config, args.overrides)
 
 
 def _generate(args) -> int:
@@ -64,7 +72,10 @@ def _info(args) -> int:
 
     path = Path(args.config)
     cfg = HyenaGLTConfig.from_json(path / "config.json") if path.is_dir() else HyenaGLTConfig.from_yaml(path)
-    model = HyenaGLTForCausalLM(cfg, initialize=False)
+    import torch
+
+    with torch.device("meta"):  # count without allocating (works for 40B configs)
+        model = HyenaGLTForCausalLM(cfg, initialize=False)
     counts = {c: cfg.layers.count(c) for c in "SDH*"}
     print(f"pattern {cfg.pattern}: {cfg.num_layers} layers {counts}, d_model {cfg.d_model}, "
           f"{model.num_parameters():,} parameters")

@@ -1,0 +1,212 @@
+"""`hyena-glt convert` (distributed checkpoint -> single-GPU model) and `hyena-glt reshard`.
+
+convert: TP slices concatenated, pipeline stages merged (ZeRO partitions were already
+gathered at save time), every key and shape checked against the config, written as
+`config.json` + `model.safetensors` for `HyenaGLTForCausalLM.from_pretrained`. With
+`--verify` the checkpoint is also loaded into its own parallel layout (torchrun, as many
+processes as wrote it) and the logits of a probe batch are compared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+PROBE_SEED, PROBE_LEN, PROBE_BATCH = 1234, 256, 2
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    from .checkpoint import latest_checkpoint
+
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return path
+    found = latest_checkpoint(path) if path.is_dir() else None
+    if found is None:
+        raise FileNotFoundError(f"{path}: no checkpoint here (expected a step_* folder with meta.json, or a checkpoint.dir)")
+    return found
+
+
+def convert(ckpt: str | Path, out_dir: str | Path):
+    from hyena_glt import HyenaGLTConfig, HyenaGLTForCausalLM
+    from hyena_glt.model import check_state_dict
+
+    from .checkpoint import full_model_state
+
+    path = resolve_checkpoint(ckpt)
+    meta = json.loads((path / "meta.json").read_text())
+    cfg = HyenaGLTConfig.from_dict(meta["model_config"])
+    state = full_model_state(path)
+    model = HyenaGLTForCausalLM(cfg, initialize=False)
+    check_state_dict(model, state, str(path))
+    model.load_state_dict(state, strict=True)
+    model.save_pretrained(out_dir)
+    return model, meta, path
+
+
+def probe_batch(vocab_bytes: int = 256) -> torch.Tensor:
+    g = torch.Generator().manual_seed(PROBE_SEED)
+    return torch.randint(4, 4 + vocab_bytes, (PROBE_BATCH, PROBE_LEN), generator=g)
+
+
+def _verify(path: Path, out_dir: Path, meta: dict) -> float:
+    """Run the sharded model on the probe batch under torchrun and compare logits."""
+    import socket
+
+    world = meta["layout"]["world_size"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = out_dir / "verify_logits.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"127.0.0.1:{port}", "-m", "launch.convert", "--probe", str(path), str(result)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"--verify: the sharded model failed to run:\n{proc.stderr[-3000:]}")
+    from hyena_glt import HyenaGLTForCausalLM
+
+    sharded = torch.load(result, weights_only=True)
+    result.unlink()
+    single = HyenaGLTForCausalLM.from_pretrained(out_dir)
+    with torch.no_grad():
+        logits = single(probe_batch()).logits
+    return (logits - sharded).abs().max().item()
+
+
+def _probe_worker(ckpt: str, result: str) -> None:
+    """Inside torchrun: build the checkpoint's own layout, load it, write full probe logits."""
+    import torch.distributed as dist
+
+    from hyena_glt import HyenaGLTConfig
+    from megatron_adapters.build import build_parallel_model
+    from megatron_adapters.groups import destroy_parallel, initialize_parallel
+    from megatron_adapters.parallel_config import ParallelConfig
+
+    from .checkpoint import ShardReader
+
+    meta = json.loads((Path(ckpt) / "meta.json").read_text())
+    lay = meta["layout"]
+    cfg = HyenaGLTConfig.from_dict(meta["model_config"])
+    layout = initialize_parallel(ParallelConfig(tp=lay["tp"], cp=lay["cp"], pp=lay["pp"], sp=lay["sp"]), cfg,
+                                 seq_length=PROBE_LEN)
+    pm = build_parallel_model(cfg, layout)
+    reader = ShardReader(ckpt, "model")
+    tp, tp_rank = pm.ctx.tp, pm.ctx.coords.tp
+    pm.load_state_dict({n: reader.local(n, n, tp_rank, tp) for n, _ in pm.named_parameters()})
+    logits: list = []
+    ids = probe_batch()
+    pm.forward_backward([{"input_ids": ids, "labels": ids}] * lay["pp"], forward_only=True, logits_out=logits)
+    c = pm.ctx.coords
+    if logits and c.tp == 0 and c.cp == 0 and c.dp == 0:  # one rank of the last stage writes
+        torch.save(logits[0].cpu(), result)
+    dist.barrier()
+    destroy_parallel()
+
+
+def reshard(ckpt: str | Path, out_dir: str | Path, overrides: list[str]) -> Path:
+    """Rewrite a checkpoint's model and optimizer shards for another tp/pp (cp, dp and the
+    ZeRO stage need no rewrite: any checkpoint loads under them as it is)."""
+    from hyena_glt import HyenaGLTConfig
+    from megatron_adapters.parallel_config import ParallelConfig, make_layout
+    from megatron_adapters.state_dict import shard_state_dict
+
+    from .checkpoint import FORMAT, ShardReader, _shard_file
+    from .train_config import TrainConfig, apply_override
+
+    path = resolve_checkpoint(ckpt)
+    meta = json.loads((path / "meta.json").read_text())
+    train = meta["train_config"]
+    for item in overrides:
+        if not item.startswith(("parallel.", "zero.")):
+            raise ValueError(f"reshard: only parallel.* and zero.* can change, got {item!r}")
+        apply_override(train, item)
+    new = TrainConfig.model_validate(train)
+    cfg = HyenaGLTConfig.from_dict(meta["model_config"])
+    p = new.parallel
+    pcfg = ParallelConfig(tp=p.tp, cp=p.cp, pp=p.pp, sp=p.sp)
+    mp = p.tp * p.cp * p.pp
+    layout = make_layout(pcfg, cfg, mp, seq_length=new.train.seq_len)
+    out = Path(out_dir) / path.name
+    out.mkdir(parents=True, exist_ok=True)
+    model = ShardReader(path, "model")
+    full = {n: model.full(n) for n in model.keys()}
+    has_optim = any(path.glob("optim-*.safetensors"))
+    if has_optim:
+        optim = ShardReader(path, "optim")
+        states = {k: {n: optim.full(f"{k}/{n}", n) for n in model.keys() if f"{k}/{n}" in optim.where}
+                  for k in ("exp_avg", "exp_avg_sq")}
+    for rank in range(mp):  # dp = 1 here: one writer per (tp, pp)
+        c = layout.coords(rank)
+        if c.cp != 0:
+            continue
+        save_file({n: t.contiguous() for n, t in shard_state_dict(full, layout, rank).items()},
+                  str(out / _shard_file("model", c.tp, c.pp)), metadata={"format": FORMAT})
+        if has_optim:
+            shard = {}
+            for k, st in states.items():
+                shard.update({f"{k}/{n}": t.contiguous() for n, t in _shard_partial(st, layout, rank).items()})
+            save_file(shard, str(out / _shard_file("optim", c.tp, c.pp)))
+    meta["train_config"] = new.model_dump(mode="json")
+    meta["layout"] = {"tp": p.tp, "cp": p.cp, "pp": p.pp, "sp": p.sp, "dp": None, "world_size": None,
+                      "zero_stage": new.zero.stage}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (Path(out_dir) / "latest").write_text(out.name + "\n")
+    return out
+
+
+def _shard_partial(states: dict[str, torch.Tensor], layout, rank: int) -> dict[str, torch.Tensor]:
+    """shard_state_dict for a subset of parameters (optimizer states exist only for trained ones)."""
+    from megatron_adapters.sharding import canonical_params
+    from megatron_adapters.state_dict import shard_state_dict
+
+    template = canonical_params(layout.model)
+    filled = {n: states.get(n, torch.zeros(tuple(t.shape))) for n, t in template.items()}
+    return {n: t for n, t in shard_state_dict(filled, layout, rank).items() if n in states}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("convert", help="merge a distributed checkpoint into one single-GPU model directory")
+    p.add_argument("ckpt", metavar="CKPT_DIR", help="a checkpoint.dir (its latest checkpoint) or one step_* folder")
+    p.add_argument("out", metavar="OUT_DIR")
+    p.add_argument("--verify", action="store_true",
+                   help="also run the sharded model (torchrun, its own layout) and compare logits on a probe batch")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max |logit difference| accepted by --verify")
+    p.set_defaults(func=_convert_cmd)
+
+    p = sub.add_parser("reshard", help="rewrite a distributed checkpoint for another parallel layout")
+    p.add_argument("ckpt", metavar="CKPT_DIR")
+    p.add_argument("out", metavar="OUT_DIR", help="a new checkpoint.dir to continue training from")
+    p.add_argument("overrides", nargs="+", help="parallel.tp=.. parallel.pp=.. parallel.cp=.. zero.stage=..")
+    p.set_defaults(func=_reshard_cmd)
+
+
+def _convert_cmd(args) -> int:
+    model, meta, path = convert(args.ckpt, args.out)
+    print(f"converted {path} (step {meta['step']}, layout tp={meta['layout']['tp']} cp={meta['layout']['cp']} "
+          f"pp={meta['layout']['pp']}) -> {args.out}: {model.num_parameters():,} parameters")
+    if args.verify:
+        diff = _verify(path, Path(args.out), meta)
+        ok = diff <= args.tolerance
+        print(f"verify: max |logit difference| single-device vs sharded = {diff:.3e} "
+              f"({'OK' if ok else 'FAILED'}, tolerance {args.tolerance:g})")
+        return 0 if ok else 1
+    return 0
+
+
+def _reshard_cmd(args) -> int:
+    out = reshard(args.ckpt, args.out, args.overrides)
+    print(f"resharded -> {out}; continue with checkpoint.dir={args.out} and the same overrides")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--probe":
+        _probe_worker(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit("usage: python -m launch.convert --probe CKPT RESULT (internal, used by convert --verify)")
