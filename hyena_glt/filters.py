@@ -77,9 +77,10 @@ class DecayedMediumFilter(nn.Module):
     def filter(self, length: int | None = None, channels: slice | None = None) -> torch.Tensor:
         taps = self.weight.shape[1]
         t = torch.arange(taps, device=self.weight.device, dtype=torch.float32)
-        w = self.weight.repeat_interleave(self.group_size, dim=0)
-        decay = torch.exp(-self.rates.float()[:, None] * t)
-        return _channel_slice(w * decay.to(w.dtype), channels)
+        # Slice before the product: a context-parallel rank evaluates only its own channels.
+        w = _channel_slice(self.weight.repeat_interleave(self.group_size, dim=0), channels)
+        decay = torch.exp(-_channel_slice(self.rates.float(), channels)[:, None] * t)
+        return w * decay.to(w.dtype)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return causal_conv(z, self.filter(), self.skip)

@@ -18,11 +18,12 @@ def default_loss_weights(labels: torch.Tensor) -> torch.Tensor:
 def weighted_cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, loss_weights: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (sum_i w_i * CE_i, sum_i w_i), computed in fp32."""
+    """Returns (sum_i w_i * CE_i, sum_i w_i), computed in fp32 (fp64 for fp64 logits)."""
     if loss_weights is None:
         loss_weights = default_loss_weights(labels)
+    compute = torch.promote_types(logits.dtype, torch.float32)
     ce = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.clamp_min(0).reshape(-1), reduction="none"
+        logits.to(compute).reshape(-1, logits.shape[-1]), labels.clamp_min(0).reshape(-1), reduction="none"
     )
     w = loss_weights.reshape(-1).to(ce.dtype)
     return (ce * w).sum(), w.sum()

@@ -1,0 +1,208 @@
+"""Context parallelism with zigzag load balancing, written on torch.distributed.
+
+The sequence of length L is cut into 2*cp chunks; CP rank r holds chunks r and 2*cp-1-r
+(in that order), so every rank gets the same share of causal-attention work.
+
+* `D` and `H` (long) convolutions: all-to-all from sequence-sharded (B, C, L/cp) to
+  channel-sharded (B, C/cp, L), undo the zigzag, convolve with the filter evaluated only
+  for the local channels, and go back. Only z crosses the wire.
+* featurizer, `S` and motif (short) convolutions: each chunk needs the K-1 positions that
+  precede it; they come from the neighbouring rank by point-to-point halo exchange (or
+  from this rank's own first chunk, for the middle of the sequence), both chunks are then
+  convolved as a batch of two.
+* attention: K and V are all-gathered over CP (backward: reduce-scatter); RoPE and the
+  causal mask use the global zigzag positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+from hyena_glt.fftconv import causal_conv, causal_conv_direct
+
+
+# ---------------------------------------------------------------- zigzag bookkeeping
+def zigzag_positions(seq_len: int, cp: int, cp_rank: int, device=None) -> torch.Tensor:
+    """Global positions held by `cp_rank`, in local order (chunk r, then chunk 2cp-1-r)."""
+    n = seq_len // (2 * cp)
+    a = torch.arange(cp_rank * n, (cp_rank + 1) * n, device=device)
+    b = torch.arange((2 * cp - 1 - cp_rank) * n, (2 * cp - cp_rank) * n, device=device)
+    return torch.cat([a, b])
+
+
+def zigzag_slice(t: torch.Tensor, cp: int, cp_rank: int, dim: int = 1) -> torch.Tensor:
+    """This rank's zigzag share of a full-sequence tensor (sequence along `dim`)."""
+    if cp == 1:
+        return t
+    idx = zigzag_positions(t.shape[dim], cp, cp_rank, device=t.device)
+    return t.index_select(dim, idx)
+
+
+def zigzag_order(seq_len: int, cp: int, device=None) -> torch.Tensor:
+    """Global positions of the CP-rank-ordered concatenation of all ranks' local sequences."""
+    return torch.cat([zigzag_positions(seq_len, cp, r, device) for r in range(cp)])
+
+
+@torch.no_grad()
+def gather_zigzag(local: torch.Tensor, group: dist.ProcessGroup, dim: int = 1) -> torch.Tensor:
+    """Inverse of zigzag_slice (no autograd): the full sequence, in natural order, on every CP rank."""
+    cp = group.size()
+    if cp == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(cp)]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    cat = torch.cat(parts, dim=dim)
+    seq_len = cat.shape[dim]
+    inverse = torch.argsort(zigzag_order(seq_len, cp, device=local.device))
+    return cat.index_select(dim, inverse)
+
+
+# ---------------------------------------------------------------- all-to-all (long convolutions)
+class _AllToAll(torch.autograd.Function):
+    """Equal-split all-to-all along dim 0 (part j goes to rank j). Its own adjoint."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        out = torch.empty_like(grad)
+        dist.all_to_all_single(out, grad, group=ctx.group)
+        return out, None
+
+
+def seq_to_channel(z: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """(B, C, L/cp) zigzag-local -> (B, C/cp, L) with channels [r*C/cp, (r+1)*C/cp), natural order."""
+    cp = group.size()
+    B, C, Lc = z.shape
+    n = Lc // 2
+    x = z.reshape(B, cp, C // cp, Lc).transpose(0, 1)  # (cp, B, C/cp, Lc): part j -> rank j
+    y = _AllToAll.apply(x, group)  # y[j]: rank j's two chunks of my channels
+    y = y.view(cp, B, C // cp, 2, n)
+    first = y[:, :, :, 0].permute(1, 2, 0, 3).reshape(B, C // cp, cp * n)  # chunks 0..cp-1
+    second = y[:, :, :, 1].flip(0).permute(1, 2, 0, 3).reshape(B, C // cp, cp * n)  # chunks cp..2cp-1
+    return torch.cat([first, second], dim=-1)
+
+
+def channel_to_seq(y: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Inverse of seq_to_channel: (B, C/cp, L) natural order -> (B, C, L/cp) zigzag-local."""
+    cp = group.size()
+    B, Cl, L = y.shape
+    n = L // (2 * cp)
+    first = y[..., : L // 2].reshape(B, Cl, cp, n)
+    second = y[..., L // 2 :].reshape(B, Cl, cp, n).flip(2)
+    x = torch.stack([first, second], dim=3)  # (B, Cl, cp, 2, n): [.., j, :, :] is rank j's pair
+    x = x.permute(2, 0, 1, 3, 4)  # (cp, B, Cl, 2, n)
+    out = _AllToAll.apply(x, group)  # out[j]: channel part j of my sequence
+    return out.permute(1, 0, 2, 3, 4).reshape(B, cp * Cl, 2 * n)
+
+
+def long_conv(z: torch.Tensor, filt: torch.nn.Module, group: dist.ProcessGroup) -> torch.Tensor:
+    """`D` / `H` causal convolution of zigzag-local z (B, C, L/cp) over the full context."""
+    cp, r = group.size(), group.rank()
+    zc = seq_to_channel(z, group)
+    c_local = zc.shape[1]
+    channels = slice(r * c_local, (r + 1) * c_local)
+    h = filt.filter(zc.shape[-1], channels=channels)  # only this rank's channels are evaluated
+    y = causal_conv(zc, h, filt.skip[channels])
+    return channel_to_seq(y, group)
+
+
+# ---------------------------------------------------------------- halo exchange (short convolutions)
+def _exchange(send_prev, send_next, recv_prev, recv_next, group):
+    """Send to / receive from the CP neighbours (None = nothing). Global ranks from the group."""
+    ranks = dist.get_process_group_ranks(group)
+    r = group.rank()
+    ops = []
+    if send_prev is not None:
+        ops.append(dist.P2POp(dist.isend, send_prev.contiguous(), ranks[r - 1], group))
+    if recv_prev is not None:
+        ops.append(dist.P2POp(dist.irecv, recv_prev, ranks[r - 1], group))
+    if send_next is not None:
+        ops.append(dist.P2POp(dist.isend, send_next.contiguous(), ranks[r + 1], group))
+    if recv_next is not None:
+        ops.append(dist.P2POp(dist.irecv, recv_next, ranks[r + 1], group))
+    if ops:
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+
+
+class _Halo(torch.autograd.Function):
+    """Halos (the `k` positions before each local chunk) for zigzag-local x (B, C, 2n).
+
+    Chunk r's halo is the tail of chunk r-1 = rank r-1's first chunk (zeros on rank 0).
+    Chunk 2cp-1-r's halo is the tail of chunk 2cp-2-r = rank r+1's second chunk, or on the
+    last rank this rank's own first chunk. Backward sends halo gradients back to their owners.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, k: int, group: dist.ProcessGroup):
+        cp, r = group.size(), group.rank()
+        n = x.shape[-1] // 2
+        a_tail, b_tail = x[..., n - k : n], x[..., 2 * n - k :]
+        cf = torch.contiguous_format  # p2p buffers must be contiguous
+        halo_a = torch.zeros_like(a_tail, memory_format=cf)
+        halo_b = a_tail.clone(memory_format=cf) if r == cp - 1 else torch.empty_like(b_tail, memory_format=cf)
+        _exchange(
+            send_prev=b_tail if r > 0 else None,
+            send_next=a_tail if r < cp - 1 else None,
+            recv_prev=halo_a if r > 0 else None,
+            recv_next=halo_b if r < cp - 1 else None,
+            group=group,
+        )
+        ctx.k, ctx.group, ctx.shape = k, group, x.shape
+        return halo_a, halo_b
+
+    @staticmethod
+    def backward(ctx, g_halo_a: torch.Tensor, g_halo_b: torch.Tensor):
+        cp, r, k = ctx.group.size(), ctx.group.rank(), ctx.k
+        n = ctx.shape[-1] // 2
+        grad = g_halo_a.new_zeros(ctx.shape)
+        cf = torch.contiguous_format
+        g_a_tail = torch.zeros_like(g_halo_a, memory_format=cf)
+        g_b_tail = torch.zeros_like(g_halo_b, memory_format=cf)
+        _exchange(
+            send_prev=g_halo_a if r > 0 else None,
+            send_next=g_halo_b if r < cp - 1 else None,
+            recv_prev=g_b_tail if r > 0 else None,
+            recv_next=g_a_tail if r < cp - 1 else None,
+            group=ctx.group,
+        )
+        if r == cp - 1:
+            g_a_tail = g_a_tail + g_halo_b
+        grad[..., n - k : n] += g_a_tail
+        grad[..., 2 * n - k :] += g_b_tail
+        return grad, None, None
+
+
+def short_conv(
+    x: torch.Tensor, h: torch.Tensor, group: dist.ProcessGroup, skip: torch.Tensor | None = None, direct: bool = False
+) -> torch.Tensor:
+    """Causal depthwise conv of zigzag-local x (B, C, 2n) with a short filter h (C, K)."""
+    k = h.shape[-1] - 1
+    conv = (lambda u: causal_conv_direct(u, h)) if direct else (lambda u: causal_conv(u, h, skip))
+    if k == 0:
+        return conv(x)
+    B, C, L2 = x.shape
+    n = L2 // 2
+    halo_a, halo_b = _Halo.apply(x, k, group)
+    ext = torch.stack(
+        [torch.cat([halo_a, x[..., :n]], -1), torch.cat([halo_b, x[..., n:]], -1)]
+    )  # (2, B, C, k + n): both chunks as one batch
+    y = conv(ext.reshape(2 * B, C, k + n))[..., k:]
+    return y.reshape(2, B, C, n).permute(1, 2, 0, 3).reshape(B, C, 2 * n)
+
+
+# ---------------------------------------------------------------- attention
+def gather_kv(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """All-gather a sequence-first (Lc, ...) tensor over CP in CP-rank order; the backward
+    reduce-scatters, summing the gradient every rank's queries put on these keys/values."""
+    return gather_from_sequence_parallel_region(t, tensor_parallel_output_grad=True, group=group)

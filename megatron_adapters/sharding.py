@@ -1,0 +1,93 @@
+"""The sharding plan: which slice of each canonical parameter a rank holds.
+
+One rule table, keyed by the parameter's canonical (single-device) name, serves three
+users: building (draw the full tensor, keep the slice), `shard_state_dict` (offline, no
+process groups) and `gather_full_state_dict` (concatenate slices back). Only tensor
+parallelism slices parameters; context and data parallelism replicate them and pipeline
+parallelism picks which layers a rank holds (see parallel_config.stage_layers).
+
+TP splits are contiguous along one dim, which is what megatron-core's Column/Row parallel
+layers and VocabParallelEmbedding do. Contiguous works for the Hyena projections because
+their rows are laid out (group, channel, x1|x2|v): rank r gets whole groups
+[r*G/tp, (r+1)*G/tp), and the featurizer, filter and skip rows follow the same channel order.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+# (regex on the canonical name, dim split across TP ranks)
+_TP_RULES: list[tuple[re.Pattern, int]] = [
+    # column parallel: output rows
+    (re.compile(r"\.mixer\.(in_proj|qkv_proj)\.weight$"), 0),
+    (re.compile(r"\.mlp\.(gate_proj|up_proj)\.weight$"), 0),
+    # row parallel: input columns
+    (re.compile(r"\.mixer\.out_proj\.weight$"), 1),
+    (re.compile(r"\.mlp\.down_proj\.weight$"), 1),
+    # Hyena channel (or channel-group) dim 0
+    (re.compile(r"\.mixer\.featurizer\.weight$"), 0),
+    (re.compile(r"\.mixer\.filter\.(weight|skip|residues|log_rates)$"), 0),
+    # vocab parallel
+    (re.compile(r"^model\.embed\.weight$"), 0),
+    (re.compile(r"^lm_head\.weight$"), 0),
+]
+
+
+def tp_split_dim(name: str) -> int | None:
+    """Dim along which `name` is split across TP ranks, or None if every TP rank holds all of it."""
+    for pattern, dim in _TP_RULES:
+        if pattern.search(name):
+            return dim
+    return None
+
+
+def tp_slice(name: str, full: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
+    dim = tp_split_dim(name)
+    if dim is None or tp == 1:
+        return full
+    if full.shape[dim] % tp:
+        raise ValueError(f"{name}: dim {dim} of shape {tuple(full.shape)} is not divisible by tp={tp}")
+    return full.chunk(tp, dim=dim)[tp_rank]
+
+
+def tp_concat(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
+    dim = tp_split_dim(name)
+    if dim is None or len(shards) == 1:
+        return shards[0]
+    return torch.cat(shards, dim=dim)
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """Global layer index of a canonical name, None for embedding / head / final norm."""
+    m = _LAYER.match(name)
+    return int(m.group(1)) if m else None
+
+
+def held_by_stage(name: str, layers: set[int], first: bool, last: bool, tied: bool) -> bool:
+    """Does a pipeline stage holding `layers` (and the embedding if first, the head if last)
+    hold parameter `name`? A tied last stage keeps its own copy of the embedding."""
+    idx = layer_index(name)
+    if idx is not None:
+        return idx in layers
+    if name == "model.embed.weight":
+        return first or (last and tied)
+    if name.startswith(("model.seq_type_embed.", "model.motif.")):
+        return first
+    if name.startswith("model.final_norm.") or name.startswith("lm_head."):
+        return last
+    raise KeyError(f"{name}: no pipeline placement rule for this parameter")
+
+
+def canonical_params(cfg) -> dict[str, torch.nn.Parameter]:
+    """Every parameter of the single-device model (name -> parameter carrying init_fn,
+    no_weight_decay and the full shape), built on the meta device: no memory, no init."""
+    from hyena_glt.model import HyenaGLTForCausalLM
+
+    with torch.device("meta"):
+        model = HyenaGLTForCausalLM(cfg, initialize=False)
+    return dict(model.named_parameters())
