@@ -219,14 +219,10 @@ class ZeroOptimizer(PlainOptimizer):
         return loss_sum.item(), weight_sum.item(), norm, finite
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        from deepspeed.utils import safe_get_full_optimizer_state
-
         out = {}
         for name, p in self.pm.named_parameters():
             for key in ADAM_STATES:
-                t = safe_get_full_optimizer_state(p, key)
-                if t is not None:
-                    out[f"{key}/{name}"] = t.detach().cpu()
+                out[f"{key}/{name}"] = _full_zero_tensor(self.optimizer, p, key).cpu()
         return out
 
     def adam_step(self) -> int:
@@ -236,32 +232,69 @@ class ZeroOptimizer(PlainOptimizer):
 
     @torch.no_grad()
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], adam_step: int) -> None:
-        from deepspeed.utils import safe_set_full_optimizer_state
-
-        for name, p in self.pm.named_parameters():
-            if f"exp_avg/{name}" in tensors:
+        if self.zero_stage == 3:
+            raise ValueError("resuming optimizer states under zero.stage=3 is not supported; resume with stage 1 or 2 "
+                             "(checkpoints are stage-independent) or set checkpoint.resume=false")
+        # Adam state exists only after a first step: create it on the flat fp32 partitions.
+        base = self.optimizer.optimizer
+        for group in base.param_groups:
+            for flat in group["params"]:
+                st = base.state[flat]
                 for key in ADAM_STATES:
-                    safe_set_full_optimizer_state(p, tensors[f"{key}/{name}"].to(self.pm.device), key)
-        base = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
-        for st in base.state.values():
-            if "step" in st:
-                st["step"] = torch.tensor(float(adam_step)) if torch.is_tensor(st["step"]) else adam_step
+                    st.setdefault(key, torch.zeros_like(flat))
+                st["step"] = torch.tensor(float(adam_step))
+        for name, p in self.pm.named_parameters():
+            for key in ADAM_STATES:
+                self._set_fragment(p, tensors[f"{key}/{name}"], key)
+
+    def _set_fragment(self, p, full: torch.Tensor, key: str | None) -> None:
+        frag = _zero12_fragment(self.optimizer, p, key)
+        if frag is not None:
+            addr = p._hp_mapping.lp_fragment_address
+            frag.copy_(full.to(frag.device, torch.float32).flatten().narrow(0, addr.start, addr.numel))
 
     def master_params(self) -> dict[str, torch.Tensor] | None:
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        out = {}
-        for name, p in self.pm.named_parameters():
-            t = safe_get_full_fp32_param(p)
-            out[name] = (t if t is not None else p).detach().cpu()
-        return out
+        return {name: _full_zero_tensor(self.optimizer, p, None).cpu() for name, p in self.pm.named_parameters()}
 
     @torch.no_grad()
     def load_master_params(self, tensors: dict[str, torch.Tensor]) -> None:
-        from deepspeed.utils import safe_set_full_fp32_param
+        if self.zero_stage == 3:
+            from deepspeed.utils import safe_set_full_fp32_param
 
+            for name, p in self.pm.named_parameters():
+                safe_set_full_fp32_param(p, tensors[name].to(self.pm.device))
+            return
         for name, p in self.pm.named_parameters():
-            safe_set_full_fp32_param(p, tensors[name].to(self.pm.device))
+            self._set_fragment(p, tensors[name], None)
+
+
+def _zero12_fragment(opt, p: torch.nn.Parameter, key: str | None) -> torch.Tensor | None:
+    """This rank's piece of a parameter's fp32 master value (key None) or Adam state inside
+    ZeRO-1/2's flat partition, read straight from the base optimizer's state (the per-
+    parameter `optim_fragment` links DeepSpeed builds lazily can be missing)."""
+    mapping = getattr(p, "_hp_mapping", None)
+    if mapping is None:
+        return None
+    flat = opt.single_partition_of_fp32_groups[mapping.param_group_index]
+    source = flat if key is None else opt.optimizer.state.get(flat, {}).get(key)
+    if source is None:
+        return None
+    addr = mapping.hp_fragment_address
+    return source.narrow(0, addr.start, addr.numel)
+
+
+def _full_zero_tensor(opt, p: torch.nn.Parameter, key: str | None) -> torch.Tensor:
+    """A parameter's full fp32 master value or Adam state, gathered over ZeRO's data-parallel
+    group (collective: every rank calls it for every parameter, in the same order)."""
+    if hasattr(p, "ds_id"):  # ZeRO-3 keeps its own partition bookkeeping
+        return p._z3_optimizer.get_full_hp_param(p, key).detach()
+    buf = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+    frag = _zero12_fragment(opt, p, key)
+    if frag is not None:
+        addr = p._hp_mapping.lp_fragment_address
+        buf.narrow(0, addr.start, addr.numel).copy_(frag)
+    dist.all_reduce(buf, group=p._dp_group)
+    return buf.view_as(p)
 
 
 def build_optimizer(pm: ParallelModel, cfg):

@@ -55,6 +55,7 @@ class TrainSection(_Section):
     log_every: int = Field(1, ge=1)
     eval_every: int = Field(0, ge=0, description="validate every N steps (0: only at the end)")
     eval_batches: int = Field(8, ge=1)
+    exit_after_steps: int = Field(0, ge=0, description="save and exit after this many steps in this run (0: run to the end); for wall-time-limited jobs")
     max_nonfinite_steps: int = Field(5, ge=1, description="stop after this many NaN/inf losses in a row")
     tensorboard: bool = False
 

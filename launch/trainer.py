@@ -179,6 +179,7 @@ class Trainer:
                  f"{t.precision}; {t.steps} steps x {t.global_batch_size} x {t.seq_len} tokens")
         bar = progress(t.steps, self.step, self.is_logger, "train")
         last, final = {}, {}
+        start_step = self.step
         while self.step < t.steps:
             step = self.step + 1
             lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
@@ -218,6 +219,11 @@ class Trainer:
                     self.log(f"step {step:>6}  val_loss {r['val_loss']:.4f}  val bits/base {r['val_bits_per_base']:.3f}")
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < t.steps:
                 self.save()
+            if t.exit_after_steps and step - start_step >= t.exit_after_steps and step < t.steps:
+                self.log(f"train.exit_after_steps={t.exit_after_steps} reached: saving at step {step} and exiting")
+                self.save()
+                metrics.close()
+                return {**last, "exited_early": True}
             if preempt.agreed(self.pm.device):
                 self.log(f"signal {preempt.signum or 'on another rank'} received: saving at step {step} and exiting")
                 self.save()
