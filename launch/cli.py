@@ -11,6 +11,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 # Modules that add subcommands, in the order they appear in --help.
 COMMAND_MODULES = [
@@ -45,9 +46,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _take_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher puts `--local_rank=N` before the subcommand; torchrun sets
+    LOCAL_RANK instead. Accept both: move the flag into the environment."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a.startswith(("--local_rank=", "--local-rank=")):
+            os.environ["LOCAL_RANK"] = a.split("=", 1)[1]
+        elif a in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ["LOCAL_RANK"], skip = argv[i + 1], True
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_take_local_rank(sys.argv[1:] if argv is None else argv))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -200,6 +200,8 @@ class ZeroOptimizer(PlainOptimizer):
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=pm, optimizer=client, config=deepspeed_config(cfg), mpu=_MPU(), dist_init_required=False
         )
+        if self.zero_stage == 3:
+            _register_external_parameters(pm)
 
     def set_lr(self, lr: float) -> None:
         for g in self.optimizer.param_groups:
@@ -295,6 +297,23 @@ def _full_zero_tensor(opt, p: torch.nn.Parameter, key: str | None) -> torch.Tens
         buf.narrow(0, addr.start, addr.numel).copy_(frag)
     dist.all_reduce(buf, group=p._dp_group)
     return buf.view_as(p)
+
+
+def _register_external_parameters(pm: ParallelModel) -> None:
+    """ZeRO-3 gathers a parameter only around its own module's forward. Parameters used by
+    another module (the tied output layer reads the embedding weight; the first stage reads
+    the sequence-type table and motif filters directly) must be registered with that module."""
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    for chunk in pm.chunks:
+        model = chunk.model
+        if getattr(chunk, "tied", False) and hasattr(chunk, "output_layer"):
+            register_external_parameter(chunk.output_layer, model.embed.weight)
+        if hasattr(model, "seq_type_embed"):
+            register_external_parameter(chunk, model.seq_type_embed.weight)
+        if hasattr(model, "motif"):
+            for h in model.motif.filters:
+                register_external_parameter(chunk, h)
 
 
 def build_optimizer(pm: ParallelModel, cfg):

@@ -1,0 +1,217 @@
+"""The trainer end to end: same per-step losses in every layout and ZeRO stage, exact resume,
+preemption, non-finite steps, convert / reshard / eval, the deepspeed launcher.
+
+Every run trains the tiny config (configs/tiny.yaml, pattern SDH*SDH*) for a few steps on
+packed real genomes (E. coli for training, phage lambda held out), fp32, gloo, CPU.
+Tolerance for "equal losses" across layouts: 1e-5 relative (float summation order differs
+between layouts); resume on the same layout must be bit-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "tiny.yaml"
+STEPS = 4
+REL = 1e-5
+pytestmark = pytest.mark.distributed
+
+
+def _cli() -> list[str]:
+    return [sys.executable, "-m", "launch.cli"]
+
+
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+@pytest.fixture(scope="module")
+def packs(tmp_path_factory, ecoli, lambda_phage):
+    d = tmp_path_factory.mktemp("packs")
+    for src, out, val in ((ecoli, "train", "0"), (lambda_phage, "val", "1")):
+        subprocess.run([*_cli(), "pack", str(src), "--out", str(d / out), "--seq-len", "128", "--val-fraction", val,
+                        "--progress", "none"], check=True, cwd=REPO, env=_env(), capture_output=True)
+    return d
+
+
+# module-scoped fixtures cannot use the function-scoped `ecoli` fixture directly
+@pytest.fixture(scope="module")
+def ecoli():
+    from conftest import genome_path
+
+    return genome_path("ecoli_k12_w3110.fasta.gz")
+
+
+@pytest.fixture(scope="module")
+def lambda_phage():
+    from conftest import genome_path
+
+    return genome_path("lambda_phage.fasta.gz")
+
+
+def train(packs: Path, out: Path, nproc: int, *overrides: str, launcher: str = "torchrun", extra: list[str] = (),
+          check: bool = True, wait: bool = True):
+    args = ["train", "--config", str(CONFIG), f"train.steps={STEPS}", "train.seq_len=128", "train.global_batch_size=8",
+            "train.micro_batch_size=2", "train.warmup_steps=1", "train.eval_batches=2", f"data.train={packs / 'train'}",
+            f"data.val={packs / 'val'}", f"out_dir={out}", f"checkpoint.dir={out / 'ckpt'}", *overrides]
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *extra,
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "launch.cli", *args]
+    elif launcher == "deepspeed":
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
+               str(free_port()), "--module", "launch.cli", *args]
+    else:
+        cmd = [*_cli(), *args]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, f"{' '.join(cmd)}\n{(proc.stdout + proc.stderr)[-5000:]}"
+    return proc
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def losses(out: Path) -> list[float]:
+    rows = [r for r in metrics(out) if "loss" in r]
+    steps = [r["step"] for r in rows]
+    assert steps == list(range(steps[0], steps[0] + len(rows))), steps  # consecutive, none repeated
+    return [r["loss"] for r in rows]
+
+
+def assert_close(a: list[float], b: list[float], rel: float = REL) -> None:
+    assert len(a) == len(b), (a, b)
+    for x, y in zip(a, b):
+        assert abs(x - y) <= rel * abs(y), f"{a} vs {b}"
+
+
+@pytest.fixture(scope="module")
+def reference(packs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    train(packs, out, 1, launcher="python")
+    return out
+
+
+LAYOUTS = [
+    pytest.param(2, ["parallel.tp=2"], id="tp2"),
+    pytest.param(2, ["parallel.tp=2", "parallel.sp=true"], id="tp2-sp"),
+    pytest.param(2, ["parallel.cp=2"], id="cp2"),
+    pytest.param(2, ["parallel.pp=2"], id="pp2"),
+    pytest.param(2, ["zero.stage=0"], id="dp2"),
+    pytest.param(2, ["zero.stage=1"], id="dp2-zero1"),
+    pytest.param(2, ["zero.stage=2"], id="dp2-zero2"),
+    pytest.param(2, ["zero.stage=3"], id="dp2-zero3"),
+    pytest.param(2, ["parallel.cp=2", "zero.stage=1"], id="cp2-zero1"),
+    pytest.param(4, ["parallel.tp=2", "parallel.pp=2"], id="tp2-pp2"),
+]
+
+
+@pytest.mark.parametrize("nproc,overrides", LAYOUTS)
+def test_same_losses_in_every_layout(packs, reference, tmp_path, nproc, overrides):
+    train(packs, tmp_path, nproc, *overrides)
+    ref = losses(reference)
+    assert len(ref) == STEPS and ref[-1] < ref[0]
+    assert_close(losses(tmp_path), ref)
+    ref_val = [r for r in metrics(reference) if "val_loss" in r][-1]["val_loss"]
+    val = [r for r in metrics(tmp_path) if "val_loss" in r][-1]["val_loss"]
+    assert_close([val], [ref_val])
+    row = metrics(tmp_path)[0]
+    for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"):
+        assert key in row
+
+
+def test_stop_and_resume_is_exact_and_works_on_another_dp_size(packs, tmp_path):
+    straight, half = tmp_path / "straight", tmp_path / "half"
+    train(packs, straight, 2, "zero.stage=1")
+    train(packs, half, 2, "zero.stage=1", "train.exit_after_steps=2")
+    assert len(losses(half)) == 2
+    saved = half / "ckpt" / "step_00000002"
+    assert (saved / "meta.json").is_file()
+    # same layout: bit-identical per-step losses
+    proc = train(packs, half, 2, "zero.stage=1")
+    assert "resumed from" in proc.stdout + proc.stderr
+    assert losses(half) == losses(straight)
+    # a different data-parallel size (and ZeRO stage): same losses up to float rounding
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "ckpt").mkdir()
+    os.symlink(saved, other / "ckpt" / saved.name)
+    proc = train(packs, other, 1, "zero.stage=0", launcher="python")
+    assert "resumed from" in proc.stdout + proc.stderr
+    assert_close(losses(other), losses(straight)[2:])
+
+
+def test_sigterm_saves_a_loadable_checkpoint(packs, tmp_path):
+    proc = train(packs, tmp_path, 1, "train.steps=500", launcher="python", wait=False)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (tmp_path / "metrics.jsonl").exists():
+        time.sleep(0.5)
+    while time.time() < deadline and len((tmp_path / "metrics.jsonl").read_text().splitlines()) < 2:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-3000:]
+    assert "saving at step" in out
+    assert 2 <= len(losses(tmp_path)) < 500
+    model = tmp_path / "model"
+    subprocess.run([*_cli(), "convert", str(tmp_path / "ckpt"), str(model)], check=True, cwd=REPO, env=_env(),
+                   capture_output=True)
+    from hyena_glt import HyenaGLTForCausalLM
+
+    assert HyenaGLTForCausalLM.from_pretrained(model).num_parameters() > 0
+
+
+def test_nonfinite_losses_skip_then_stop_with_checkpoint(packs, tmp_path):
+    proc = train(packs, tmp_path, 1, "train.lr=1e30", "train.grad_clip=0", "train.warmup_steps=0",
+                 "train.max_nonfinite_steps=2", "train.steps=20", launcher="python", check=False)
+    assert proc.returncode == 3, (proc.stdout + proc.stderr)[-3000:]
+    assert "non-finite losses in a row" in proc.stderr
+    rows = metrics(tmp_path)
+    assert sum(1 for r in rows if r.get("skipped")) == 2
+    assert (tmp_path / "ckpt" / "latest").is_file()
+
+
+def test_convert_tp2_pp2_then_eval_matches_distributed_eval(packs, tmp_path):
+    train(packs, tmp_path, 4, "parallel.tp=2", "parallel.pp=2")
+    dist_val = [r for r in metrics(tmp_path) if "val_loss" in r][-1]["val_loss"]
+    model = tmp_path / "model"
+    proc = subprocess.run([*_cli(), "convert", str(tmp_path / "ckpt"), str(model), "--verify"], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "verify: max |logit difference|" in proc.stdout and "OK" in proc.stdout
+    ev = subprocess.run([*_cli(), "eval", "--model", str(model), "--data", str(packs / "val"), "--batch-size", "2",
+                         "--max-windows", "4"], cwd=REPO, env=_env(), capture_output=True, text=True, check=True)
+    result = json.loads(ev.stdout.strip().splitlines()[-1])
+    assert_close([result["loss"]], [dist_val])
+    assert result["bits_per_base"] == pytest.approx(result["loss"] / 0.6931471805599453)
+
+
+def test_reshard_tp2_to_tp1_continues_with_identical_losses(packs, tmp_path):
+    straight, half = tmp_path / "straight", tmp_path / "half"
+    train(packs, straight, 2, "parallel.tp=2")
+    train(packs, half, 2, "parallel.tp=2", "train.exit_after_steps=2")
+    resharded = tmp_path / "resharded"
+    subprocess.run([*_cli(), "reshard", str(half / "ckpt"), str(resharded / "ckpt"), "parallel.tp=1"], check=True,
+                   cwd=REPO, env=_env(), capture_output=True)
+    assert sorted(p.name for p in (resharded / "ckpt" / "step_00000002").glob("*.safetensors")) == [
+        "model-tp00-pp00.safetensors", "optim-tp00-pp00.safetensors"]
+    proc = train(packs, resharded, 1, "parallel.tp=1", launcher="python")
+    assert "resumed from" in proc.stdout + proc.stderr
+    assert_close(losses(resharded), losses(straight)[2:])
+
+
+def test_deepspeed_launcher_runs(packs, tmp_path, reference):
+    train(packs, tmp_path, 2, "zero.stage=2", launcher="deepspeed")
+    assert_close(losses(tmp_path), losses(reference))
