@@ -11,6 +11,7 @@ import importlib
 BENCH_TARGETS = {
     "ops": ("hyena_glt.bench_ops", "fwd+bwd time and peak memory of S/D/H/* layers; FFT conv vs plain reference"),
     "pack": ("data_tools.bench", "Mbp/s of `pack` (1 and 2 workers) vs just reading the FASTA"),
+    "train": ("launch.bench_train", "training tokens/s: tiny/small, 1 vs 2 processes (DP, TP), Hyena vs attention-only"),
     "merge": ("hyena_glt.blt.bench", "byte-level model with vs without token merging; position-system cost"),
 }
 

@@ -54,7 +54,7 @@ class TrainSection(_Section):
     activation_checkpointing: bool = False
     log_every: int = Field(1, ge=1)
     eval_every: int = Field(0, ge=0, description="validate every N steps (0: only at the end)")
-    eval_batches: int = Field(8, ge=1)
+    eval_batches: int = Field(8, ge=0, description="micro-batches of validation windows (0: no validation)")
     exit_after_steps: int = Field(0, ge=0, description="save and exit after this many steps in this run (0: run to the end); for wall-time-limited jobs")
     max_nonfinite_steps: int = Field(5, ge=1, description="stop after this many NaN/inf losses in a row")
     tensorboard: bool = False
@@ -123,4 +123,7 @@ def apply_override(data: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ValueError(f"override {item!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError:  # e.g. model.pattern=**** (YAML reads '*' as an alias): take it as text
+        node[parts[-1]] = raw

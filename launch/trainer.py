@@ -143,6 +143,8 @@ class Trainer:
         from data_tools.loader import eval_batches
 
         t = self.cfg.train
+        if t.eval_batches == 0:
+            return {}
         val = self.cfg.data.val or self.cfg.data.train
         first = val if isinstance(val, str) else list(val)[0]
         batches = list(eval_batches(first, t.seq_len, t.micro_batch_size, split="val",
