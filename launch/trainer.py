@@ -177,6 +177,9 @@ class Trainer:
         if self.is_logger:
             (out_dir / "config.yaml").write_text(json.dumps(cfg.dump(), indent=2))
         preempt = _PreemptionFlag()
+        if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            self.log("warning: torchrun --max-restarts with a shared rendezvous store: a restart can fail to rebuild the "
+                     "process groups; export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun")
         self.log(f"layout {self.layout.parallel.describe(self.world)}, zero stage {cfg.zero.stage}, "
                  f"{t.precision}; {t.steps} steps x {t.global_batch_size} x {t.seq_len} tokens")
         bar = progress(t.steps, self.step, self.is_logger, "train")

@@ -215,3 +215,34 @@ def test_reshard_tp2_to_tp1_continues_with_identical_losses(packs, tmp_path):
 def test_deepspeed_launcher_runs(packs, tmp_path, reference):
     train(packs, tmp_path, 2, "zero.stage=2", launcher="deepspeed")
     assert_close(losses(tmp_path), losses(reference))
+
+
+def test_killed_rank_restarts_and_resumes_from_latest_checkpoint(packs, tmp_path):
+    import psutil
+
+    # Restarted workers must not reuse the first attempt's rendezvous store (stale gloo keys):
+    # the README tells users to export this for --max-restarts, and so does launch/slurm.sbatch.
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    try:
+        proc = train(packs, tmp_path, 2, "train.steps=8", "checkpoint.every=2", extra=["--max-restarts", "1"],
+                     wait=False)
+    finally:
+        del os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"]
+    deadline = time.time() + 300
+    while time.time() < deadline and not (tmp_path / "ckpt" / "step_00000002" / "meta.json").is_file():
+        time.sleep(0.3)
+    while time.time() < deadline and len((tmp_path / "metrics.jsonl").read_text().splitlines()) < 3:
+        time.sleep(0.2)
+    workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "launch.cli" in " ".join(c.cmdline())]
+    assert workers, "no worker processes found"
+    workers[-1].kill()  # a rank dies hard (no checkpoint of its own)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+    assert "resumed from" in out
+    rows = [r for r in metrics(tmp_path) if "loss" in r]
+    by_step: dict[int, list[float]] = {}
+    for r in rows:
+        by_step.setdefault(r["step"], []).append(r["loss"])
+    assert sorted(by_step) == list(range(1, 9))
+    # steps run twice (logged before the kill, then again after the restart) are bit-identical
+    assert all(len(set(v)) == 1 for v in by_step.values()), by_step
