@@ -1,0 +1,112 @@
+"""Subcommands `hyena-glt pack` and `hyena-glt data stats`. Heavy imports stay inside the
+handlers so `hyena-glt --help` stays instant."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+PACK_HELP = "pack FASTA files into webdataset tar shards with a manifest"
+PACK_DESCRIPTION = """\
+Cut FASTA records into fixed-length windows and write them as webdataset tar shards
+DIR/{split}-{job:05d}-{shard:06d}.tar (+ a .idx per shard for random access) and
+DIR/manifest.json. INPUT may be a FASTA file (plain, gzip or bgzip), a directory (searched
+for *.fa/*.fasta/*.fna/...[.gz]), a glob, or a .txt/.list/.lst/.fofn file listing paths.
+
+Exit codes: 0 all done; 1 done but some inputs were skipped (--skip-bad-files);
+2 an error (a bad input without --skip-bad-files, bad options).
+Under `mpiexec -n N` each rank packs its share (rank/size from MPI).
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("pack", help=PACK_HELP, description=PACK_DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="FASTA files, directories, globs or list files")
+    p.add_argument("--out", metavar="DIR", help="output directory (required unless --finalize)")
+    p.add_argument("--seq-len", type=int, default=8192, help="window length in bases (default 8192)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="distance between window starts; < --seq-len makes windows overlap (default: --seq-len)")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of records put in 'val' (default 0.01)")
+    p.add_argument("--test-fraction", type=float, default=0.0, help="fraction of records put in 'test' (default 0)")
+    p.add_argument("--reverse-complement", choices=("none", "both"), default="none",
+                   help="'both' also writes every window's reverse complement (strand '-'); default none")
+    p.add_argument("--max-n-fraction", type=float, default=0.1,
+                   help="drop windows with a larger fraction of N (X for protein); default 0.1")
+    p.add_argument("--min-len", type=int, default=64,
+                   help="drop windows (record tails, short records) shorter than this; default 64")
+    p.add_argument("--shard-size-mb", type=float, default=256.0,
+                   help="bases per shard, in millions (both strands counted); default 256")
+    p.add_argument("--unit-mb", type=float, default=16.0,
+                   help="with fewer files than jobs, records are shared out between jobs in runs of "
+                        "windows of about this many Mbp (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the record -> split assignment (default 0)")
+    p.add_argument("--skip-bad-files", action="store_true",
+                   help="skip (and record in the manifest) input files that cannot be read; exit code 1")
+    p.add_argument("--workers", type=int, default=1, help="processes writing shards on this machine (default 1)")
+    p.add_argument("--num-jobs", type=int, default=None, help="number of jobs sharing the inputs (SLURM-array style)")
+    p.add_argument("--job-index", type=int, default=None, help="this job's index in [0, --num-jobs)")
+    p.add_argument("--progress", choices=("auto", "bar", "log", "none"), default="auto",
+                   help="auto: a bar on a terminal, log lines otherwise")
+    p.add_argument("--finalize", metavar="DIR", help="only merge the finished jobs' manifests in DIR into manifest.json")
+    p.set_defaults(func=_pack)
+
+    d = sub.add_parser("data", help="inspect packed datasets (stats, verify)")
+    dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
+    s = dsub.add_parser("stats", help="print a pack's totals; --verify checks every shard's sha256",
+                        description="Print the totals of DIR/manifest.json; with --verify also check every "
+                                    "shard (and index) against its sha256. Exit 1 if any is corrupt or missing.")
+    s.add_argument("dir", metavar="DIR")
+    s.add_argument("--verify", action="store_true", help="check every shard and index against the manifest's sha256")
+    s.set_defaults(func=_stats)
+    d.set_defaults(func=lambda args: (d.print_help(), 2)[1])
+
+
+def _resolve_job(args) -> tuple[int, int]:
+    if args.num_jobs is not None or args.job_index is not None:
+        if args.num_jobs is None or args.job_index is None:
+            raise ValueError("--num-jobs and --job-index go together")
+        return args.job_index, args.num_jobs
+    from .pack import job_from_environment
+
+    env = job_from_environment()
+    return env if env else (0, 1)
+
+
+def _pack(args) -> int:
+    if args.finalize:
+        from .manifest import try_finalize
+
+        merged = try_finalize(args.finalize, require=True)
+        print(f"wrote {args.finalize}/manifest.json")
+        for s in merged["skipped_files"]:
+            print(f"SKIPPED {s['path']}: {s['reason']}", file=sys.stderr)
+        return 1 if merged["skipped_files"] else 0
+    if not args.out:
+        raise ValueError("--out DIR is required")
+    if not args.inputs:
+        raise ValueError("no INPUT given")
+    from .pack import PackOptions, run_pack
+
+    job_index, num_jobs = _resolve_job(args)
+    opts = PackOptions(
+        inputs=args.inputs, out=args.out, seq_len=args.seq_len, stride=args.stride,
+        val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+        reverse_complement=args.reverse_complement, max_n_fraction=args.max_n_fraction,
+        min_len=args.min_len, shard_size_mb=args.shard_size_mb, unit_mb=args.unit_mb, seed=args.seed,
+        skip_bad_files=args.skip_bad_files, workers=args.workers, num_jobs=num_jobs, job_index=job_index,
+        progress=args.progress,
+    )
+    try:
+        return run_pack(opts)
+    except OSError as e:
+        if isinstance(e, (FileNotFoundError, PermissionError, NotADirectoryError)):
+            raise
+        print(f"hyena-glt pack: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _stats(args) -> int:
+    from .stats import print_stats
+
+    return print_stats(args.dir, verify=args.verify)
