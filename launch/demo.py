@@ -92,8 +92,9 @@ def run_demo(out: str = "runs/demo", steps: int | None = None, nproc: int = 2) -
     times["convert"] = _run([*exe, "convert", str(ckpt), str(model_dir), "--verify"],
                             "3/4 convert the distributed checkpoint to one single-device model (and verify logits)")
     print("\n=== 4/4 evaluate on the held-out windows", flush=True)
+    # One thread: small models gain little from two, and lose a lot when the cores are busy.
     proc = subprocess.run([*exe, "eval", "--model", str(model_dir), "--data", str(held_out), "--split", "val"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode != 0:
         print(proc.stderr, file=sys.stderr)
         raise RuntimeError("demo step 'eval' failed")
