@@ -73,6 +73,8 @@ class Trainer:
         self._log = log or print
         torch.manual_seed(t.seed + self.rank)
         self.pm = build_parallel_model(cfg.model, self.layout, dtype=torch.float32)
+        for chunk in self.pm.chunks:
+            chunk.activation_checkpointing = t.activation_checkpointing
         self.opt = build_optimizer(self.pm, cfg)
         self.autocast = _autocast_factory(t.precision, self.pm.device)
         self.loader = self._loader(cfg.data.train, "train")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
 from megatron.core.enums import ModelType
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from hyena_glt.config import HyenaGLTConfig
 from hyena_glt.fftconv import causal_conv_direct
@@ -204,10 +205,18 @@ class HyenaGLTChunk(nn.Module):
             x = x + self._motif(x)
         return spar.enter(x, self.sp)
 
+    # Set by the trainer (train.activation_checkpointing): keep only each block's input and
+    # recompute the block in backward. Every rank recomputes the same blocks, so collectives
+    # inside them (TP, CP all-to-all and halos) stay matched.
+    activation_checkpointing = False
+
     def forward(self, batch: dict) -> torch.Tensor:
         x = self.embed(batch) if self.is_first else self._input_tensor
         for layer in self.model.layers.values():
-            x = layer(x, batch["positions"], batch.get("conservation"))
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, batch["positions"], batch.get("conservation"), use_reentrant=False)
+            else:
+                x = layer(x, batch["positions"], batch.get("conservation"))
         if not self.is_last:
             return x
         h = self.model.final_norm(x)

@@ -106,7 +106,7 @@ def reference(packs, tmp_path_factory):
 
 LAYOUTS = [
     pytest.param(2, ["parallel.tp=2"], id="tp2"),
-    pytest.param(2, ["parallel.tp=2", "parallel.sp=true"], id="tp2-sp"),
+    pytest.param(2, ["parallel.tp=2", "parallel.sp=true", "train.activation_checkpointing=true"], id="tp2-sp-recompute"),
     pytest.param(2, ["parallel.cp=2"], id="cp2"),
     pytest.param(2, ["parallel.pp=2"], id="pp2"),
     pytest.param(2, ["zero.stage=0"], id="dp2"),
