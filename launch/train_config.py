@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hyena_glt import HyenaGLTConfig
+from hyena_glt.curriculum import CurriculumConfig, validate_curriculum
 
 
 class _Section(BaseModel):
@@ -58,6 +59,7 @@ class TrainSection(_Section):
     exit_after_steps: int = Field(0, ge=0, description="save and exit after this many steps in this run (0: run to the end); for wall-time-limited jobs")
     max_nonfinite_steps: int = Field(5, ge=1, description="stop after this many NaN/inf losses in a row")
     tensorboard: bool = False
+    curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig, description="sequence-length warm-up")
 
 
 class DataSection(_Section):
@@ -94,6 +96,7 @@ class TrainConfig(_Section):
             raise ValueError("parallel.sp=true needs parallel.tp > 1")
         if self.zero.stage == 3 and p.pp > 1:
             raise ValueError(f"zero.stage=3 shards parameters and cannot run with pipeline parallelism (parallel.pp={p.pp}); use stage 1 or 2")
+        validate_curriculum(t.curriculum, t.seq_len, p.cp)
         if t.seq_len % (2 * p.cp):
             raise ValueError(f"train.seq_len={t.seq_len} must be divisible by 2*parallel.cp={2 * p.cp} (zigzag context split)")
         return self

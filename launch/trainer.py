@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from hyena_glt.curriculum import apply_curriculum, seq_len_at
+
 from .metrics import LN2, MetricsLog, progress
 from .optim import lr_at
 from .train_config import TrainConfig
@@ -192,14 +194,19 @@ class Trainer:
             lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
             self.opt.set_lr(lr)
             micro = self.loader.next_global_batch()
+            seq_len = seq_len_at(step, t)
+            if seq_len < t.seq_len:  # curriculum: the same windows, cut shorter
+                micro = [apply_curriculum(mb, seq_len, t.curriculum.mode) for mb in micro]
             t0 = time.perf_counter()
             loss_sum, weight_sum, grad_norm, finite = self.opt.step(micro, self.autocast)
             dt = time.perf_counter() - t0
             loss = loss_sum / max(weight_sum, 1e-8)
-            n_tok = t.global_batch_size * t.seq_len
+            n_tok = sum(mb["input_ids"].numel() for mb in micro) * self.layout.dp
             self.step, self.tokens = step, self.tokens + n_tok
             last = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens,
                     "tokens_per_s": n_tok / dt}
+            if t.curriculum.enabled:
+                last["seq_len"] = seq_len
             if not finite:
                 self.nonfinite_in_a_row += 1
                 last["skipped"] = True

@@ -246,3 +246,15 @@ def test_killed_rank_restarts_and_resumes_from_latest_checkpoint(packs, tmp_path
     assert sorted(by_step) == list(range(1, 9))
     # steps run twice (logged before the kill, then again after the restart) are bit-identical
     assert all(len(set(v)) == 1 for v in by_step.values()), by_step
+
+
+def test_curriculum_sequence_length_warmup_same_under_context_parallel(packs, tmp_path):
+    cur = ["train.curriculum.enabled=true", "train.curriculum.start_seq_len=32", "train.curriculum.warmup_steps=3",
+           "train.curriculum.multiple_of=16"]
+    single, cp2 = tmp_path / "single", tmp_path / "cp2"
+    train(packs, single, 1, *cur, launcher="python")
+    train(packs, cp2, 2, "parallel.cp=2", *cur)
+    rows = [r for r in metrics(single) if "loss" in r]
+    assert [r["seq_len"] for r in rows] == [32, 64, 64, 128]
+    assert [r["tokens"] for r in rows] == [1024, 2048, 3072, 4096]  # split mode: same tokens per step
+    assert_close(losses(cp2), losses(single))
