@@ -8,6 +8,7 @@ the rule.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import yaml
@@ -23,6 +24,11 @@ OPERATORS = {
     "*": "attention",  # causal multi-head attention with RoPE
 }
 STAGE_SEPARATOR = "|"
+
+# Token merging (hyena_glt/blt): how bytes are grouped into patches for the global model.
+PATCHING = ("none", "static", "entropy", "learned")
+ENTROPY_MODES = ("threshold", "monotonic", "topk")
+MERGE_RELAXATIONS = ("ste", "soft")
 
 
 class HyenaGLTConfig(BaseModel):
@@ -55,6 +61,35 @@ class HyenaGLTConfig(BaseModel):
     motif_kernel_sizes: list[int] = Field(default_factory=lambda: [6, 10, 16])
     conservation: bool = Field(False, description="per-position conservation scores weight the operator output")
     seed: int = Field(0, ge=0)
+    # Token merging (BLT U-shape, hyena_glt/blt). 'none' = the plain byte-level model.
+    patching: str = Field("none", description="'none', 'static', 'entropy' or 'learned'")
+    patch_size: float = Field(4.0, ge=1, description="target mean patch length in bytes (static: the fixed length)")
+    min_patch: int = Field(1, ge=1, description="shortest complete patch (bytes)")
+    max_patch: int = Field(16, ge=1, description="longest patch (bytes); a boundary is forced after this many")
+    patch_budget: float = Field(
+        0.0, ge=0, le=1,
+        description="patch slots per sequence as a fraction of its byte length, P = ceil(L * patch_budget); "
+        "0 = ceil(L / patch_size) for static, ceil(L / min_patch) otherwise (never overflows)",
+    )
+    local_encoder_pattern: str = Field("S", description="layers of the byte-level local encoder (S, D, H, *)")
+    local_decoder_pattern: str = Field("S", description="layers of the byte-level local decoder (S, D, H, *)")
+    bridge_window: int = Field(4, ge=1, description="earlier complete patches each byte attends to")
+    position_periods: list[int] = Field(
+        default_factory=list, description="genomic periodic position features, e.g. [3, 8, 10, 21, 147]; [] = off"
+    )
+    entropy_mode: str = Field("threshold", description="entropy patcher: 'threshold', 'monotonic' or 'topk'")
+    entropy_threshold: float = Field(1.0, description="entropy (nats) or entropy jump above which a patch starts")
+    entropy_window: int = Field(32, ge=2, description="topk mode: trailing window in which the top entropies start patches")
+    entropy_pattern: str = Field("SS", description="layers of the small causal byte LM of the entropy patcher")
+    entropy_joint: bool = Field(True, description="train the entropy model jointly (its CE joins the training loss)")
+    entropy_d_model: int = Field(64, gt=0, description="width of the entropy patcher's small byte LM")
+    entropy_adapt: bool = Field(
+        False, description="in training, move the threshold toward a boundary rate of 1/patch_size (EMA; "
+        "all-reduce the buffer across data-parallel ranks)"
+    )
+    merge_relaxation: str = Field("ste", description="learned patcher gradient: 'ste' (straight-through) or 'soft'")
+    merge_kernel: int = Field(9, ge=1, description="width of the learned patcher's genomic pattern convolution")
+    compression_loss_weight: float = Field(1.0, ge=0, description="learned patcher: weight of the compression-ratio term")
 
     # ---- validation: each rule names its field ----
     @field_validator("pattern")
@@ -83,6 +118,70 @@ class HyenaGLTConfig(BaseModel):
         if not v or any(k < 1 for k in v):
             raise ValueError(f"motif_kernel_sizes: need one or more positive sizes, got {v}")
         return v
+
+    @field_validator("patching")
+    @classmethod
+    def _patching(cls, v: str) -> str:
+        if v not in PATCHING:
+            raise ValueError(f"patching: must be one of {', '.join(PATCHING)}, got {v!r}")
+        return v
+
+    @field_validator("entropy_mode")
+    @classmethod
+    def _entropy_mode(cls, v: str) -> str:
+        if v not in ENTROPY_MODES:
+            raise ValueError(f"entropy_mode: must be one of {', '.join(ENTROPY_MODES)}, got {v!r}")
+        return v
+
+    @field_validator("merge_relaxation")
+    @classmethod
+    def _relaxation(cls, v: str) -> str:
+        if v not in MERGE_RELAXATIONS:
+            raise ValueError(f"merge_relaxation: must be 'ste' or 'soft', got {v!r}")
+        return v
+
+    @field_validator("local_encoder_pattern", "local_decoder_pattern", "entropy_pattern")
+    @classmethod
+    def _local_pattern(cls, v: str, info) -> str:
+        bad = sorted(set(v) - set(OPERATORS))
+        if not v or bad:
+            raise ValueError(f"{info.field_name}: need one or more layer codes from S, D, H, * (no '|'), got {v!r}")
+        return v
+
+    @field_validator("position_periods")
+    @classmethod
+    def _periods(cls, v: list[int]) -> list[int]:
+        if any(p < 2 for p in v):
+            raise ValueError(f"position_periods: every period must be >= 2, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _patching_combinations(self) -> "HyenaGLTConfig":
+        if self.patching == "none":
+            return self
+        if self.min_patch > self.max_patch:
+            raise ValueError(f"min_patch: {self.min_patch} must be <= max_patch={self.max_patch}")
+        if not self.min_patch <= self.patch_size <= self.max_patch:
+            raise ValueError(
+                f"patch_size: {self.patch_size} must lie in [min_patch, max_patch] = [{self.min_patch}, {self.max_patch}]"
+            )
+        if self.patching == "static" and self.patch_size != int(self.patch_size):
+            raise ValueError(f"patch_size: static patching needs a whole number of bytes, got {self.patch_size}")
+        if self.patch_budget and self.patch_budget * self.max_patch < 1:
+            raise ValueError(
+                f"patch_budget: {self.patch_budget} leaves fewer slots than even max_patch={self.max_patch}-byte "
+                f"patches need; use >= {1 / self.max_patch:.4g} (or 0 for automatic)"
+            )
+        if self.patching == "entropy" and self.entropy_d_model % self.num_filter_groups:
+            raise ValueError(
+                f"entropy_d_model: {self.entropy_d_model} must be divisible by num_filter_groups={self.num_filter_groups}"
+            )
+        if STAGE_SEPARATOR in self.pattern:
+            raise ValueError(
+                f"pattern: pipeline stage boundaries ('|') are not supported with patching={self.patching!r} "
+                "(the U-shaped model runs on one pipeline stage)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _combinations(self) -> "HyenaGLTConfig":
@@ -131,6 +230,14 @@ class HyenaGLTConfig(BaseModel):
     def mlp_hidden(self) -> int:
         h = int(round(self.mlp_ratio * self.d_model))
         return -(-h // self.mlp_multiple_of) * self.mlp_multiple_of
+
+    def patch_slots(self, seq_len: int) -> int:
+        """The fixed number of patch slots for sequences of `seq_len` bytes (static shapes)."""
+        if self.patch_budget:
+            return max(1, math.ceil(seq_len * self.patch_budget))
+        if self.patching == "static":
+            return max(1, math.ceil(seq_len / int(self.patch_size)))
+        return max(1, math.ceil(seq_len / self.min_patch))
 
     # ---- serialization ----
     def to_dict(self) -> dict:

@@ -194,3 +194,34 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
         raise ValueError(f"{source}: weights do not match the config: {'; '.join(problems)}")
 
 
+
+
+# ---- patching-aware factories (token merging lives in hyena_glt.blt) ----
+def build_causal_lm(config: HyenaGLTConfig, initialize: bool = True) -> nn.Module:
+    """HyenaGLTForCausalLM for `patching: none`, else the U-shaped BLTForCausalLM (same forward/output)."""
+    if config.patching == "none":
+        return HyenaGLTForCausalLM(config, initialize=initialize)
+    from .blt.ushape import BLTForCausalLM
+
+    return BLTForCausalLM(config, initialize=initialize)
+
+
+def build_backbone(config: HyenaGLTConfig) -> nn.Module:
+    """The backbone (input_ids -> (B, L, D) hidden states) for either model family."""
+    if config.patching == "none":
+        return HyenaGLTModel(config)
+    from .blt.ushape import BLTModel
+
+    return BLTModel(config)
+
+
+def load_causal_lm(directory: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Load a saved causal LM of either family, chosen by the saved config's `patching`."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: no {CONFIG_NAME}; expected a directory written by save_pretrained/convert")
+    if HyenaGLTConfig.from_json(path).patching == "none":
+        return HyenaGLTForCausalLM.from_pretrained(directory, map_location=map_location)
+    from .blt.ushape import BLTForCausalLM
+
+    return BLTForCausalLM.from_pretrained(directory, map_location=map_location)

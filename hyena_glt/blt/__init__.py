@@ -1,0 +1,29 @@
+"""Token merging for Hyena-GLT (BLT-style byte U-shape): patchers, a position system that
+survives merging, the byte<->patch bridge, and the U-shaped causal LM.
+
+Read in this order: segments.py (patch bookkeeping), patchers.py, bridge.py, position.py,
+ushape.py; bench.py is `hyena-glt bench merge`.
+"""
+
+from .patchers import AdaptiveTokenMerger, EntropyModel, EntropyPatcher, PatcherOutput, StaticPatcher, make_patcher
+from .position import BLTPositionManager, sinusoid
+from .segments import PatchInfo, enforce_patch_lengths, patch_info
+from .ushape import BLTCausalLMOutput, BLTForCausalLM, BLTModel, check_parallel
+
+__all__ = [
+    "AdaptiveTokenMerger",
+    "BLTCausalLMOutput",
+    "BLTForCausalLM",
+    "BLTModel",
+    "BLTPositionManager",
+    "EntropyModel",
+    "EntropyPatcher",
+    "PatchInfo",
+    "PatcherOutput",
+    "StaticPatcher",
+    "enforce_patch_lengths",
+    "make_patcher",
+    "patch_info",
+    "check_parallel",
+    "sinusoid",
+]

@@ -1,0 +1,203 @@
+"""The byte-level U-shaped causal LM (BLT-style token merging) built from the plain model's blocks.
+
+    bytes -> embedding -> local encoder (cheap S/D blocks over bytes)
+          -> patcher: boundaries (prefix-only)            [patchers.py]
+          -> bytes pooled into P patch slots (+ positions) [position.py, bridge.py]
+          -> global striped model over patches (config.pattern)
+          -> patches back to bytes: byte i reads only patches complete before its own patch
+          -> local decoder over bytes -> next-byte logits (tied to the embedding by default)
+
+Causality: boundaries at byte i depend on bytes <= i; patch k is read only by bytes of
+patches > k, all of whose bytes (and k's length) are known by then; every block is causal.
+So the logits at byte i never depend on bytes > i.
+
+Static shapes: P = config.patch_slots(L) slots per sequence, padded and masked (padding
+slots come after every real patch, so the causal global model never lets them reach a real
+patch). The output is the same `CausalLMOutput` as `HyenaGLTForCausalLM` (loss_sum /
+weight_sum), so a trainer drives both the same way. In training mode `loss_sum` also holds
+the patcher's auxiliary terms (entropy-model CE when trained jointly, the learned patcher's
+compression term), token-weighted so they add up across ranks and micro-batches;
+`lm_loss_sum` is always the LM part alone and is what `loss_sum` is in eval mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import params
+from ..config import HyenaGLTConfig
+from ..genomic import MotifBranch, SeqTypeEmbedding
+from ..layers import Block, RMSNorm
+from ..loss import weighted_cross_entropy
+from ..model import CausalLMOutput, HyenaGLTForCausalLM
+from .patchers import AdaptiveTokenMerger, EntropyPatcher, PatcherOutput, make_patcher, sub_config
+from .position import BLTPositionManager
+from .segments import PatchInfo
+
+
+@dataclass
+class BLTCausalLMOutput(CausalLMOutput):
+    lm_loss_sum: torch.Tensor | None = None
+    aux_loss_sum: torch.Tensor | None = None
+    patch_info: PatchInfo | None = None
+    patcher: PatcherOutput | None = None
+
+
+class BLTModel(nn.Module):
+    """The U-shaped backbone: byte ids -> byte-level hidden states (B, L, D)."""
+
+    def __init__(self, config: HyenaGLTConfig):
+        super().__init__()
+        if config.patching == "none":
+            raise ValueError("patching: BLTModel needs patching 'static', 'entropy' or 'learned' (use HyenaGLTModel for 'none')")
+        self.config = config
+        enc_cfg = sub_config(config, config.local_encoder_pattern)
+        dec_cfg = sub_config(config, config.local_decoder_pattern)
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        params.tag(self.embed.weight, params.normal(config.init_std))
+        if config.seq_type_embedding:
+            self.seq_type_embed = SeqTypeEmbedding(config.d_model, config.init_std)
+        if config.motif_branch:
+            self.motif = MotifBranch(config.d_model, config.motif_kernel_sizes, config.init_std)
+        self.encoder = nn.ModuleList(Block(c, enc_cfg, i) for i, c in enumerate(enc_cfg.layers))
+        self.patcher = make_patcher(config)
+        self.positions = BLTPositionManager(config)
+        self.layers = nn.ModuleList(Block(c, config, i) for i, c in enumerate(config.layers))  # global model
+        self.global_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.decoder = nn.ModuleList(Block(c, dec_cfg, i) for i, c in enumerate(dec_cfg.layers))
+        self.final_norm = RMSNorm(config.d_model, config.norm_eps)
+
+    def embed_tokens(self, input_ids: torch.Tensor, seq_type: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(input_ids)
+        if seq_type is not None and hasattr(self, "seq_type_embed"):
+            x = x + self.seq_type_embed(seq_type)
+        if hasattr(self, "motif"):
+            x = x + self.motif(x)
+        return x
+
+    def encode(self, input_ids, seq_type=None, conservation=None, position_ids=None):
+        x = self.embed_tokens(input_ids, seq_type)
+        h = x
+        for layer in self.encoder:
+            h = layer(h, position_ids, conservation)
+        return x, h
+
+    def forward_with_info(
+        self,
+        input_ids: torch.Tensor,
+        seq_type: torch.Tensor | None = None,
+        conservation: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        loss_weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, PatchInfo, PatcherOutput]:
+        x, h = self.encode(input_ids, seq_type, conservation, position_ids)
+        patcher_out = self.patcher(input_ids, x, h, labels, loss_weights)
+        slots = self.config.patch_slots(input_ids.shape[1])
+        patches, info = self.positions.create_patch_representations(h, patcher_out.boundaries, slots, position_ids)
+        g = patches
+        for layer in self.layers:
+            g = layer(g, info.patch_positions)  # RoPE over the patches' original start positions
+        g = self.global_norm(g)
+        y, _ = self.positions.reconstruct_byte_representations(g, info, h, patcher_out.gate)
+        for layer in self.decoder:
+            y = layer(y, position_ids, conservation)
+        return self.final_norm(y), info, patcher_out
+
+    def forward(self, input_ids, seq_type=None, conservation=None, position_ids=None) -> torch.Tensor:
+        return self.forward_with_info(input_ids, seq_type, conservation, position_ids)[0]
+
+    @torch.no_grad()
+    def calibrate_patcher(self, input_ids: torch.Tensor) -> float | None:
+        """Entropy threshold / merger bias giving a boundary rate of 1 / patch_size on this batch."""
+        if isinstance(self.patcher, EntropyPatcher):
+            return self.patcher.calibrate(input_ids)
+        if isinstance(self.patcher, AdaptiveTokenMerger):
+            x, h = self.encode(input_ids)
+            return self.patcher.calibrate(x, h)
+        return None
+
+
+class BLTForCausalLM(nn.Module):
+    """Next-byte LM over the U-shape; same forward signature and output as HyenaGLTForCausalLM."""
+
+    def __init__(self, config: HyenaGLTConfig, initialize: bool = True):
+        super().__init__()
+        self.config = config
+        self.model = BLTModel(config)
+        if not config.tie_embeddings:
+            self.lm_head = params.linear(config.d_model, config.vocab_size, config.init_std)
+        if initialize:
+            params.initialize(self, config.seed)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.model.embed.weight if self.config.tie_embeddings else self.lm_head.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        loss_weights: torch.Tensor | None = None,
+        seq_type: torch.Tensor | None = None,
+        conservation: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> BLTCausalLMOutput:
+        hidden, info, pout = self.model.forward_with_info(
+            input_ids, seq_type, conservation, position_ids, labels, loss_weights
+        )
+        logits = F.linear(hidden, self.output_weight)
+        out = BLTCausalLMOutput(logits=logits, hidden_states=hidden, patch_info=info, patcher=pout,
+                                aux_loss_sum=pout.aux_loss_sum)
+        if labels is not None:
+            lm_sum, weight = weighted_cross_entropy(logits, labels, loss_weights)
+            out.lm_loss_sum, out.weight_sum = lm_sum, weight
+            out.loss_sum = lm_sum + pout.aux_loss_sum.to(lm_sum.dtype) if self.training and pout.aux_loss_sum is not None else lm_sum
+            out.loss = out.loss_sum / weight.clamp_min(1e-8)
+        return out
+
+    def calibrate_patcher(self, input_ids: torch.Tensor) -> float | None:
+        return self.model.calibrate_patcher(input_ids)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # Same checkpoint format (config.json + model.safetensors) and sampling loop as the plain model.
+    save_pretrained = HyenaGLTForCausalLM.save_pretrained
+    generate = HyenaGLTForCausalLM.generate
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, config: HyenaGLTConfig | None = None, map_location="cpu") -> "BLTForCausalLM":
+        return HyenaGLTForCausalLM.from_pretrained.__func__(cls, directory, config, map_location)
+
+
+def check_parallel(config: HyenaGLTConfig, tp: int = 1, cp: int = 1, pp: int = 1) -> None:
+    """Start-up check of a parallel layout for a merging model: ValueError naming the setting.
+
+    Data parallel: any size (losses are token-weighted sums; boundaries are per sequence).
+    Tensor parallel: supported by sharding the blocks as usual and the bridge by heads.
+    Context parallel: rejected; patches straddle the sequence chunks, and pooling, the
+    patch-level global model and the byte<-patch bridge would need the whole sequence.
+    Pipeline parallel: rejected; encoder, global model and decoder form one stage (the
+    config already refuses '|' in the pattern when patching is on).
+    """
+    if config.patching == "none":
+        return
+    if cp > 1:
+        raise ValueError(
+            f"parallel.cp: token merging (patching={config.patching!r}) does not support context parallelism "
+            f"(patches straddle sequence chunks); use cp=1, got cp={cp}"
+        )
+    if pp > 1:
+        raise ValueError(
+            f"parallel.pp: token merging (patching={config.patching!r}) runs the U-shaped model on one pipeline "
+            f"stage; use pp=1, got pp={pp}"
+        )
+    if tp > 1 and config.num_heads % tp:
+        raise ValueError(f"parallel.tp: the byte<->patch bridge splits its {config.num_heads} heads over tp={tp} ranks; "
+                         "num_heads must be divisible by tp")

@@ -1,0 +1,221 @@
+"""Task heads, multi-task, metrics, and the finetune/predict commands."""
+
+import gzip
+
+import numpy as np
+import pytest
+import torch
+
+from hyena_glt import (
+    HyenaGLTConfig,
+    HyenaGLTForCausalLM,
+    HyenaGLTForSequenceClassification,
+    HyenaGLTForSequenceRegression,
+    HyenaGLTForTokenClassification,
+    HyenaGLTMultiTask,
+    MultiTaskMetrics,
+    TaskSampler,
+    TaskSpec,
+    build_causal_lm,
+)
+from hyena_glt.heads import classification_metrics, regression_metrics
+
+torch.set_num_threads(2)
+
+
+def tiny(**kw) -> HyenaGLTConfig:
+    return HyenaGLTConfig(**{**dict(pattern="SS", d_model=32, num_heads=4, num_filter_groups=4, max_seq_len=512), **kw})
+
+
+def read_genome(path) -> bytes:
+    with gzip.open(path, "rt") as f:
+        return "".join(line.strip() for line in f if not line.startswith(">")).upper().encode()
+
+
+def windows(genome: bytes, n: int, width: int, lo: int, hi: int, rng) -> np.ndarray:
+    starts = rng.integers(lo, hi - width, n)
+    return np.stack([np.frombuffer(genome[s : s + width], dtype=np.uint8) for s in starts])
+
+
+def real_vs_shuffled(genome: bytes, n: int, width: int, lo: int, hi: int, seed: int):
+    """Genome windows (label 0) vs windows with their bases shuffled (label 1): same composition,
+    only the order (k-mer statistics, codon periodicity) tells them apart."""
+    rng = np.random.default_rng(seed)
+    real = windows(genome, n, width, lo, hi, rng)
+    shuffled = np.stack([rng.permutation(w) for w in windows(genome, n, width, lo, hi, rng)])
+    x = np.concatenate([real, shuffled]).astype(np.int64) + 4
+    x = np.concatenate([np.ones((2 * n, 1), dtype=np.int64), x], axis=1)  # BOS
+    y = np.repeat([0, 1], n)
+    order = rng.permutation(2 * n)
+    return torch.from_numpy(x[order]), torch.from_numpy(y[order])
+
+
+def test_sequence_classifier_learns_real_vs_shuffled_ecoli(ecoli, tmp_path):
+    genome = read_genome(ecoli)
+    # Train on the first 3 Mbp, validate on the last 1 Mbp.
+    xtr, ytr = real_vs_shuffled(genome, 1024, 200, 0, 3_000_000, seed=0)
+    xva, yva = real_vs_shuffled(genome, 256, 200, 3_600_000, len(genome), seed=1)
+    HyenaGLTForCausalLM(tiny()).save_pretrained(tmp_path / "lm")  # the "pretrained" model
+    model = HyenaGLTForSequenceClassification.from_pretrained(tmp_path / "lm", num_labels=2, dropout=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(90):
+        i = torch.randint(0, len(xtr), (32,), generator=g)
+        model(xtr[i], labels=ytr[i]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        m = classification_metrics(model(xva).logits.argmax(-1), yva, 2)
+    assert m["accuracy"] > 0.7 and m["mcc"] > 0.4, m  # chance: 0.5 / 0.0
+
+
+def test_from_pretrained_takes_the_backbone_and_drops_the_lm_head(tmp_path):
+    lm = HyenaGLTForCausalLM(tiny(tie_embeddings=False, seed=5))
+    lm.save_pretrained(tmp_path / "lm")
+    clf = HyenaGLTForSequenceClassification.from_pretrained(tmp_path / "lm", num_labels=3)
+    for k, v in lm.model.state_dict().items():
+        assert torch.equal(clf.model.state_dict()[k], v), k
+    assert "lm_head.weight" not in clf.state_dict() and clf.head.out.weight.shape == (3, 32)
+    fresh = HyenaGLTForSequenceClassification(tiny(tie_embeddings=False, seed=5), num_labels=3)
+    assert torch.equal(fresh.head.out.weight, clf.head.out.weight)  # head drawn from the config seed
+    # A fine-tuned head round-trips exactly, and refuses a different task.
+    clf.save_pretrained(tmp_path / "clf")
+    back = HyenaGLTForSequenceClassification.from_pretrained(tmp_path / "clf")
+    ids = torch.randint(4, 260, (2, 30))
+    clf.eval(), back.eval()
+    assert torch.equal(clf(ids).logits, back(ids).logits)
+    with pytest.raises(ValueError, match="seq-cls"):
+        HyenaGLTForSequenceRegression.from_pretrained(tmp_path / "clf")
+    with pytest.raises(FileNotFoundError):
+        HyenaGLTForSequenceClassification.from_pretrained(tmp_path / "nothing")
+
+
+def test_token_classification_and_regression_learn_simple_real_targets(lambda_phage):
+    genome = read_genome(lambda_phage)
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(windows(genome, 64, 64, 0, len(genome), rng).astype(np.int64) + 4)
+    # token-cls: is this base G or C (needs the byte itself, at the causal position that read it)
+    tok_labels = ((x == ord("G") + 4) | (x == ord("C") + 4)).long()
+    tok = HyenaGLTForTokenClassification(tiny(), num_labels=2, dropout=0.0)
+    opt = torch.optim.AdamW(tok.parameters(), lr=1e-2)
+    for _ in range(40):
+        out = tok(x, labels=tok_labels)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert out.logits.shape == (64, 64, 2)
+    assert classification_metrics(out.logits.argmax(-1), tok_labels)["accuracy"] > 0.9
+    # regression: GC fraction of the window
+    gc = tok_labels.float().mean(1, keepdim=True)
+    reg = HyenaGLTForSequenceRegression(tiny(), num_labels=1, dropout=0.0)
+    opt = torch.optim.AdamW(reg.parameters(), lr=1e-2)
+    target = (gc - gc.mean()) / gc.std()
+    for _ in range(60):
+        out = reg(x, labels=target)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert regression_metrics(out.logits, target)["pearson"] > 0.6
+
+
+def test_heads_on_the_u_shaped_backbone():
+    cfg = tiny(pattern="SD", patching="static", patch_size=3, medium_filter_len=32)
+    clf = HyenaGLTForSequenceClassification(cfg, num_labels=2)
+    ids = torch.randint(4, 260, (3, 40))
+    out = clf(ids, labels=torch.tensor([0, 1, 1]))
+    out.loss.backward()
+    assert out.logits.shape == (3, 2) and clf.model.layers[0].mixer.in_proj.weight.grad.abs().sum() > 0
+
+
+def test_masked_mean_ignores_padding():
+    clf = HyenaGLTForSequenceClassification(tiny(), num_labels=2).eval()
+    ids = torch.randint(4, 260, (1, 20))
+    padded = torch.cat([ids, torch.zeros(1, 7, dtype=torch.long)], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(clf(ids).logits, clf(padded).logits)
+
+
+def test_metrics_match_hand_computed_values():
+    y = torch.tensor([1, 1, 1, 0, 0, 0, 0, 1])
+    p = torch.tensor([1, 1, 0, 0, 0, 1, 0, 1])
+    m = classification_metrics(p, y, 2)
+    tp, tn, fp, fn = 3, 3, 1, 1
+    mcc = (tp * tn - fp * fn) / ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
+    assert m["accuracy"] == 0.75 and abs(m["mcc"] - mcc) < 1e-12 and abs(m["f1"] - 0.75) < 1e-12
+    r = regression_metrics(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 4.0, 6.0]))
+    assert abs(r["pearson"] - 1.0) < 1e-12 and abs(r["mse"] - 14 / 3) < 1e-12
+
+
+def test_multitask_shared_backbone_sampler_and_metrics():
+    tasks = {"promoter": TaskSpec("seq-cls", 2, weight=3.0), "gc": TaskSpec("regression", 1, weight=1.0),
+             "coding": TaskSpec("token-cls", 3, weight=1.0)}
+    model = HyenaGLTMultiTask(tiny(), tasks)
+    sampler = TaskSampler({n: t.weight for n, t in tasks.items()}, seed=1)
+    draws = [sampler.sample(s) for s in range(400)]
+    assert draws == [TaskSampler({n: t.weight for n, t in tasks.items()}, seed=1).sample(s) for s in range(400)]
+    assert 0.5 < draws.count("promoter") / 400 < 0.7  # weight 3/5
+    ids = torch.randint(4, 260, (2, 16))
+    labels = {"promoter": torch.tensor([0, 1]), "gc": torch.randn(2, 1), "coding": torch.randint(0, 3, (2, 16))}
+    metrics = MultiTaskMetrics(tasks)
+    for name in tasks:
+        out = model(ids, task=name, labels=labels[name])
+        out.loss.backward()
+        metrics.update(name, out.logits, labels[name], out.loss_sum, out.weight_sum)
+    assert model.model.embed.weight.grad is not None
+    assert all(model.heads[n].out.weight.grad is not None for n in tasks)
+    res = metrics.compute()
+    assert set(res) == set(tasks) and "mcc" in res["promoter"] and "pearson" in res["gc"] and "loss" in res["coding"]
+    with pytest.raises(ValueError, match="task"):
+        model(ids, task="nope")
+    with pytest.raises(ValueError, match="kind"):
+        TaskSpec("ranking")
+
+
+def _write_files(genome: bytes, d, n=24):
+    x, y = real_vs_shuffled(genome, n, 60, 0, len(genome), seed=3)
+    seqs = [bytes((x[i, 1:] - 4).tolist()).decode() for i in range(len(x))]
+    labels = ["real" if v == 0 else "shuffled" for v in y.tolist()]
+    (d / "train.csv").write_text("id,sequence,label\n" + "".join(f"r{i},{s},{lab}\n" for i, (s, lab) in enumerate(zip(seqs, labels))))
+    (d / "val.fa").write_text("".join(f">v{i} label={lab}\n{s[:30]}\n{s[30:]}\n" for i, (s, lab) in enumerate(zip(seqs[:10], labels[:10]))))
+    (d / "reg.tsv").write_text("sequence\tlabel\n" + "".join(f"{s}\t{s.count('G') / len(s)}\n" for s in seqs))
+    (d / "tok.tsv").write_text("".join(f"{s}\t{''.join('1' if c in 'GC' else '0' for c in s)}\n" for s in seqs))
+
+
+def test_finetune_and_predict_commands(lambda_phage, tmp_path, capsys):
+    from launch.cli import main
+
+    _write_files(read_genome(lambda_phage), tmp_path)
+    HyenaGLTForCausalLM(tiny()).save_pretrained(tmp_path / "lm")
+    rc = main(["finetune", "--model", str(tmp_path / "lm"), "--task", "seq-cls", "--train", str(tmp_path / "train.csv"),
+               "--val", str(tmp_path / "val.fa"), "--out", str(tmp_path / "ft"), "--epochs", "2", "--batch-size", "8"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "accuracy" in out and "mcc" in out and "f1" in out
+    assert (tmp_path / "ft" / "head.json").is_file()
+    rc = main(["predict", "--model", str(tmp_path / "ft"), "--input", str(tmp_path / "val.fa")])
+    out = capsys.readouterr().out.splitlines()
+    assert rc == 0 and out[0] == "id\tlabel\tprobabilities" and out[1].startswith("v0\t")
+    assert out[1].split("\t")[1] in ("real", "shuffled") and out[-1].startswith("metrics: accuracy")  # labelled input
+    rc = main(["predict", "--model", str(tmp_path / "ft"), "--sequence", "ACGTACGT", "--output", str(tmp_path / "p.tsv")])
+    out = capsys.readouterr().out.splitlines()
+    assert rc == 0 and len(out) == 2 and out[1].startswith("seq1\t") and (tmp_path / "p.tsv").is_file()
+    for task, file in (("regression", "reg.tsv"), ("token-cls", "tok.tsv")):
+        rc = main(["finetune", "--model", str(tmp_path / "lm"), "--task", task, "--train", str(tmp_path / file),
+                   "--val", str(tmp_path / file), "--out", str(tmp_path / task), "--max-steps", "2", "--epochs", "1"])
+        out = capsys.readouterr().out
+        assert rc == 0 and (("mse" in out and "pearson" in out) if task == "regression" else "mcc" in out)
+    rc = main(["predict", "--model", str(tmp_path / "token-cls"), "--sequence", "ACGGT"])
+    line = capsys.readouterr().out.splitlines()[1].split("\t")
+    assert rc == 0 and len(line[1]) == 5 and set(line[1]) <= {"0", "1"}
+
+
+def test_finetune_bad_input_is_one_line_error(tmp_path, capsys):
+    from launch.cli import main
+
+    (tmp_path / "bad.csv").write_text("sequence,label\nACGT,1\nAC GT!,0\n")
+    HyenaGLTForCausalLM(tiny()).save_pretrained(tmp_path / "lm")
+    rc = main(["finetune", "--model", str(tmp_path / "lm"), "--task", "seq-cls", "--train", str(tmp_path / "bad.csv")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "bad.csv:3" in err and len(err.splitlines()) == 1
+    rc = main(["finetune", "--model", str(tmp_path / "lm"), "--task", "seq-cls", "--train", str(tmp_path / "missing.csv")])
+    assert rc == 2 and "missing.csv" in capsys.readouterr().err
