@@ -34,8 +34,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def convert(ckpt: str | Path, out_dir: str | Path):
-    from hyena_glt import HyenaGLTConfig, HyenaGLTForCausalLM
-    from hyena_glt.model import check_state_dict
+    from hyena_glt import HyenaGLTConfig
+    from hyena_glt.model import build_causal_lm, check_state_dict
 
     from .checkpoint import full_model_state
 
@@ -43,7 +43,7 @@ def convert(ckpt: str | Path, out_dir: str | Path):
     meta = json.loads((path / "meta.json").read_text())
     cfg = HyenaGLTConfig.from_dict(meta["model_config"])
     state = full_model_state(path)
-    model = HyenaGLTForCausalLM(cfg, initialize=False)
+    model = build_causal_lm(cfg, initialize=False)
     check_state_dict(model, state, str(path))
     model.load_state_dict(state, strict=True)
     model.save_pretrained(out_dir)
@@ -69,11 +69,11 @@ def _verify(path: Path, out_dir: Path, meta: dict) -> float:
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode != 0:
         raise RuntimeError(f"--verify: the sharded model failed to run:\n{proc.stderr[-3000:]}")
-    from hyena_glt import HyenaGLTForCausalLM
+    from hyena_glt.model import load_causal_lm
 
     sharded = torch.load(result, weights_only=True)
     result.unlink()
-    single = HyenaGLTForCausalLM.from_pretrained(out_dir)
+    single = load_causal_lm(out_dir).eval()
     with torch.no_grad():
         logits = single(probe_batch()).logits
     return (logits - sharded).abs().max().item()
@@ -84,21 +84,23 @@ def _probe_worker(ckpt: str, result: str) -> None:
     import torch.distributed as dist
 
     from hyena_glt import HyenaGLTConfig
-    from megatron_adapters.build import build_parallel_model
     from megatron_adapters.groups import destroy_parallel, initialize_parallel
     from megatron_adapters.parallel_config import ParallelConfig
 
     from .checkpoint import ShardReader
+    from .trainer import build_model
 
     meta = json.loads((Path(ckpt) / "meta.json").read_text())
     lay = meta["layout"]
     cfg = HyenaGLTConfig.from_dict(meta["model_config"])
     layout = initialize_parallel(ParallelConfig(tp=lay["tp"], cp=lay["cp"], pp=lay["pp"], sp=lay["sp"]), cfg,
                                  seq_length=PROBE_LEN)
-    pm = build_parallel_model(cfg, layout)
+    pm = build_model(cfg, layout)
     reader = ShardReader(ckpt, "model")
     tp, tp_rank = pm.ctx.tp, pm.ctx.coords.tp
-    pm.load_state_dict({n: reader.local(n, n, tp_rank, tp) for n, _ in pm.named_parameters()})
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            p.copy_(reader.local(n, n, tp_rank, tp))
     logits: list = []
     ids = probe_batch()
     pm.forward_backward([{"input_ids": ids, "labels": ids}] * lay["pp"], forward_only=True, logits_out=logits)

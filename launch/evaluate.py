@@ -93,9 +93,9 @@ def _seq_len_of(data: str, given: int | None) -> int:
 
 
 def _eval_cmd(args) -> int:
-    from hyena_glt import HyenaGLTForCausalLM
+    from hyena_glt.model import load_causal_lm
 
-    model = HyenaGLTForCausalLM.from_pretrained(args.model)
+    model = load_causal_lm(args.model)
     smw = model.config.soft_mask_weight if args.soft_mask_weight is None else args.soft_mask_weight
     seq_len = _seq_len_of(args.data, args.seq_len)
     result = evaluate_model(model, _batches(args.data, args.split, seq_len, args.batch_size, args.max_windows, smw))

@@ -59,7 +59,6 @@ def _autocast_factory(precision: str, device: torch.device):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, log=None):
-        from megatron_adapters.build import build_parallel_model
         from megatron_adapters.groups import RankContext, initialize_parallel
         from megatron_adapters.parallel_config import ParallelConfig
 
@@ -68,13 +67,22 @@ class Trainer:
         self.cfg = cfg
         p, t = cfg.parallel, cfg.train
         pcfg = ParallelConfig(tp=p.tp, cp=p.cp, pp=p.pp, sp=p.sp)
+        if cfg.model.patching != "none":
+            from hyena_glt.blt import check_parallel
+
+            check_parallel(cfg.model, p.tp, p.cp, p.pp)
+            if p.tp > 1:
+                raise ValueError(f"parallel.tp={p.tp}: token merging (model.patching={cfg.model.patching!r}) trains "
+                                 "with data parallelism only for now; use parallel.tp=1")
+            if cfg.zero.stage == 3:
+                raise ValueError("zero.stage=3 is not supported with token merging; use zero.stage 0, 1 or 2")
         self.layout = initialize_parallel(pcfg, cfg.model, seq_length=t.seq_len)
         self.ctx = RankContext.current(self.layout)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_logger = self.rank == 0
         self._log = log or print
         torch.manual_seed(t.seed + self.rank)
-        self.pm = build_parallel_model(cfg.model, self.layout, dtype=torch.float32)
+        self.pm = build_model(cfg.model, self.layout)
         for chunk in self.pm.chunks:
             chunk.activation_checkpointing = t.activation_checkpointing
         self.opt = build_optimizer(self.pm, cfg)
@@ -252,6 +260,21 @@ class Trainer:
         self.save()
         metrics.close()
         return {**last, **final}
+
+
+def build_model(model_cfg, layout):
+    """This rank's model for a layout: megatron-core model-parallel chunks, or (token merging,
+    whose data-dependent patches the model-parallel layers do not cover) the single-device
+    model replicated over data parallel."""
+    from megatron_adapters.build import build_parallel_model
+    from megatron_adapters.groups import RankContext, parallel_device
+    from megatron_adapters.replicated import ReplicatedModel
+
+    if model_cfg.patching == "none":
+        return build_parallel_model(model_cfg, layout, dtype=torch.float32)
+    from hyena_glt.model import build_causal_lm
+
+    return ReplicatedModel(build_causal_lm(model_cfg), RankContext.current(layout), parallel_device())
 
 
 def run_train(config_path: str, overrides: list[str]) -> int:

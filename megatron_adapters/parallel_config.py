@@ -106,8 +106,10 @@ def stage_layers(cfg: HyenaGLTConfig, num_stages: int) -> list[list[int]]:
     return out
 
 
-# Model features the parallel modules do not implement (yet): config field -> the only
-# value they accept. A config using one is rejected instead of silently computing another model.
+# Model features the model-parallel modules do not implement (yet): config field -> the only
+# value they accept under tp/cp/pp > 1. A config using one is rejected instead of silently
+# computing another model; with tp = cp = pp = 1 the single-device model is replicated over
+# data parallel (replicated.py) and any config runs.
 _SINGLE_DEVICE_ONLY = {"patching": "none", "position_periods": []}
 
 
@@ -145,8 +147,8 @@ def check_layout(
         errors.append(f"mlp hidden size {cfg.mlp_hidden} is not divisible by tp={tp}")
     for field, plain in _SINGLE_DEVICE_ONLY.items():
         value = getattr(cfg, field, plain)
-        if value != plain:
-            errors.append(f"{field}={value!r} is not supported by the parallel layouts (only {plain!r})")
+        if value != plain and tp * cp * pp > 1:
+            errors.append(f"{field}={value!r} is not supported by the parallel layouts (only {plain!r}); use data parallelism only (tp=cp=pp=1)")
     stages = pcfg.num_stages
     counts = cfg.stage_layer_counts
     if counts is not None and len(counts) != stages:

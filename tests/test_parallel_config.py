@@ -79,12 +79,12 @@ def test_initialize_parallel_rejects_before_building_any_group(monkeypatch) -> N
     assert not dist.is_initialized()
 
 
-def test_unsupported_model_features_are_rejected() -> None:
-    cfg = tiny()
-    if "patching" not in HyenaGLTConfig.model_fields:
-        pytest.skip("this HyenaGLTConfig has no token merging")
-    with pytest.raises(ParallelConfigError, match="patching='static'"):
-        check_layout(ParallelConfig(), cfg.model_copy(update={"patching": "static"}), seq_length=64)
+def test_unsupported_model_features_are_rejected_under_model_parallelism() -> None:
+    merging = tiny().model_copy(update={"patching": "static"})
+    for pcfg in (ParallelConfig(tp=2), ParallelConfig(cp=2), ParallelConfig(pp=2)):
+        with pytest.raises(ParallelConfigError, match="patching='static'"):
+            check_layout(pcfg, merging, seq_length=64)
+    check_layout(ParallelConfig(), merging, seq_length=64)  # pure data parallel: the model is replicated
 
 
 @pytest.mark.parametrize("tp,cp,pp,world", [(2, 2, 2, 16), (1, 2, 2, 8), (2, 1, 4, 16), (4, 1, 1, 8)])

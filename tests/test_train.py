@@ -258,3 +258,23 @@ def test_curriculum_sequence_length_warmup_same_under_context_parallel(packs, tm
     assert [r["seq_len"] for r in rows] == [32, 64, 64, 128]
     assert [r["tokens"] for r in rows] == [1024, 2048, 3072, 4096]  # split mode: same tokens per step
     assert_close(losses(cp2), losses(single))
+
+
+@pytest.mark.parametrize("patching", ["static", "learned"])
+def test_token_merging_trains_under_data_parallel_with_the_same_losses(packs, tmp_path, patching):
+    blt = [f"model.patching={patching}", "model.patch_size=4", "model.pattern=SDH*", "train.steps=3"]
+    single, dp2 = tmp_path / "single", tmp_path / "dp2"
+    train(packs, single, 1, *blt, launcher="python")
+    train(packs, dp2, 2, *blt, "zero.stage=1")
+    assert_close(losses(dp2), losses(single))
+    model = tmp_path / "model"
+    subprocess.run([*_cli(), "convert", str(dp2 / "ckpt"), str(model)], check=True, cwd=REPO, env=_env(),
+                   capture_output=True)
+    from hyena_glt.model import load_causal_lm
+
+    assert type(load_causal_lm(model)).__name__ == "BLTForCausalLM"
+
+
+def test_token_merging_rejects_model_parallel_layouts_at_start(packs, tmp_path):
+    proc = train(packs, tmp_path, 1, "model.patching=static", "parallel.tp=2", launcher="python", check=False)
+    assert proc.returncode == 2 and "token merging" in proc.stderr
