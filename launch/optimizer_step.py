@@ -61,7 +61,6 @@ class PlainOptimizer:
         self.optimizer = torch.optim.AdamW(
             param_groups(pm, train_cfg.weight_decay), lr=train_cfg.lr, betas=tuple(train_cfg.betas), eps=1e-8
         )
-        self._names = {id(p): n for n, p in pm.named_parameters()}
 
     def set_lr(self, lr: float) -> None:
         for g in self.optimizer.param_groups:
@@ -202,10 +201,6 @@ class ZeroOptimizer(PlainOptimizer):
         )
         if self.zero_stage == 3:
             _register_external_parameters(pm)
-
-    def set_lr(self, lr: float) -> None:
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
 
     def step(self, micro_batches: list[dict], autocast) -> tuple[float, float, float, bool]:
         with self.engine.coalesce_grad_reduction(), autocast():
