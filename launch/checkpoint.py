@@ -4,7 +4,8 @@
       latest                         the name of the newest complete checkpoint
       step_00000100/
         meta.json                    step, layout, configs, loader state, Adam step, metrics
-        model-tp00-pp00.safetensors  canonical (single-device) names, this TP rank's slice,
+        model-tp00-pp00.safetensors  canonical (single-device) names, this TP rank's slice
+                                     (parameters and persistent buffers),
         optim-tp00-pp00.safetensors  'exp_avg/<name>', 'exp_avg_sq/<name>' (same slicing)
         rng-rank00000.pt             each rank's RNG states
 
@@ -80,6 +81,8 @@ def save_checkpoint(root: str | Path, step: int, pm, opt, meta: dict, keep: int)
     writer = ps.get_data_parallel_rank(with_context_parallel=True) == 0
     if writer:
         model_state = master if master is not None else {n: p.detach().cpu() for n, p in pm.named_parameters()}
+        # Persistent buffers too (the entropy patcher's adapted threshold): the same on every TP rank.
+        model_state = {**model_state, **dict(pm.named_persistent_buffers())}
         model_state = {n: t.contiguous().cpu() for n, t in model_state.items()}
         save_file(model_state, str(tmp / _shard_file("model", tp, pp)), metadata={"format": FORMAT})
         if states:
@@ -156,6 +159,10 @@ def load_checkpoint(path: str | Path, pm, opt) -> dict:
     for name, p in pm.named_parameters():
         if not hasattr(p, "ds_id"):  # ZeRO-3 partitions are set through the optimizer below
             p.copy_(local[name].to(p.dtype))
+    for name, b in pm.named_persistent_buffers():
+        if name not in model.where:
+            raise KeyError(f"{path}: no tensor for buffer {name}")
+        b.copy_(model.full(name).to(b.dtype))
     opt.load_master_params(local)
     if any(path.glob("optim-tp*-pp*.safetensors")):
         optim = ShardReader(path, "optim")

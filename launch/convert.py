@@ -101,6 +101,8 @@ def _probe_worker(ckpt: str, result: str) -> None:
     with torch.no_grad():
         for n, p in pm.named_parameters():
             p.copy_(reader.local(n, n, tp_rank, tp))
+        for n, b in pm.named_persistent_buffers():
+            b.copy_(reader.full(n))
     logits: list = []
     ids = probe_batch()
     pm.forward_backward([{"input_ids": ids, "labels": ids}] * lay["pp"], forward_only=True, logits_out=logits)

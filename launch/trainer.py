@@ -67,13 +67,7 @@ class Trainer:
         self.cfg = cfg
         p, t = cfg.parallel, cfg.train
         pcfg = ParallelConfig(tp=p.tp, cp=p.cp, pp=p.pp, sp=p.sp)
-        if cfg.model.patching != "none":
-            from hyena_glt.blt import check_parallel
-
-            check_parallel(cfg.model, p.tp, p.cp, p.pp)
-            if p.tp > 1:
-                raise ValueError(f"parallel.tp={p.tp}: token merging (model.patching={cfg.model.patching!r}) trains "
-                                 "with data parallelism only for now; use parallel.tp=1")
+        if cfg.model.patching != "none":  # (the layout check below rejects cp, pp and sp)
             if cfg.zero.stage == 3:
                 raise ValueError("zero.stage=3 is not supported with token merging; use zero.stage 0, 1 or 2")
         self.layout = initialize_parallel(pcfg, cfg.model, seq_length=t.seq_len)
@@ -263,18 +257,11 @@ class Trainer:
 
 
 def build_model(model_cfg, layout):
-    """This rank's model for a layout: megatron-core model-parallel chunks, or (token merging,
-    whose data-dependent patches the model-parallel layers do not cover) the single-device
-    model replicated over data parallel."""
+    """This rank's model for a layout: megatron-core model-parallel chunks, or for token
+    merging the U-shape (data x tensor parallel; megatron_adapters/merging.py)."""
     from megatron_adapters.build import build_parallel_model
-    from megatron_adapters.groups import RankContext, parallel_device
-    from megatron_adapters.replicated import ReplicatedModel
 
-    if model_cfg.patching == "none":
-        return build_parallel_model(model_cfg, layout, dtype=torch.float32)
-    from hyena_glt.model import build_causal_lm
-
-    return ReplicatedModel(build_causal_lm(model_cfg), RankContext.current(layout), parallel_device())
+    return build_parallel_model(model_cfg, layout, dtype=torch.float32)
 
 
 def run_train(config_path: str, overrides: list[str]) -> int:

@@ -36,7 +36,7 @@ from .groups import RankContext, parallel_device
 from .parallel_config import Layout, check_layout
 from .parallel_model import HyenaGLTChunk
 from .pipeline import check_num_microbatches, run_schedule
-from .sharding import canonical_params, tp_slice, tp_split_dim
+from .sharding import canonical_params, named_persistent_buffers, tp_slice, tp_split_dim
 from .tensor_parallel import megatron_config, vocab_parallel_cross_entropy
 
 
@@ -95,6 +95,10 @@ class ParallelModel(nn.Module):
                 if id(p) not in seen or not remove_duplicate:
                     seen.add(id(p))
                     yield name, p
+
+    def named_persistent_buffers(self):
+        for c in self.chunks:
+            yield from named_persistent_buffers(c)
 
     def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:  # type: ignore[override]
         return {n: p.detach() for n, p in self.named_parameters()}
@@ -233,9 +237,15 @@ def build_parallel_model(
     device: torch.device | None = None,
 ) -> ParallelModel:
     """This rank's model chunks for `layout` (after initialize_parallel), initialised to the
-    same full weights as HyenaGLTForCausalLM(cfg), on `device` (default: this rank's GPU, or CPU)."""
+    same full weights as HyenaGLTForCausalLM(cfg), on `device` (default: this rank's GPU, or CPU).
+    A token-merging config (patching != 'none') gets merging.build_merging_model's model,
+    which has the same step interface."""
     if layout.model != cfg:
         raise ValueError("the layout was validated for a different model config")
+    if cfg.patching != "none":  # token merging: data x tensor parallel, see merging.py
+        from .merging import build_merging_model
+
+        return build_merging_model(cfg, layout, dtype, device or parallel_device())
     ctx = RankContext.current(layout)
     mcfg = megatron_config(layout.parallel, cfg, dtype)
     stages = layout.stage_layers()

@@ -110,7 +110,38 @@ def stage_layers(cfg: HyenaGLTConfig, num_stages: int) -> list[list[int]]:
 # value they accept under tp/cp/pp > 1. A config using one is rejected instead of silently
 # computing another model; with tp = cp = pp = 1 the single-device model is replicated over
 # data parallel (replicated.py) and any config runs.
-_SINGLE_DEVICE_ONLY = {"patching": "none", "position_periods": []}
+_SINGLE_DEVICE_ONLY = {"position_periods": []}
+
+
+def _token_merging_errors(pcfg: ParallelConfig, cfg: HyenaGLTConfig) -> list[str]:
+    """Token merging (megatron_adapters/merging.py): data and tensor parallel only.
+
+    Context parallel: patches straddle the sequence chunks, and pooling, the patch-level
+    global model and the byte<-patch bridge need the whole sequence. Pipeline parallel:
+    encoder, global model and decoder run as one stage (the pattern has no '|' either).
+    Sequence parallel: the patcher and the bridge between the blocks need whole sequences.
+    """
+    what = f"token merging (patching={cfg.patching!r})"
+    errors = []
+    if pcfg.cp > 1:
+        errors.append(f"{what} does not support context parallelism (patches straddle sequence chunks); "
+                      f"use cp=1, got cp={pcfg.cp}")
+    if pcfg.pp > 1:
+        errors.append(f"{what} runs the U-shaped model on one pipeline stage; use pp=1, got pp={pcfg.pp}")
+    if pcfg.sp:
+        errors.append(f"{what} does not support sequence parallelism (the patcher and bridge need whole "
+                      "sequences); use sp=false")
+    if cfg.patching == "entropy" and pcfg.tp > 1:
+        from hyena_glt.blt import entropy_config
+
+        ent = entropy_config(cfg)  # its blocks are sharded like the others
+        sizes = {"d_model (entropy_d_model)": ent.d_model, "num_filter_groups": ent.num_filter_groups,
+                 "mlp hidden size": ent.mlp_hidden}
+        if "*" in ent.pattern:
+            sizes["attention heads (entropy_d_model // 64)"] = ent.num_heads
+        errors += [f"the entropy patcher's byte LM {k}={n} is not divisible by tp={pcfg.tp}"
+                   for k, n in sizes.items() if n % pcfg.tp]
+    return errors
 
 
 def check_layout(
@@ -149,6 +180,8 @@ def check_layout(
         value = getattr(cfg, field, plain)
         if value != plain and tp * cp * pp > 1:
             errors.append(f"{field}={value!r} is not supported by the parallel layouts (only {plain!r}); use data parallelism only (tp=cp=pp=1)")
+    if cfg.patching != "none":
+        errors += _token_merging_errors(pcfg, cfg)
     stages = pcfg.num_stages
     counts = cfg.stage_layer_counts
     if counts is not None and len(counts) != stages:

@@ -73,7 +73,7 @@ class ParallelAttention(nn.Module):
         qkv = self.qkv_proj(x)  # (s, B, 3D/tp), rows (head, q|k|v, head_dim)
         s, B, _ = qkv.shape
         qkv = qkv.view(s, B, self.heads, 3, self.head_dim).permute(3, 1, 2, 0, 4)  # 3, B, h, s, hd
-        pos = positions[None]
+        pos = positions if positions.dim() == 2 else positions[None]  # (B, s): per-sample (patch) positions
         q, k, v = rope(qkv[0], pos, self.rope_base), rope(qkv[1], pos, self.rope_base), qkv[2]
         if self.cp_group is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 
 import torch
+from torch import nn
 
 # (regex on the canonical name, dim split across TP ranks)
 _TP_RULES: list[tuple[re.Pattern, int]] = [
@@ -71,6 +72,8 @@ def layer_index(name: str) -> int | None:
 def held_by_stage(name: str, layers: set[int], first: bool, last: bool, tied: bool) -> bool:
     """Does a pipeline stage holding `layers` (and the embedding if first, the head if last)
     hold parameter `name`? A tied last stage keeps its own copy of the embedding."""
+    if first and last:  # a single stage holds everything (also the token-merging U-shape's modules)
+        return True
     idx = layer_index(name)
     if idx is not None:
         return idx in layers
@@ -86,8 +89,25 @@ def held_by_stage(name: str, layers: set[int], first: bool, last: bool, tied: bo
 def canonical_params(cfg) -> dict[str, torch.nn.Parameter]:
     """Every parameter of the single-device model (name -> parameter carrying init_fn,
     no_weight_decay and the full shape), built on the meta device: no memory, no init."""
-    from hyena_glt.model import HyenaGLTForCausalLM
+    return dict(_meta_model(cfg).named_parameters())
+
+
+def canonical_state(cfg) -> dict[str, torch.Tensor]:
+    """canonical_params plus the persistent buffers (what a checkpoint holds), on meta."""
+    model = _meta_model(cfg)
+    return {**dict(model.named_parameters()), **dict(named_persistent_buffers(model))}
+
+
+def _meta_model(cfg) -> nn.Module:
+    from hyena_glt.model import build_causal_lm
 
     with torch.device("meta"):
-        model = HyenaGLTForCausalLM(cfg, initialize=False)
-    return dict(model.named_parameters())
+        return build_causal_lm(cfg, initialize=False)
+
+
+def named_persistent_buffers(module: nn.Module, prefix: str = ""):
+    """(name, tensor) of the buffers a state dict holds (not the non-persistent ones)."""
+    for mod_name, mod in module.named_modules(prefix=prefix):
+        for n, b in mod._buffers.items():
+            if b is not None and n not in mod._non_persistent_buffers_set:
+                yield (f"{mod_name}.{n}" if mod_name else n), b

@@ -17,11 +17,11 @@ import torch.distributed as dist
 
 from .build import ParallelModel
 from .parallel_config import Layout
-from .sharding import canonical_params, held_by_stage, tp_concat, tp_slice, tp_split_dim
+from .sharding import canonical_params, canonical_state, held_by_stage, tp_concat, tp_slice, tp_split_dim
 
 
 def _check_full(full_state: dict[str, torch.Tensor], layout: Layout) -> None:
-    template = canonical_params(layout.model)
+    template = canonical_state(layout.model)
     missing = sorted(set(template) - set(full_state))
     unexpected = sorted(set(full_state) - set(template))
     shapes = [

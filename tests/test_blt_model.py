@@ -226,14 +226,17 @@ def test_entropy_threshold_adapts_to_the_target_rate():
     assert torch.equal(before, m.model.patcher.threshold)  # never in eval
 
 
-def test_parallel_layout_check_rejects_pp_and_cp_with_merging():
-    from hyena_glt.blt import check_parallel
+def test_parallel_layout_check_rejects_pp_cp_and_sp_with_merging():
+    from megatron_adapters.parallel_config import ParallelConfig, ParallelConfigError, check_layout
 
-    check_parallel(tiny("none"), tp=2, cp=2, pp=2)  # the plain model: not this check's business
-    check_parallel(tiny("learned"), tp=2)
-    with pytest.raises(ValueError, match="parallel.cp"):
-        check_parallel(tiny("static"), cp=2)
-    with pytest.raises(ValueError, match="parallel.pp"):
-        check_parallel(tiny("entropy"), pp=2)
-    with pytest.raises(ValueError, match="parallel.tp"):
-        check_parallel(tiny("static"), tp=8)
+    check_layout(ParallelConfig(tp=2, cp=2, pp=2), tiny("none"))  # the plain model takes every layout
+    check_layout(ParallelConfig(tp=2), tiny("learned"))
+    check_layout(ParallelConfig(tp=2), tiny("entropy"))
+    with pytest.raises(ParallelConfigError, match="token merging.*cp=1"):
+        check_layout(ParallelConfig(cp=2), tiny("static"))
+    with pytest.raises(ParallelConfigError, match="token merging.*pp=1"):
+        check_layout(ParallelConfig(pp=2), tiny("entropy"))
+    with pytest.raises(ParallelConfigError, match="token merging.*sp=false"):
+        check_layout(ParallelConfig(tp=2, sp=True), tiny("static"))
+    with pytest.raises(ParallelConfigError, match="entropy patcher's byte LM d_model"):
+        check_layout(ParallelConfig(tp=4), tiny("entropy").model_copy(update={"entropy_d_model": 18}))

@@ -2,7 +2,8 @@
 
 Each case runs tests/parallel_worker.py under torchrun (gloo, CPU). The worker compares, in
 fp64 unless stated, the gathered logits, the loss and every parameter gradient (gathered to
-full shape) with the single-process HyenaGLTForCausalLM, and the initial weights bit for bit.
+full shape) with the single-process HyenaGLTForCausalLM (BLTForCausalLM for token merging),
+and the initial weights bit for bit.
 Tolerance per tensor: |parallel - reference| <= 1e-10 * max|reference| + 1e-13 (fp64),
 1e-5 * max|reference| + 1e-6 (fp32). Pattern "SDH*SDH*" (all of S, D, H, *) unless stated.
 """
@@ -34,6 +35,12 @@ LAYOUTS = [
     pytest.param(4, ["--tp", "2", "--cp", "2", "--sp", "--genomic"], id="tp2-cp2-sp-genomic"),
     pytest.param(4, ["--tp", "2", "--pp", "2", "--sp", "--micro-batches", "4"], id="tp2-pp2-sp"),
     pytest.param(4, ["--cp", "2", "--pp", "2", "--micro-batches", "4"], id="cp2-pp2"),
+    # Token merging (the U-shape, megatron_adapters/merging.py): every block sharded, the
+    # patcher / position system / bridge replicated; each patcher, and DP x TP.
+    pytest.param(2, ["--tp", "2", "--patching", "static"], id="tp2-merging-static"),
+    pytest.param(2, ["--tp", "2", "--patching", "entropy"], id="tp2-merging-entropy"),
+    pytest.param(2, ["--tp", "2", "--patching", "learned", "--untied", "--genomic"], id="tp2-merging-learned-untied-genomic"),
+    pytest.param(4, ["--tp", "2", "--patching", "learned"], id="tp2-dp2-merging-learned"),
 ]
 
 

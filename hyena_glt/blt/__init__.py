@@ -5,10 +5,19 @@ Read in this order: segments.py (patch bookkeeping), patchers.py, bridge.py, pos
 ushape.py; bench.py is `hyena-glt bench merge`.
 """
 
-from .patchers import AdaptiveTokenMerger, EntropyModel, EntropyPatcher, PatcherOutput, StaticPatcher, make_patcher
+from .patchers import (
+    AdaptiveTokenMerger,
+    BlockFactory,
+    EntropyModel,
+    EntropyPatcher,
+    PatcherOutput,
+    StaticPatcher,
+    entropy_config,
+    make_patcher,
+)
 from .position import BLTPositionManager, sinusoid
 from .segments import PatchInfo, enforce_patch_lengths, patch_info
-from .ushape import BLTCausalLMOutput, BLTForCausalLM, BLTModel, check_parallel
+from .ushape import BLTCausalLMOutput, BLTForCausalLM, BLTModel
 
 __all__ = [
     "AdaptiveTokenMerger",
@@ -16,14 +25,15 @@ __all__ = [
     "BLTForCausalLM",
     "BLTModel",
     "BLTPositionManager",
+    "BlockFactory",
     "EntropyModel",
     "EntropyPatcher",
     "PatchInfo",
     "PatcherOutput",
     "StaticPatcher",
     "enforce_patch_lengths",
+    "entropy_config",
     "make_patcher",
     "patch_info",
-    "check_parallel",
     "sinusoid",
 ]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,11 @@ from ..config import HyenaGLTConfig
 from ..layers import Block, RMSNorm
 from ..loss import default_loss_weights, weighted_cross_entropy
 from .segments import enforce_patch_lengths
+
+# Builds one residual block: (layer code, config, layer index) -> module called as
+# block(x (B, L, D), position_ids, conservation). The default is the single-device Block;
+# megatron_adapters passes a tensor-parallel one (the model never imports it).
+BlockFactory = Callable[[str, HyenaGLTConfig, int], nn.Module]
 
 _QUANTILE_MAX = 1 << 22  # torch.quantile's input limit is 2^24; sample below it
 
@@ -72,17 +78,22 @@ class StaticPatcher(nn.Module):
         return PatcherOutput(enforce_patch_lengths(b, self.min_patch, self.max_patch))
 
 
+def entropy_config(config: HyenaGLTConfig) -> HyenaGLTConfig:
+    """The entropy patcher's small byte LM: `entropy_pattern` at width `entropy_d_model`."""
+    d = config.entropy_d_model
+    return config.model_copy(update={"pattern": config.entropy_pattern, "patching": "none", "d_model": d,
+                                     "num_heads": max(1, d // 64)})
+
+
 class EntropyModel(nn.Module):
     """A small causal byte LM (its own embedding, `entropy_pattern` blocks, tied output)."""
 
-    def __init__(self, config: HyenaGLTConfig):
+    def __init__(self, config: HyenaGLTConfig, block: BlockFactory = Block):
         super().__init__()
-        d = config.entropy_d_model
-        cfg = config.model_copy(update={"pattern": config.entropy_pattern, "patching": "none", "d_model": d,
-                                        "num_heads": max(1, d // 64)})
+        cfg = entropy_config(config)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         params.tag(self.embed.weight, params.normal(cfg.init_std))
-        self.layers = nn.ModuleList(Block(c, cfg, i) for i, c in enumerate(cfg.layers))
+        self.layers = nn.ModuleList(block(c, cfg, i) for i, c in enumerate(cfg.layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -100,13 +111,13 @@ def next_byte_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 class EntropyPatcher(nn.Module):
-    def __init__(self, config: HyenaGLTConfig):
+    def __init__(self, config: HyenaGLTConfig, block: BlockFactory = Block):
         super().__init__()
         self.mode, self.joint, self.adapt = config.entropy_mode, config.entropy_joint, config.entropy_adapt
         self.patch_size, self.min_patch, self.max_patch = config.patch_size, config.min_patch, config.max_patch
         self.window = config.entropy_window
         self.k = max(1, round(config.entropy_window / config.patch_size))
-        self.lm = EntropyModel(config)
+        self.lm = EntropyModel(config, block)
         self.register_buffer("threshold", torch.tensor(float(config.entropy_threshold)))
 
     def statistic(self, entropy: torch.Tensor) -> torch.Tensor:
@@ -202,8 +213,11 @@ class AdaptiveTokenMerger(nn.Module):
         return float(self.bias)
 
 
-def make_patcher(config: HyenaGLTConfig) -> nn.Module:
-    kinds = {"static": StaticPatcher, "entropy": EntropyPatcher, "learned": AdaptiveTokenMerger}
-    if config.patching not in kinds:
-        raise ValueError(f"patching: no patcher for {config.patching!r} (the plain model has none)")
-    return kinds[config.patching](config)
+def make_patcher(config: HyenaGLTConfig, block: BlockFactory = Block) -> nn.Module:
+    if config.patching == "static":
+        return StaticPatcher(config)
+    if config.patching == "entropy":
+        return EntropyPatcher(config, block)
+    if config.patching == "learned":
+        return AdaptiveTokenMerger(config)
+    raise ValueError(f"patching: no patcher for {config.patching!r} (the plain model has none)")

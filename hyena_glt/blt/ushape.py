@@ -35,7 +35,7 @@ from ..genomic import MotifBranch, SeqTypeEmbedding
 from ..layers import Block, RMSNorm
 from ..loss import weighted_cross_entropy
 from ..model import CausalLMOutput, HyenaGLTForCausalLM
-from .patchers import AdaptiveTokenMerger, EntropyPatcher, PatcherOutput, make_patcher, sub_config
+from .patchers import AdaptiveTokenMerger, BlockFactory, EntropyPatcher, PatcherOutput, make_patcher, sub_config
 from .position import BLTPositionManager
 from .segments import PatchInfo
 
@@ -49,9 +49,13 @@ class BLTCausalLMOutput(CausalLMOutput):
 
 
 class BLTModel(nn.Module):
-    """The U-shaped backbone: byte ids -> byte-level hidden states (B, L, D)."""
+    """The U-shaped backbone: byte ids -> byte-level hidden states (B, L, D).
 
-    def __init__(self, config: HyenaGLTConfig):
+    `block` builds every residual block (local encoder, global model, local decoder, entropy
+    model); the default is the single-device Block.
+    """
+
+    def __init__(self, config: HyenaGLTConfig, block: BlockFactory = Block):
         super().__init__()
         if config.patching == "none":
             raise ValueError("patching: BLTModel needs patching 'static', 'entropy' or 'learned' (use HyenaGLTModel for 'none')")
@@ -64,12 +68,12 @@ class BLTModel(nn.Module):
             self.seq_type_embed = SeqTypeEmbedding(config.d_model, config.init_std)
         if config.motif_branch:
             self.motif = MotifBranch(config.d_model, config.motif_kernel_sizes, config.init_std)
-        self.encoder = nn.ModuleList(Block(c, enc_cfg, i) for i, c in enumerate(enc_cfg.layers))
-        self.patcher = make_patcher(config)
+        self.encoder = nn.ModuleList(block(c, enc_cfg, i) for i, c in enumerate(enc_cfg.layers))
+        self.patcher = make_patcher(config, block)
         self.positions = BLTPositionManager(config)
-        self.layers = nn.ModuleList(Block(c, config, i) for i, c in enumerate(config.layers))  # global model
+        self.layers = nn.ModuleList(block(c, config, i) for i, c in enumerate(config.layers))  # global model
         self.global_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.decoder = nn.ModuleList(Block(c, dec_cfg, i) for i, c in enumerate(dec_cfg.layers))
+        self.decoder = nn.ModuleList(block(c, dec_cfg, i) for i, c in enumerate(dec_cfg.layers))
         self.final_norm = RMSNorm(config.d_model, config.norm_eps)
 
     def embed_tokens(self, input_ids: torch.Tensor, seq_type: torch.Tensor | None = None) -> torch.Tensor:
@@ -126,10 +130,10 @@ class BLTModel(nn.Module):
 class BLTForCausalLM(nn.Module):
     """Next-byte LM over the U-shape; same forward signature and output as HyenaGLTForCausalLM."""
 
-    def __init__(self, config: HyenaGLTConfig, initialize: bool = True):
+    def __init__(self, config: HyenaGLTConfig, initialize: bool = True, block: BlockFactory = Block):
         super().__init__()
         self.config = config
-        self.model = BLTModel(config)
+        self.model = BLTModel(config, block)
         if not config.tie_embeddings:
             self.lm_head = params.linear(config.d_model, config.vocab_size, config.init_std)
         if initialize:
@@ -138,6 +142,13 @@ class BLTForCausalLM(nn.Module):
     @property
     def output_weight(self) -> torch.Tensor:
         return self.model.embed.weight if self.config.tie_embeddings else self.lm_head.weight
+
+    # The two steps a tensor-parallel subclass replaces (vocab-sharded logits and their loss).
+    def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.output_weight)
+
+    def lm_loss(self, logits, labels, loss_weights) -> tuple[torch.Tensor, torch.Tensor]:
+        return weighted_cross_entropy(logits, labels, loss_weights)
 
     def forward(
         self,
@@ -151,11 +162,11 @@ class BLTForCausalLM(nn.Module):
         hidden, info, pout = self.model.forward_with_info(
             input_ids, seq_type, conservation, position_ids, labels, loss_weights
         )
-        logits = F.linear(hidden, self.output_weight)
+        logits = self.output_logits(hidden)
         out = BLTCausalLMOutput(logits=logits, hidden_states=hidden, patch_info=info, patcher=pout,
                                 aux_loss_sum=pout.aux_loss_sum)
         if labels is not None:
-            lm_sum, weight = weighted_cross_entropy(logits, labels, loss_weights)
+            lm_sum, weight = self.lm_loss(logits, labels, loss_weights)
             out.lm_loss_sum, out.weight_sum = lm_sum, weight
             out.loss_sum = lm_sum + pout.aux_loss_sum.to(lm_sum.dtype) if self.training and pout.aux_loss_sum is not None else lm_sum
             out.loss = out.loss_sum / weight.clamp_min(1e-8)
@@ -175,29 +186,3 @@ class BLTForCausalLM(nn.Module):
     def from_pretrained(cls, directory: str | Path, config: HyenaGLTConfig | None = None, map_location="cpu") -> "BLTForCausalLM":
         return HyenaGLTForCausalLM.from_pretrained.__func__(cls, directory, config, map_location)
 
-
-def check_parallel(config: HyenaGLTConfig, tp: int = 1, cp: int = 1, pp: int = 1) -> None:
-    """Start-up check of a parallel layout for a merging model: ValueError naming the setting.
-
-    Data parallel: any size (losses are token-weighted sums; boundaries are per sequence).
-    Tensor parallel: supported by sharding the blocks as usual and the bridge by heads.
-    Context parallel: rejected; patches straddle the sequence chunks, and pooling, the
-    patch-level global model and the byte<-patch bridge would need the whole sequence.
-    Pipeline parallel: rejected; encoder, global model and decoder form one stage (the
-    config already refuses '|' in the pattern when patching is on).
-    """
-    if config.patching == "none":
-        return
-    if cp > 1:
-        raise ValueError(
-            f"parallel.cp: token merging (patching={config.patching!r}) does not support context parallelism "
-            f"(patches straddle sequence chunks); use cp=1, got cp={cp}"
-        )
-    if pp > 1:
-        raise ValueError(
-            f"parallel.pp: token merging (patching={config.patching!r}) runs the U-shaped model on one pipeline "
-            f"stage; use pp=1, got pp={pp}"
-        )
-    if tp > 1 and config.num_heads % tp:
-        raise ValueError(f"parallel.tp: the byte<->patch bridge splits its {config.num_heads} heads over tp={tp} ranks; "
-                         "num_heads must be divisible by tp")
