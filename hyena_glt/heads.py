@@ -33,6 +33,7 @@ from .model import CONFIG_NAME, FORMAT_METADATA, WEIGHTS_NAME, build_backbone, c
 from .tokenizer import PAD_ID
 
 HEAD_NAME = "head.json"
+TASKS_NAME = "tasks.json"  # a multi-task model directory
 TASKS = ("seq-cls", "token-cls", "regression")
 
 
@@ -216,6 +217,7 @@ class TaskSpec:
     kind: str  # seq-cls | token-cls | regression
     num_labels: int = 2
     weight: float = 1.0  # sampling weight
+    label_names: list[str] | None = None  # class names, index order (classification)
 
     def __post_init__(self):
         if self.kind not in TASKS:
@@ -233,7 +235,7 @@ class HyenaGLTMultiTask(nn.Module):
         super().__init__()
         if not tasks:
             raise ValueError("tasks: need at least one task")
-        self.config = config
+        self.config, self.dropout_p = config, dropout
         self.tasks = {n: (t if isinstance(t, TaskSpec) else TaskSpec(**t)) for n, t in tasks.items()}
         self.model = build_backbone(config)
         self.heads = nn.ModuleDict(
@@ -263,6 +265,41 @@ class HyenaGLTMultiTask(nn.Module):
         backbone = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         check_state_dict(self.model, backbone, str(Path(directory) / WEIGHTS_NAME))
         self.model.load_state_dict(backbone, strict=True)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """config.json + model.safetensors (backbone and every head) + tasks.json (specs, dropout)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.to_json(directory / CONFIG_NAME)
+        meta = {"dropout": self.dropout_p, "tasks": {n: task_spec_dict(t) for n, t in self.tasks.items()}}
+        (directory / TASKS_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp = directory / (WEIGHTS_NAME + ".tmp")
+        save_file(state, str(tmp), metadata={**FORMAT_METADATA, "task": "multi-task"})
+        tmp.replace(directory / WEIGHTS_NAME)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "HyenaGLTMultiTask":
+        """A directory written by save_pretrained (tasks.json), loaded exactly."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        for name in (CONFIG_NAME, WEIGHTS_NAME, TASKS_NAME):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory}: no {name}; expected a directory written by a multi-task finetune")
+        meta = json.loads((directory / TASKS_NAME).read_text())
+        model = cls(HyenaGLTConfig.from_json(directory / CONFIG_NAME), meta["tasks"], meta.get("dropout", 0.1),
+                    initialize=False)
+        state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location))
+        check_state_dict(model, state, str(directory / WEIGHTS_NAME))
+        model.load_state_dict(state, strict=True)
+        return model
 
 
 class TaskSampler:
@@ -342,6 +379,7 @@ class MultiTaskMetrics:
             if task in self._loss:
                 s, w = map(sum, zip(*self._loss[task]))
                 m["loss"] = s / max(w, 1e-8)
+            m["batches"] = len(preds)
             out[task] = m
         return out
 

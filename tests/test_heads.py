@@ -219,3 +219,53 @@ def test_finetune_bad_input_is_one_line_error(tmp_path, capsys):
     assert rc == 2 and "bad.csv:3" in err and len(err.splitlines()) == 1
     rc = main(["finetune", "--model", str(tmp_path / "lm"), "--task", "seq-cls", "--train", str(tmp_path / "missing.csv")])
     assert rc == 2 and "missing.csv" in capsys.readouterr().err
+
+
+def _write_multitask(genome: bytes, d, n: int, width: int = 100):
+    """Three tasks from lambda windows: GC-rich vs AT-rich (seq-cls), GC fraction (regression),
+    and G/C at every base (token-cls); train on the first 36 kbp, validate on the rest."""
+    rng = np.random.default_rng(0)
+    for split, lo, hi, count in (("train", 0, 36_000, n), ("val", 38_000, len(genome), n // 4)):
+        seqs = [w.tobytes().decode() for w in windows(genome, count, width, lo, hi, rng)]
+        gc = [(s.count("G") + s.count("C")) / width for s in seqs]
+        cut = float(np.median(gc))
+        (d / f"rich_{split}.csv").write_text("sequence,label\n" + "".join(
+            f"{s},{'gc-rich' if g > cut else 'at-rich'}\n" for s, g in zip(seqs, gc)))
+        (d / f"gc_{split}.tsv").write_text("".join(f"{s}\t{g:.4f}\n" for s, g in zip(seqs, gc)))
+        (d / f"tok_{split}.tsv").write_text("".join(f"{s}\t{''.join('1' if c in 'GC' else '0' for c in s)}\n" for s in seqs))
+    (d / "tasks.yaml").write_text(
+        "tasks:\n"
+        "  rich: {kind: seq-cls, train: rich_train.csv, val: rich_val.csv, weight: 2}\n"
+        "  gc: {kind: regression, train: gc_train.tsv, val: gc_val.tsv}\n"
+        "  basewise: {kind: token-cls, train: tok_train.tsv, val: tok_val.tsv}\n")
+
+
+def test_multitask_finetune_command_learns_every_task_with_weighted_sampling(lambda_phage, tmp_path, capsys):
+    import json
+
+    from launch.cli import main
+
+    _write_multitask(read_genome(lambda_phage), tmp_path, n=256)
+    HyenaGLTForCausalLM(tiny()).save_pretrained(tmp_path / "lm")
+    rc = main(["finetune", "--model", str(tmp_path / "lm"), "--tasks", str(tmp_path / "tasks.yaml"),
+               "--out", str(tmp_path / "mt"), "--epochs", "2", "--batch-size", "16", "--lr", "3e-3"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "3 tasks on one backbone" in out, out
+    history = json.loads((tmp_path / "mt" / "finetune_metrics.json").read_text())
+    final = history[-1]["tasks"]
+    # Above chance on every task (chance: accuracy 0.5 / Pearson 0 / per-base accuracy ~0.5).
+    assert final["rich"]["val"]["accuracy"] > 0.7, final
+    assert final["gc"]["val"]["pearson"] > 0.5, final
+    assert final["basewise"]["val"]["accuracy"] > 0.8, final
+    steps = {n: sum(r["tasks"][n].get("train_steps", 0) for r in history) for n in final}
+    total = sum(steps.values())
+    assert total == history[-1]["step"] and 0.4 < steps["rich"] / total < 0.6, steps  # weight 2 of 4
+    rc = main(["predict", "--model", str(tmp_path / "mt"), "--task", "rich", "--input", str(tmp_path / "rich_val.csv")])
+    lines = capsys.readouterr().out.splitlines()
+    assert rc == 0 and lines[0] == "id\tlabel\tprobabilities" and lines[1].split("\t")[1] in ("gc-rich", "at-rich")
+    assert lines[-1].startswith("metrics: accuracy")
+    rc = main(["predict", "--model", str(tmp_path / "mt"), "--sequence", "ACGT"])
+    assert rc == 2 and "name one of ['basewise', 'gc', 'rich']" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("tasks: {x: {kind: ranking, train: a.csv}}\n")
+    rc = main(["finetune", "--model", str(tmp_path / "lm"), "--tasks", str(tmp_path / "bad.yaml")])
+    assert rc == 2 and "tasks.x.kind" in capsys.readouterr().err
