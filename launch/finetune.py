@@ -19,10 +19,13 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from .metrics import progress
 
 
 def register(sub) -> None:
@@ -254,6 +257,8 @@ def _finetune(args) -> int:
           f"{total} steps", flush=True)
     g = torch.Generator().manual_seed(args.seed)
     step, t0, history = 0, time.perf_counter(), []
+    bar = progress(total, 0, True, f"finetune {args.task}")
+    say = bar.write if bar is not None else partial(print, flush=True)
     model.train()
     for epoch in range(1, args.epochs + 1):
         order = torch.randperm(len(train), generator=g).tolist()
@@ -272,15 +277,20 @@ def _finetune(args) -> int:
             opt.zero_grad(set_to_none=True)
             loss_sum += out.loss.item()
             n += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{out.loss.item():.4f}")
         record = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(n, 1), "seconds": time.perf_counter() - t0}
         line = f"epoch {epoch}  step {step}  train_loss {record['train_loss']:.4f}"
         if val:
             record["val"] = evaluate(model, val, args.task, args.batch_size)
             line += "  val " + _fmt(record["val"])
-        print(line, flush=True)
+        say(line)
         history.append(record)
         if step >= total:
             break
+    if bar is not None:
+        bar.close()
     out_dir = Path(args.out)
     model.save_pretrained(out_dir)
     (out_dir / "finetune_metrics.json").write_text(json.dumps(history, indent=2) + "\n")
@@ -341,6 +351,8 @@ def _finetune_multi(args) -> int:
               f"weight {tasks[n].weight:g}", flush=True)
     step, t0, history = 0, time.perf_counter(), []
     train_metrics = MultiTaskMetrics(tasks)
+    bar = progress(total, 0, True, "finetune multi-task")
+    say = bar.write if bar is not None else partial(print, flush=True)
     model.train()
     while step < total:
         step += 1
@@ -354,9 +366,12 @@ def _finetune_multi(args) -> int:
         opt.step()
         opt.zero_grad(set_to_none=True)
         train_metrics.update(name, out.logits, labels, out.loss_sum, out.weight_sum)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(task=name, loss=f"{out.loss.item():.4f}")
         if step % steps_per_epoch == 0 or step == total:
             record = {"step": step, "seconds": time.perf_counter() - t0, "tasks": {}}
-            print(f"step {step}/{total}", flush=True)
+            say(f"step {step}/{total}")
             for n, m in train_metrics.compute().items():
                 record["tasks"].setdefault(n, {})["train_loss"] = m["loss"]
                 record["tasks"][n]["train_steps"] = m["batches"]
@@ -366,9 +381,11 @@ def _finetune_multi(args) -> int:
                 if data[n].val:
                     r["val"] = evaluate(model, data[n].val, tasks[n].kind, args.batch_size, head=n)
                     line += "  val " + _fmt(r["val"])
-                print(line, flush=True)
+                say(line)
             history.append(record)
             train_metrics.reset()
+    if bar is not None:
+        bar.close()
     out_dir = Path(args.out)
     model.save_pretrained(out_dir)
     (out_dir / "finetune_metrics.json").write_text(json.dumps(history, indent=2) + "\n")

@@ -77,8 +77,7 @@ class Trainer:
         self._log = log or print
         torch.manual_seed(t.seed + self.rank)
         self.pm = build_model(cfg.model, self.layout)
-        for chunk in self.pm.chunks:
-            chunk.activation_checkpointing = t.activation_checkpointing
+        self.pm.set_activation_checkpointing(t.activation_checkpointing)
         self.opt = build_optimizer(self.pm, cfg)
         self.autocast = _autocast_factory(t.precision, self.pm.device)
         self.loader = self._loader(cfg.data.train, "train")

@@ -118,6 +118,10 @@ class ParallelModel(nn.Module):
                 p.copy_(shard[n].to(p.dtype))
         return None
 
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        for c in self.chunks:
+            c.activation_checkpointing = enabled
+
     def chunk_list(self) -> list[HyenaGLTChunk]:
         return list(self.chunks)
 

@@ -28,11 +28,17 @@ class ReplicatedModel(nn.Module):
         self.model = model.to(device)
         self.ctx, self.device = ctx, device
         self.config = model.config
-        self.chunks = nn.ModuleList()  # no pipeline chunks: nothing for activation checkpointing to set
+        self.chunks = nn.ModuleList()  # no pipeline chunks
         self.holds_loss = True
 
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
         return self.model.named_parameters(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        backbone = getattr(self.model, "model", None)
+        if not hasattr(backbone, "activation_checkpointing"):
+            raise ValueError(f"activation checkpointing: {type(self.model).__name__} does not support it")
+        backbone.activation_checkpointing = enabled
 
     def named_persistent_buffers(self):
         return named_persistent_buffers(self.model)

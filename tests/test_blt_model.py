@@ -240,3 +240,20 @@ def test_parallel_layout_check_rejects_pp_cp_and_sp_with_merging():
         check_layout(ParallelConfig(tp=2, sp=True), tiny("static"))
     with pytest.raises(ParallelConfigError, match="entropy patcher's byte LM d_model"):
         check_layout(ParallelConfig(tp=4), tiny("entropy").model_copy(update={"entropy_d_model": 18}))
+
+
+@pytest.mark.parametrize("patching", ["static", "learned"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(patching):
+    cfg = tiny(patching, local_encoder_pattern="SD", local_decoder_pattern="S*")
+    ids = torch.randint(4, 260, (2, 96), generator=torch.Generator().manual_seed(0))
+    results = []
+    for recompute in (False, True):
+        m = BLTForCausalLM(cfg)
+        m.model.activation_checkpointing = recompute
+        out = m(ids[:, :-1], labels=ids[:, 1:])
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = results
+    assert torch.equal(l0, l1) and g0.keys() == g1.keys()
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-6, atol=1e-9, msg=n)

@@ -79,12 +79,13 @@ def test_initialize_parallel_rejects_before_building_any_group(monkeypatch) -> N
     assert not dist.is_initialized()
 
 
-def test_unsupported_model_features_are_rejected_under_model_parallelism() -> None:
+def test_token_merging_takes_data_and_tensor_parallel_only() -> None:
     merging = tiny().model_copy(update={"patching": "static"})
-    for pcfg in (ParallelConfig(tp=2), ParallelConfig(cp=2), ParallelConfig(pp=2)):
+    for pcfg in (ParallelConfig(cp=2), ParallelConfig(pp=2), ParallelConfig(tp=2, sp=True)):
         with pytest.raises(ParallelConfigError, match="patching='static'"):
             check_layout(pcfg, merging, seq_length=64)
-    check_layout(ParallelConfig(), merging, seq_length=64)  # pure data parallel: the model is replicated
+    check_layout(ParallelConfig(), merging, seq_length=64)  # data parallel: the model is replicated
+    check_layout(ParallelConfig(tp=2), merging, seq_length=64)  # blocks sharded (merging.py)
 
 
 @pytest.mark.parametrize("tp,cp,pp,world", [(2, 2, 2, 16), (1, 2, 2, 8), (2, 1, 4, 16), (4, 1, 1, 8)])

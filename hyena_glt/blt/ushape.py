@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .. import params
 from ..config import HyenaGLTConfig
@@ -88,8 +89,18 @@ class BLTModel(nn.Module):
         x = self.embed_tokens(input_ids, seq_type)
         h = x
         for layer in self.encoder:
-            h = layer(h, position_ids, conservation)
+            h = self._run(layer, h, position_ids, conservation)
         return x, h
+
+    # Set by a trainer (train.activation_checkpointing): keep each block's input only and
+    # recompute the block in backward. Blocks are pure functions of their inputs, so the
+    # recomputation is exact (the patcher and bridge, which keep state, are not recomputed).
+    activation_checkpointing = False
+
+    def _run(self, layer, x, positions, conservation=None):
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(layer, x, positions, conservation, use_reentrant=False)
+        return layer(x, positions, conservation)
 
     def forward_with_info(
         self,
@@ -106,11 +117,11 @@ class BLTModel(nn.Module):
         patches, info = self.positions.create_patch_representations(h, patcher_out.boundaries, slots, position_ids)
         g = patches
         for layer in self.layers:
-            g = layer(g, info.patch_positions)  # RoPE over the patches' original start positions
+            g = self._run(layer, g, info.patch_positions)  # RoPE over the patches' original start positions
         g = self.global_norm(g)
         y, _ = self.positions.reconstruct_byte_representations(g, info, h, patcher_out.gate)
         for layer in self.decoder:
-            y = layer(y, position_ids, conservation)
+            y = self._run(layer, y, position_ids, conservation)
         return self.final_norm(y), info, patcher_out
 
     def forward(self, input_ids, seq_type=None, conservation=None, position_ids=None) -> torch.Tensor:
