@@ -29,7 +29,7 @@ from torch import nn
 
 from . import params
 from .config import HyenaGLTConfig
-from .model import CONFIG_NAME, FORMAT_METADATA, WEIGHTS_NAME, build_backbone, check_state_dict
+from .model import CONFIG_NAME, WEIGHTS_NAME, build_backbone, check_state_dict, write_pretrained
 from .tokenizer import PAD_ID
 
 HEAD_NAME = "head.json"
@@ -138,17 +138,7 @@ class _HeadModel(nn.Module):
         return {"task": self.task, "num_labels": self.num_labels, "dropout": self.dropout_p, "label_names": self.label_names}
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.config.to_json(directory / CONFIG_NAME)
-        (directory / HEAD_NAME).write_text(json.dumps(self.head_config(), indent=2) + "\n")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = directory / (WEIGHTS_NAME + ".tmp")
-        save_file(state, str(tmp), metadata={**FORMAT_METADATA, "task": self.task})
-        tmp.replace(directory / WEIGHTS_NAME)
-        return directory
+        return write_pretrained(self, directory, {HEAD_NAME: self.head_config()}, {"task": self.task})
 
     @classmethod
     def from_pretrained(
@@ -271,18 +261,8 @@ class HyenaGLTMultiTask(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """config.json + model.safetensors (backbone and every head) + tasks.json (specs, dropout)."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.config.to_json(directory / CONFIG_NAME)
         meta = {"dropout": self.dropout_p, "tasks": {n: task_spec_dict(t) for n, t in self.tasks.items()}}
-        (directory / TASKS_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = directory / (WEIGHTS_NAME + ".tmp")
-        save_file(state, str(tmp), metadata={**FORMAT_METADATA, "task": "multi-task"})
-        tmp.replace(directory / WEIGHTS_NAME)
-        return directory
+        return write_pretrained(self, directory, {TASKS_NAME: meta}, {"task": "multi-task"})
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "HyenaGLTMultiTask":

@@ -107,16 +107,7 @@ class HyenaGLTForCausalLM(nn.Module):
 
     # ---- single-device checkpoint format: config.json + model.safetensors ----
     def save_pretrained(self, directory: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.config.to_json(directory / CONFIG_NAME)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = directory / (WEIGHTS_NAME + ".tmp")
-        save_file(state, str(tmp), metadata=FORMAT_METADATA)
-        tmp.replace(directory / WEIGHTS_NAME)  # never leave a half-written weights file
-        return directory
+        return write_pretrained(self, directory)
 
     @classmethod
     def from_pretrained(
@@ -171,6 +162,26 @@ class HyenaGLTForCausalLM(nn.Module):
                 nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
             ids = torch.cat([ids, nxt], dim=1)
         return ids
+
+
+def write_pretrained(model: nn.Module, directory: str | Path, sidecars: dict[str, dict] | None = None,
+                     metadata: dict[str, str] | None = None) -> Path:
+    """config.json + model.safetensors (+ JSON sidecar files, e.g. a head's head.json) of any
+    model of this package (it has `.config`)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.to_json(directory / CONFIG_NAME)
+    for name, content in (sidecars or {}).items():
+        (directory / name).write_text(json.dumps(content, indent=2) + "\n")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = directory / (WEIGHTS_NAME + ".tmp")
+    save_file(state, str(tmp), metadata={**FORMAT_METADATA, **(metadata or {})})
+    tmp.replace(directory / WEIGHTS_NAME)  # never leave a half-written weights file
+    return directory
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

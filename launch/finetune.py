@@ -289,12 +289,16 @@ def _finetune(args) -> int:
         history.append(record)
         if step >= total:
             break
+    return _finish(model, history, bar, args.out, "fine-tuned")
+
+
+def _finish(model, history: list, bar, out: str, what: str) -> int:
     if bar is not None:
         bar.close()
-    out_dir = Path(args.out)
+    out_dir = Path(out)
     model.save_pretrained(out_dir)
     (out_dir / "finetune_metrics.json").write_text(json.dumps(history, indent=2) + "\n")
-    print(f"saved the fine-tuned model to {out_dir}")
+    print(f"saved the {what} model to {out_dir}")
     return 0
 
 
@@ -384,13 +388,7 @@ def _finetune_multi(args) -> int:
                 say(line)
             history.append(record)
             train_metrics.reset()
-    if bar is not None:
-        bar.close()
-    out_dir = Path(args.out)
-    model.save_pretrained(out_dir)
-    (out_dir / "finetune_metrics.json").write_text(json.dumps(history, indent=2) + "\n")
-    print(f"saved the multi-task model to {out_dir}")
-    return 0
+    return _finish(model, history, bar, args.out, "multi-task")
 
 
 def _predict(args) -> int:
