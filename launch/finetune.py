@@ -11,13 +11,11 @@ Classification prints accuracy, MCC and F1; regression prints MSE and Pearson r.
 Multi-task (`--tasks`, a YAML file, see MultiTaskFile): one shared backbone, one named head
 per task; each step trains one task's batch, drawn by weight (TaskSampler: a function of
 (seed, step), so a rerun draws the same tasks); metrics are kept and printed per task.
+The loop (data parallel under torchrun, checkpoints, --resume) is finetune_trainer.py.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -25,7 +23,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .metrics import progress
 
 
 def register(sub) -> None:
@@ -45,6 +42,10 @@ def register(sub) -> None:
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--max-len", type=int, default=1024, help="longer sequences are truncated to this many bases")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (always at each epoch end)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if there is one")
+    p.add_argument("--exit-after-steps", type=int, default=0,
+                   help="save a checkpoint and exit after N steps of this run (then --resume)")
     p.set_defaults(func=_finetune)
 
     p = sub.add_parser("predict", help="predict with a fine-tuned model", description="Predict labels or values.")
@@ -123,25 +124,36 @@ def collate(examples, task: str):
     return ids, labels
 
 
-def evaluate(model, examples, task: str, batch_size: int, head: str | None = None) -> dict:
-    """Metrics of one task on labelled examples; `head` names the task of a multi-task model."""
+def predictions(model, examples, task: str, batch_size: int, head: str | None = None, device=None):
+    """(predictions, labels), flat, of labelled examples: class ids, or values for regression.
+    `head` names the task of a multi-task model."""
     import torch
-
-    from hyena_glt.heads import classification_metrics, regression_metrics
 
     model.eval()
     preds, labels = [], []
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
             ids, lab = collate(examples[i : i + batch_size], task)
+            ids = ids.to(device) if device is not None else ids
             logits = (model(ids) if head is None else model(ids, task=head)).logits
-            preds.append((logits.float() if task == "regression" else logits.argmax(-1)).reshape(-1))
+            preds.append((logits.float() if task == "regression" else logits.argmax(-1)).reshape(-1).cpu())
             labels.append(lab.reshape(-1))
     model.train()
-    p, y = torch.cat(preds), torch.cat(labels)
-    if task == "regression":
-        return regression_metrics(p, y)
-    return classification_metrics(p, y, model.num_labels if head is None else model.tasks[head].num_labels)
+    if not preds:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(preds), torch.cat(labels)
+
+
+def task_metrics(task: str, preds, labels, num_labels: int) -> dict:
+    from hyena_glt.heads import classification_metrics, regression_metrics
+
+    return regression_metrics(preds, labels) if task == "regression" else classification_metrics(preds, labels, num_labels)
+
+
+def evaluate(model, examples, task: str, batch_size: int, head: str | None = None) -> dict:
+    """Metrics of one task on labelled examples (one process)."""
+    num_labels = model.num_labels if head is None else model.tasks[head].num_labels
+    return task_metrics(task, *predictions(model, examples, task, batch_size, head), num_labels)
 
 
 def _fmt(m: dict) -> str:
@@ -222,6 +234,9 @@ def _check_args(args) -> None:
     for name in ("epochs", "batch_size", "max_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    for name in ("max_steps", "save_every", "exit_after_steps"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(args, name)}")
     if args.tasks and (args.task or args.train or args.val):
         raise ValueError("finetune: give either --tasks YAML (multi-task) or --task/--train/--val (one task), not both")
     if not args.tasks and not (args.task and args.train):
@@ -233,162 +248,49 @@ def _check_args(args) -> None:
 def _finetune(args) -> int:
     import torch
 
-    from hyena_glt.heads import HEAD_MODELS
+    from hyena_glt import HyenaGLTConfig
+    from hyena_glt.heads import HEAD_MODELS, HyenaGLTMultiTask, TaskSpec
+    from hyena_glt.model import CONFIG_NAME
 
-    from .optim import build_adamw, lr_at
+    from .finetune_trainer import DataParallel, Finetuner, FinetuneJob
 
     _check_args(args)
+    dp = DataParallel()
     torch.manual_seed(args.seed)
-    if args.tasks:
-        return _finetune_multi(args)
-    data = prepare_task(args.task, args.train, args.val, args.max_len)
-    train, val, label_names, num_labels = data.train, data.val, data.label_names, data.num_labels
-
-    model = HEAD_MODELS[args.task].from_pretrained(args.model, num_labels=num_labels, dropout=args.dropout, label_names=label_names)
-    if model.label_names is None and label_names:
-        model.label_names = label_names
-    opt = build_adamw(model, args.lr, args.weight_decay)
-    steps_per_epoch = math.ceil(len(train) / args.batch_size)
-    total = steps_per_epoch * args.epochs
-    if args.max_steps:
-        total = min(total, args.max_steps)
-    print(f"finetune {args.task}: {len(train)} train / {len(val) if val else 0} val sequences, "
-          f"{num_labels} output(s){' ' + str(label_names) if label_names else ''}, {model.num_parameters():,} parameters, "
-          f"{total} steps", flush=True)
-    g = torch.Generator().manual_seed(args.seed)
-    step, t0, history = 0, time.perf_counter(), []
-    bar = progress(total, 0, True, f"finetune {args.task}")
-    say = bar.write if bar is not None else partial(print, flush=True)
-    model.train()
-    for epoch in range(1, args.epochs + 1):
-        order = torch.randperm(len(train), generator=g).tolist()
-        loss_sum, n = 0.0, 0
-        for i in range(0, len(order), args.batch_size):
-            if step >= total:
-                break
-            step += 1
-            for grp in opt.param_groups:
-                grp["lr"] = lr_at(step, args.lr, max(1, total // 10), total, 0.1)
-            ids, labels = collate([train[j] for j in order[i : i + args.batch_size]], args.task)
-            out = model(ids, labels=labels)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            loss_sum += out.loss.item()
-            n += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{out.loss.item():.4f}")
-        record = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(n, 1), "seconds": time.perf_counter() - t0}
-        line = f"epoch {epoch}  step {step}  train_loss {record['train_loss']:.4f}"
-        if val:
-            record["val"] = evaluate(model, val, args.task, args.batch_size)
-            line += "  val " + _fmt(record["val"])
-        say(line)
-        history.append(record)
-        if step >= total:
-            break
-    return _finish(model, history, bar, args.out, "fine-tuned")
-
-
-def _finish(model, history: list, bar, out: str, what: str) -> int:
-    if bar is not None:
-        bar.close()
-    out_dir = Path(out)
-    model.save_pretrained(out_dir)
-    (out_dir / "finetune_metrics.json").write_text(json.dumps(history, indent=2) + "\n")
-    print(f"saved the {what} model to {out_dir}")
-    return 0
-
-
-class _TaskBatches:
-    """Endless shuffled batches of one task: a new permutation each pass, from its own generator."""
-
-    def __init__(self, examples: list, batch_size: int, seed: int):
-        import torch
-
-        self.examples, self.batch_size = examples, batch_size
-        self.g = torch.Generator().manual_seed(seed)
-        self.order: list[int] = []
-
-    def next(self) -> list:
-        import torch
-
-        if len(self.order) < min(self.batch_size, len(self.examples)):
-            self.order = torch.randperm(len(self.examples), generator=self.g).tolist()
-        batch, self.order = self.order[: self.batch_size], self.order[self.batch_size :]
-        return [self.examples[j] for j in batch]
-
-
-def _finetune_multi(args) -> int:
-    import torch
-
-    from hyena_glt import HyenaGLTConfig
-    from hyena_glt.heads import HyenaGLTMultiTask, MultiTaskMetrics, TaskSampler, TaskSpec
-    from hyena_glt.model import CONFIG_NAME
-    from hyena_glt.params import param_seed
-
-    from .optim import build_adamw, lr_at
-
-    spec = MultiTaskFile.load(args.tasks)
-    data = {name: prepare_task(t.kind, t.train, t.val, args.max_len) for name, t in spec.tasks.items()}
-    tasks = {name: TaskSpec(d.kind, d.num_labels, spec.tasks[name].weight, d.label_names) for name, d in data.items()}
-    config_file = Path(args.model) / CONFIG_NAME
-    if not config_file.is_file():
-        raise FileNotFoundError(f"--model {args.model}: no {CONFIG_NAME}; expected a pretrained model directory")
-    model = HyenaGLTMultiTask(HyenaGLTConfig.from_json(config_file), tasks, dropout=args.dropout)
-    model.load_backbone(args.model)
-    opt = build_adamw(model, args.lr, args.weight_decay)
-    # An "epoch" is as many steps as all tasks' training batches together.
-    steps_per_epoch = sum(math.ceil(len(d.train) / args.batch_size) for d in data.values())
-    total = steps_per_epoch * args.epochs
-    if args.max_steps:
-        total = min(total, args.max_steps)
-    sampler = TaskSampler({n: t.weight for n, t in tasks.items()}, seed=args.seed)
-    batches = {n: _TaskBatches(d.train, args.batch_size, param_seed(args.seed, f"finetune/{n}")) for n, d in data.items()}
-    print(f"finetune multi-task: {len(tasks)} tasks on one backbone, {model.num_parameters():,} parameters, "
-          f"{total} steps", flush=True)
-    for n, d in data.items():
-        print(f"  {n}: {d.kind}, {len(d.train)} train / {len(d.val) if d.val else 0} val sequences, "
-              f"{d.num_labels} output(s){' ' + str(d.label_names) if d.label_names else ''}, "
-              f"weight {tasks[n].weight:g}", flush=True)
-    step, t0, history = 0, time.perf_counter(), []
-    train_metrics = MultiTaskMetrics(tasks)
-    bar = progress(total, 0, True, "finetune multi-task")
-    say = bar.write if bar is not None else partial(print, flush=True)
-    model.train()
-    while step < total:
-        step += 1
-        for grp in opt.param_groups:
-            grp["lr"] = lr_at(step, args.lr, max(1, total // 10), total, 0.1)
-        name = sampler.sample(step)
-        ids, labels = collate(batches[name].next(), tasks[name].kind)
-        out = model(ids, task=name, labels=labels)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        train_metrics.update(name, out.logits, labels, out.loss_sum, out.weight_sum)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(task=name, loss=f"{out.loss.item():.4f}")
-        if step % steps_per_epoch == 0 or step == total:
-            record = {"step": step, "seconds": time.perf_counter() - t0, "tasks": {}}
-            say(f"step {step}/{total}")
-            for n, m in train_metrics.compute().items():
-                record["tasks"].setdefault(n, {})["train_loss"] = m["loss"]
-                record["tasks"][n]["train_steps"] = m["batches"]
-            for n in tasks:
-                r = record["tasks"].setdefault(n, {})
-                line = f"  {n}: train_loss {r['train_loss']:.4f} ({r['train_steps']} steps)" if "train_loss" in r else f"  {n}: no steps yet"
-                if data[n].val:
-                    r["val"] = evaluate(model, data[n].val, tasks[n].kind, args.batch_size, head=n)
-                    line += "  val " + _fmt(r["val"])
-                say(line)
-            history.append(record)
-            train_metrics.reset()
-    return _finish(model, history, bar, args.out, "multi-task")
+    say = partial(print, flush=True) if dp.rank == 0 else (lambda *_: None)
+    try:
+        if args.tasks:
+            spec = MultiTaskFile.load(args.tasks)
+            data = {name: prepare_task(t.kind, t.train, t.val, args.max_len) for name, t in spec.tasks.items()}
+            tasks = {n: TaskSpec(d.kind, d.num_labels, spec.tasks[n].weight, d.label_names) for n, d in data.items()}
+            config_file = Path(args.model) / CONFIG_NAME
+            if not config_file.is_file():
+                raise FileNotFoundError(f"--model {args.model}: no {CONFIG_NAME}; expected a pretrained model directory")
+            model = HyenaGLTMultiTask(HyenaGLTConfig.from_json(config_file), tasks, dropout=args.dropout)
+            model.load_backbone(args.model)
+            job = FinetuneJob(model, tasks, data, multi=True, fingerprint={"tasks": spec.model_dump()})
+            say(f"finetune multi-task: {len(tasks)} tasks on one backbone, {model.num_parameters():,} parameters")
+        else:
+            d = prepare_task(args.task, args.train, args.val, args.max_len)
+            model = HEAD_MODELS[args.task].from_pretrained(args.model, num_labels=d.num_labels, dropout=args.dropout,
+                                                           label_names=d.label_names)
+            if model.label_names is None and d.label_names:
+                model.label_names = d.label_names
+            tasks, data = {args.task: TaskSpec(d.kind, d.num_labels, 1.0, d.label_names)}, {args.task: d}
+            job = FinetuneJob(model, tasks, data, multi=False,
+                              fingerprint={"task": args.task, "train": args.train, "val": args.val})
+            say(f"finetune {args.task}: {model.num_parameters():,} parameters")
+        job.fingerprint.update(model=str(Path(args.model).resolve()), max_len=args.max_len, dropout=args.dropout,
+                               weight_decay=args.weight_decay)
+        for n, d in data.items():
+            say(f"  {f'{n}: {d.kind}, ' if args.tasks else ''}{len(d.train)} train / {len(d.val) if d.val else 0} val "
+                f"sequences, {d.num_labels} output(s){' ' + str(d.label_names) if d.label_names else ''}"
+                + (f", weight {tasks[n].weight:g}" if args.tasks else ""))
+        trainer = Finetuner(job, args, dp)
+        say(f"  {trainer.total} steps on {dp.world} process(es), global batch {args.batch_size}")
+        return trainer.run()
+    finally:
+        dp.close()
 
 
 def _predict(args) -> int:

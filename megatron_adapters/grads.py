@@ -25,7 +25,7 @@ from .sequence_parallel import allreduce_sequence_parallel_grads
 _BUCKET_NUMEL = 1 << 24
 
 
-def _allreduce_coalesced(grads: list[torch.Tensor], group: dist.ProcessGroup) -> None:
+def allreduce_coalesced(grads: list[torch.Tensor], group: dist.ProcessGroup) -> None:
     """Sum tensors over `group` in a few flat buckets (one collective per bucket and dtype)."""
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for g in grads:
@@ -80,4 +80,4 @@ def reduce_gradients_dp_cp(chunks: list[nn.Module]) -> None:
         if p.grad is None:  # same on every rank of the group: they all run the same layers
             p.grad = torch.zeros_like(p)
         grads.append(p.grad)
-    _allreduce_coalesced(grads, group)
+    allreduce_coalesced(grads, group)

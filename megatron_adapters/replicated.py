@@ -17,7 +17,7 @@ from torch import nn
 
 from hyena_glt.loss import default_loss_weights
 
-from .grads import _allreduce_coalesced
+from .grads import allreduce_coalesced
 from .sharding import named_persistent_buffers
 from .groups import RankContext
 
@@ -79,7 +79,7 @@ class ReplicatedModel(nn.Module):
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
                     grads.append(p.grad)
-            _allreduce_coalesced(grads, group)
+            allreduce_coalesced(grads, group)
         self.model.train()
         return loss_sum, weight_sum
 
