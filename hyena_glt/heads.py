@@ -359,7 +359,6 @@ class MultiTaskMetrics:
             if task in self._loss:
                 s, w = map(sum, zip(*self._loss[task]))
                 m["loss"] = s / max(w, 1e-8)
-            m["batches"] = len(preds)
             out[task] = m
         return out
 

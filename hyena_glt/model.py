@@ -34,18 +34,18 @@ class CausalLMOutput:
     hidden_states: torch.Tensor | None = None
 
 
-class HyenaGLTModel(nn.Module):
-    def __init__(self, config: HyenaGLTConfig):
-        super().__init__()
-        self.config = config
+class ByteInputEmbedding:
+    """Mixin for a backbone module: the byte embedding plus the optional genomic input features
+    (sequence-type embedding, motif branch). The plain model and the U-shape share it; the
+    attribute names (embed, seq_type_embed, motif) are part of the canonical parameter names."""
+
+    def build_input_embeddings(self, config: HyenaGLTConfig) -> None:
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         params.tag(self.embed.weight, params.normal(config.init_std))
         if config.seq_type_embedding:
             self.seq_type_embed = SeqTypeEmbedding(config.d_model, config.init_std)
         if config.motif_branch:
             self.motif = MotifBranch(config.d_model, config.motif_kernel_sizes, config.init_std)
-        self.layers = nn.ModuleList(Block(code, config, i) for i, code in enumerate(config.layers))
-        self.final_norm = RMSNorm(config.d_model, config.norm_eps)
 
     def embed_tokens(self, input_ids: torch.Tensor, seq_type: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed(input_ids)
@@ -54,6 +54,16 @@ class HyenaGLTModel(nn.Module):
         if hasattr(self, "motif"):
             x = x + self.motif(x)
         return x
+
+
+class HyenaGLTModel(ByteInputEmbedding, nn.Module):
+    def __init__(self, config: HyenaGLTConfig):
+        super().__init__()
+        self.config = config
+        self.build_input_embeddings(config)
+        self.layers = nn.ModuleList(Block(code, config, i) for i, code in enumerate(config.layers))
+        self.final_norm = RMSNorm(config.d_model, config.norm_eps)
+
 
     def forward(
         self,

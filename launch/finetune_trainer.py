@@ -153,11 +153,17 @@ class Finetuner:
         if out is not None:
             (out.loss_sum / count.clamp_min(1.0).to(out.loss_sum.dtype)).backward()
             loss_sum += out.loss_sum.detach().double()
+        # Only what this task's loss reaches has a gradient (a rank without examples this step has
+        # none): agree on that set, so the other tasks' heads keep grad None and AdamW leaves them
+        # alone, as on one process.
+        reached = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=self.dp.device)
+        self.dp.all_reduce(reached)
         grads = []
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
+        for p, r in zip(params, reached.tolist()):
+            if r:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad)
         if self.dp.world > 1:
             from megatron_adapters.grads import allreduce_coalesced
 

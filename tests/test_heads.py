@@ -332,3 +332,23 @@ def test_finetune_resumes_where_it_stopped_with_the_same_steps(lambda_phage, tmp
     # A resume with other settings is refused, naming what changed.
     rc = main([*common[:-2], "--lr", "1e-3", "--out", str(tmp_path / "split"), "--resume"])
     assert rc == 2 and "lr" in capsys.readouterr().err
+
+
+def test_finetune_step_leaves_the_other_tasks_heads_untouched(lambda_phage, tmp_path):
+    from types import SimpleNamespace
+
+    from launch.finetune import prepare_task
+    from launch.finetune_trainer import DataParallel, Finetuner, FinetuneJob
+
+    _write_multitask(read_genome(lambda_phage), tmp_path, n=16)
+    data = {"gc": prepare_task("regression", str(tmp_path / "gc_train.tsv"), None, 128),
+            "rich": prepare_task("seq-cls", str(tmp_path / "rich_train.csv"), None, 128)}
+    tasks = {n: TaskSpec(d.kind, d.num_labels) for n, d in data.items()}
+    model = HyenaGLTMultiTask(tiny(), tasks)
+    args = SimpleNamespace(batch_size=8, lr=1e-3, weight_decay=0.1, epochs=1, max_steps=0, seed=0, out=str(tmp_path))
+    trainer = Finetuner(FinetuneJob(model, tasks, data, multi=True), args, DataParallel())
+    before = {n: p.detach().clone() for n, p in model.heads["rich"].named_parameters()}
+    trainer.train_step("gc")
+    trainer.train_step("gc")
+    assert all(torch.equal(p, before[n]) for n, p in model.heads["rich"].named_parameters())  # no decay, no momentum
+    assert not torch.equal(model.heads["gc"].out.weight, HyenaGLTMultiTask(tiny(), tasks).heads["gc"].out.weight)

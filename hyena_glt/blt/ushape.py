@@ -32,10 +32,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import params
 from ..config import HyenaGLTConfig
-from ..genomic import MotifBranch, SeqTypeEmbedding
 from ..layers import Block, RMSNorm
 from ..loss import weighted_cross_entropy
-from ..model import CausalLMOutput, HyenaGLTForCausalLM
+from ..model import ByteInputEmbedding, CausalLMOutput, HyenaGLTForCausalLM
 from .patchers import AdaptiveTokenMerger, BlockFactory, EntropyPatcher, PatcherOutput, make_patcher, sub_config
 from .position import BLTPositionManager
 from .segments import PatchInfo
@@ -49,7 +48,7 @@ class BLTCausalLMOutput(CausalLMOutput):
     patcher: PatcherOutput | None = None
 
 
-class BLTModel(nn.Module):
+class BLTModel(ByteInputEmbedding, nn.Module):
     """The U-shaped backbone: byte ids -> byte-level hidden states (B, L, D).
 
     `block` builds every residual block (local encoder, global model, local decoder, entropy
@@ -63,12 +62,7 @@ class BLTModel(nn.Module):
         self.config = config
         enc_cfg = sub_config(config, config.local_encoder_pattern)
         dec_cfg = sub_config(config, config.local_decoder_pattern)
-        self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        params.tag(self.embed.weight, params.normal(config.init_std))
-        if config.seq_type_embedding:
-            self.seq_type_embed = SeqTypeEmbedding(config.d_model, config.init_std)
-        if config.motif_branch:
-            self.motif = MotifBranch(config.d_model, config.motif_kernel_sizes, config.init_std)
+        self.build_input_embeddings(config)
         self.encoder = nn.ModuleList(block(c, enc_cfg, i) for i, c in enumerate(enc_cfg.layers))
         self.patcher = make_patcher(config, block)
         self.positions = BLTPositionManager(config)
@@ -77,13 +71,6 @@ class BLTModel(nn.Module):
         self.decoder = nn.ModuleList(block(c, dec_cfg, i) for i, c in enumerate(dec_cfg.layers))
         self.final_norm = RMSNorm(config.d_model, config.norm_eps)
 
-    def embed_tokens(self, input_ids: torch.Tensor, seq_type: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.embed(input_ids)
-        if seq_type is not None and hasattr(self, "seq_type_embed"):
-            x = x + self.seq_type_embed(seq_type)
-        if hasattr(self, "motif"):
-            x = x + self.motif(x)
-        return x
 
     def encode(self, input_ids, seq_type=None, conservation=None, position_ids=None):
         x = self.embed_tokens(input_ids, seq_type)
