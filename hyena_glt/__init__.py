@@ -11,13 +11,21 @@ from .heads import (
     TaskSampler,
     TaskSpec,
 )
-from .model import CausalLMOutput, HyenaGLTForCausalLM, HyenaGLTModel, build_backbone, build_causal_lm, load_causal_lm
+from .model import CausalLM, CausalLMOutput, HyenaGLTForCausalLM, HyenaGLTModel, Stage
+from .pretrained import inspect_pretrained, load_backbone, load_causal_lm, load_pretrained
+from .registry import FAMILIES, build_backbone, build_causal_lm, family_of
+from .spec import LOCAL, ModelSpec
 from .tokenizer import ByteTokenizer, SeqType, detect_seq_type, reverse_complement
 
 __all__ = [
     "ByteTokenizer",
+    "CausalLM",
     "CausalLMOutput",
     "CurriculumConfig",
+    "FAMILIES",
+    "LOCAL",
+    "ModelSpec",
+    "Stage",
     "HyenaGLTConfig",
     "HyenaGLTForCausalLM",
     "HyenaGLTForSequenceClassification",
@@ -33,7 +41,11 @@ __all__ = [
     "build_backbone",
     "build_causal_lm",
     "detect_seq_type",
+    "family_of",
+    "inspect_pretrained",
+    "load_backbone",
     "load_causal_lm",
+    "load_pretrained",
     "reverse_complement",
     "seq_len_at",
 ]

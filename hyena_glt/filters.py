@@ -1,8 +1,9 @@
 """The convolution filters of the striped-Hyena operators.
 
-Each filter module owns its parameters, produces the filter taps `h` (channels, taps) for
-a sequence length, and applies the causal convolution with its skip term. Every tensor is
-laid out channel-first so tensor/context parallelism can shard it along dim 0.
+Each filter module owns its parameters and produces the filter taps `h` (channels, taps)
+for a sequence length; the operator convolves with them through its spec's convolution
+backend (local, or context-parallel). Every tensor is laid out channel-first, and a filter
+built with `tp > 1` holds the contiguous channel slice `tp_rank` of it (whole groups).
 
 * `ShortConv`: explicit taps per channel (the featurizer over x1/x2/v, length 3).
 * `GroupedShortFilter` (`S`): explicit length-7 taps shared by each channel group.
@@ -21,7 +22,6 @@ import torch
 from torch import nn
 
 from . import params
-from .fftconv import causal_conv, causal_conv_direct
 
 
 def _channel_slice(t: torch.Tensor, channels: slice | None) -> torch.Tensor:
@@ -38,24 +38,18 @@ class ShortConv(nn.Module):
     def filter(self, length: int | None = None, channels: slice | None = None) -> torch.Tensor:
         return _channel_slice(self.weight, channels)
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
-        return causal_conv_direct(u, self.weight)
-
 
 class GroupedShortFilter(nn.Module):
     """`S`: one explicit short filter per channel group, plus a per-channel skip."""
 
-    def __init__(self, d_model: int, groups: int, taps: int):
+    def __init__(self, d_model: int, groups: int, taps: int, tp: int = 1):
         super().__init__()
         self.group_size = d_model // groups
-        self.weight = params.new_param((groups, taps), params.fan_in_uniform(taps), no_weight_decay=True)
-        self.skip = params.new_param((d_model,), params.constant(1.0), no_weight_decay=True)
+        self.weight = params.new_param((groups // tp, taps), params.fan_in_uniform(taps), no_weight_decay=True)
+        self.skip = params.new_param((d_model // tp,), params.constant(1.0), no_weight_decay=True)
 
     def filter(self, length: int | None = None, channels: slice | None = None) -> torch.Tensor:
         return _channel_slice(self.weight.repeat_interleave(self.group_size, dim=0), channels)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return causal_conv(z, self.filter(), self.skip)
 
 
 def decay_rates(d_model: int, r_min: float, r_max: float) -> torch.Tensor:
@@ -66,13 +60,16 @@ def decay_rates(d_model: int, r_min: float, r_max: float) -> torch.Tensor:
 class DecayedMediumFilter(nn.Module):
     """`D`: explicit taps per group times a fixed exponential decay per channel."""
 
-    def __init__(self, d_model: int, groups: int, taps: int, r_min: float, r_max: float):
+    def __init__(self, d_model: int, groups: int, taps: int, r_min: float, r_max: float, tp: int = 1, tp_rank: int = 0):
         super().__init__()
         self.group_size = d_model // groups
-        self.weight = params.new_param((groups, taps), params.normal(1.0 / math.sqrt(taps)), no_weight_decay=True)
-        self.skip = params.new_param((d_model,), params.constant(1.0), no_weight_decay=True)
+        d_local = d_model // tp
+        self.weight = params.new_param((groups // tp, taps), params.normal(1.0 / math.sqrt(taps)), no_weight_decay=True)
+        self.skip = params.new_param((d_local,), params.constant(1.0), no_weight_decay=True)
         # Fixed, not learned; a buffer so it moves with the module but never enters the optimizer.
-        self.register_buffer("rates", decay_rates(d_model, r_min, r_max), persistent=False)
+        # Rates run over the global channel index: channel c decays the same in every layout.
+        rates = decay_rates(d_model, r_min, r_max)[tp_rank * d_local : (tp_rank + 1) * d_local].clone()
+        self.register_buffer("rates", rates, persistent=False)
 
     def filter(self, length: int | None = None, channels: slice | None = None) -> torch.Tensor:
         taps = self.weight.shape[1]
@@ -81,9 +78,6 @@ class DecayedMediumFilter(nn.Module):
         w = _channel_slice(self.weight.repeat_interleave(self.group_size, dim=0), channels)
         decay = torch.exp(-_channel_slice(self.rates.float(), channels)[:, None] * t)
         return w * decay.to(w.dtype)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return causal_conv(z, self.filter(), self.skip)
 
 
 class _ModalTaps(torch.autograd.Function):
@@ -127,16 +121,14 @@ class _ModalTaps(torch.autograd.Function):
 class ModalFilter(nn.Module):
     """`H`: long implicit filter in modal form, `order` real decaying modes per channel."""
 
-    def __init__(self, d_model: int, order: int, max_seq_len: int):
+    def __init__(self, d_model: int, order: int, max_seq_len: int, tp: int = 1):
         super().__init__()
         # Time constants 1/rate spread log-uniformly from 1 position to the full context.
         lo, hi = math.log(1.0 / max_seq_len), 0.0
-        self.residues = params.new_param((d_model, order), params.normal(1.0 / math.sqrt(order)), no_weight_decay=True)
-        self.log_rates = params.new_param((d_model, order), params.uniform(lo, hi), no_weight_decay=True)
-        self.skip = params.new_param((d_model,), params.constant(1.0), no_weight_decay=True)
+        d = d_model // tp
+        self.residues = params.new_param((d, order), params.normal(1.0 / math.sqrt(order)), no_weight_decay=True)
+        self.log_rates = params.new_param((d, order), params.uniform(lo, hi), no_weight_decay=True)
+        self.skip = params.new_param((d,), params.constant(1.0), no_weight_decay=True)
 
     def filter(self, length: int, channels: slice | None = None) -> torch.Tensor:
         return _ModalTaps.apply(_channel_slice(self.residues, channels), _channel_slice(self.log_rates, channels), length)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return causal_conv(z, self.filter(z.shape[-1]), self.skip)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import params
-from .fftconv import causal_conv_direct
+from .spec import LOCAL, ModelSpec
 from .tokenizer import SeqType
 
 
@@ -23,18 +23,22 @@ class SeqTypeEmbedding(nn.Module):
         self.weight = params.new_param((len(SeqType), d_model), params.normal(std))
 
     def forward(self, seq_type: torch.Tensor) -> torch.Tensor:
-        return self.weight[seq_type][:, None, :]  # (B, 1, D), broadcast over positions
+        return self.weight[seq_type]  # (B, D): the caller broadcasts it over positions
 
 
 class MotifBranch(nn.Module):
-    def __init__(self, d_model: int, kernel_sizes: list[int], std: float):
+    """Replicated in every layout (it runs on the embedding, before any tensor split); its
+    convolutions go through the spec so context parallelism sees across shard borders."""
+
+    def __init__(self, d_model: int, kernel_sizes: list[int], std: float, spec: ModelSpec = LOCAL):
         super().__init__()
+        self.spec = spec
         self.filters = nn.ParameterList(
             params.new_param((d_model, k), params.fan_in_uniform(k), no_weight_decay=True) for k in kernel_sizes
         )
         self.proj = params.linear(d_model * len(kernel_sizes), d_model, std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xt = x.transpose(1, 2)
-        feats = [torch.nn.functional.silu(causal_conv_direct(xt, h)) for h in self.filters]
-        return self.proj(torch.cat(feats, dim=1).transpose(1, 2))
+        xt = self.spec.to_channels(x)
+        feats = [torch.nn.functional.silu(self.spec.short_conv(xt, h)) for h in self.filters]
+        return self.proj(self.spec.from_channels(torch.cat(feats, dim=1)))

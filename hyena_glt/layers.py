@@ -11,6 +11,7 @@ from torch import nn
 from . import params
 from .config import HyenaGLTConfig
 from .operators import make_mixer
+from .spec import LOCAL, ModelSpec
 
 
 class RMSNorm(nn.Module):
@@ -31,30 +32,38 @@ ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "identity": lambda t: t}
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)). gate/up are separate so each is plainly column-parallel."""
 
-    def __init__(self, cfg: HyenaGLTConfig, out_std: float):
+    def __init__(self, cfg: HyenaGLTConfig, out_std: float, spec: ModelSpec = LOCAL):
         super().__init__()
         self.act = ACTIVATIONS[cfg.mlp_activation]
-        self.gate_proj = params.linear(cfg.d_model, cfg.mlp_hidden, cfg.init_std)
-        self.up_proj = params.linear(cfg.d_model, cfg.mlp_hidden, cfg.init_std)
-        self.down_proj = params.linear(cfg.mlp_hidden, cfg.d_model, out_std)
+        self.gate_proj = spec.column_linear(cfg.d_model, cfg.mlp_hidden, cfg.init_std)
+        self.up_proj = spec.column_linear(cfg.d_model, cfg.mlp_hidden, cfg.init_std)
+        self.down_proj = spec.row_linear(cfg.mlp_hidden, cfg.d_model, out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
-    """x + mixer(norm(x)) [x (1 + g * conservation)], then + mlp(norm(.))."""
+    """x + mixer(norm(x)) [x (1 + g * conservation)], then + mlp(norm(.)).
 
-    def __init__(self, code: str, cfg: HyenaGLTConfig, layer_index: int):
+    The mixer is picked by the layer code (S, D, H: Hyena operator; *: attention); every
+    linear layer, convolution and the attention kernel come from `spec`. Activations are
+    (B, L, D), or (L, B, D) for a sequence-first spec; `conservation` has the same leading
+    dims, `position_ids` are global positions (None: 0..L-1)."""
+
+    def __init__(self, code: str, cfg: HyenaGLTConfig, layer_index: int, spec: ModelSpec = LOCAL):
         super().__init__()
         self.code = code
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = make_mixer(code, cfg, layer_index)
+        self.mixer = make_mixer(code, cfg, spec)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = GatedMLP(cfg, cfg.init_std / math.sqrt(2 * cfg.num_layers))
+        self.mlp = GatedMLP(cfg, cfg.init_std / math.sqrt(2 * cfg.num_layers), spec)
+        spec.mark_sequence_split(self.mixer_norm)
+        spec.mark_sequence_split(self.mlp_norm)
         if cfg.conservation:
             # Starts at 0 so conservation scores change nothing until training finds them useful.
             self.conservation_gate = params.new_param((cfg.d_model,), params.constant(0.0), no_weight_decay=True)
+            spec.mark_sequence_split(self.conservation_gate)
 
     def forward(
         self,

@@ -1,25 +1,35 @@
-"""HyenaGLTModel (backbone) and HyenaGLTForCausalLM: the single-device model.
+"""The single-device striped-Hyena causal LM, and what every causal LM of this package shares.
 
-Reading order: embeddings (+ optional genomic adaptations) -> striped blocks, one per
+Reading order: byte embedding (+ optional genomic input features) -> one `Block` per
 pattern character -> final norm -> output layer (tied to the embedding by default).
-Parallel layouts (megatron_adapters) wrap these same modules from outside.
+
+Every module takes a `ModelSpec` (spec.py) that supplies its linear layers, convolution
+backends and attention kernel; `LOCAL` is plain PyTorch on one device. A parallel layout
+builds the same classes with megatron_adapters' spec, and a pipeline stage builds only its
+`Stage`: its blocks (keyed by global index, so parameter names are the same in every
+layout), the embedding on the first stage and the norm + output on the last.
+
+`CausalLM` is the base of both model families (this plain model and the token-merging
+U-shape in blt/ushape.py): output type, output layer and loss, save/load, sampling.
+hyena_glt.registry maps a config (or a saved directory) to its family.
 """
 
 from __future__ import annotations
 
-
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import params
 from .config import HyenaGLTConfig
 from .genomic import MotifBranch, SeqTypeEmbedding
 from .layers import Block, RMSNorm
 from .loss import weighted_cross_entropy
+from .spec import LOCAL, ModelSpec
 
 WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
 FORMAT_METADATA = {"format": "pt", "producer": "hyena-glt", "layout": "single-device", "version": "1"}
@@ -34,83 +44,144 @@ class CausalLMOutput:
     hidden_states: torch.Tensor | None = None
 
 
-class ByteInputEmbedding:
-    """Mixin for a backbone module: the byte embedding plus the optional genomic input features
-    (sequence-type embedding, motif branch). The plain model and the U-shape share it; the
-    attribute names (embed, seq_type_embed, motif) are part of the canonical parameter names."""
+@dataclass(frozen=True)
+class Stage:
+    """The part of the model one pipeline stage holds: blocks by global index, the input
+    embedding if first, the final norm and output layer if last."""
 
-    def build_input_embeddings(self, config: HyenaGLTConfig) -> None:
-        self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        params.tag(self.embed.weight, params.normal(config.init_std))
+    layers: tuple[int, ...]
+    first: bool = True
+    last: bool = True
+
+    @classmethod
+    def whole(cls, num_layers: int) -> "Stage":
+        return cls(tuple(range(num_layers)))
+
+
+class LayerStack(nn.Module):
+    """Blocks keyed by their global layer index, so a stage holding layers 4..7 names them
+    `layers.4` .. `layers.7`, as the whole model does. Iterates over the blocks in order."""
+
+    def __init__(self, blocks: dict[int, nn.Module]):
+        super().__init__()
+        for i, block in blocks.items():
+            self.add_module(str(i), block)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __getitem__(self, index: int) -> nn.Module:
+        return self._modules[str(index)]
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
+class ByteBackbone:
+    """Mixin for a backbone module: the byte embedding and optional genomic input features
+    (sequence-type embedding, motif branch), and running a block (with activation
+    checkpointing when set). The plain model and the U-shape share it; the attribute names
+    (embed, seq_type_embed, motif) are part of the canonical parameter names."""
+
+    # Set by a trainer (train.activation_checkpointing): keep each block's input only and
+    # recompute the block in backward. Blocks are pure functions of their inputs, so the
+    # recomputation is exact, and every rank recomputes the same blocks, so collectives
+    # inside them (TP, CP halos and all-to-alls) stay matched.
+    activation_checkpointing = False
+
+    def build_input_embeddings(self, config: HyenaGLTConfig, spec: ModelSpec, features: bool = True) -> None:
+        self.embed = spec.embedding(config.vocab_size, config.d_model, config.init_std)
+        if not features:  # a last pipeline stage's copy of the tied output weight
+            return
         if config.seq_type_embedding:
             self.seq_type_embed = SeqTypeEmbedding(config.d_model, config.init_std)
         if config.motif_branch:
-            self.motif = MotifBranch(config.d_model, config.motif_kernel_sizes, config.init_std)
+            self.motif = MotifBranch(config.d_model, config.motif_kernel_sizes, config.init_std, spec)
 
     def embed_tokens(self, input_ids: torch.Tensor, seq_type: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.embed(input_ids)
+        spec = self.spec
+        x = self.embed(input_ids.t() if spec.seq_first else input_ids)
         if seq_type is not None and hasattr(self, "seq_type_embed"):
-            x = x + self.seq_type_embed(seq_type)
+            e = self.seq_type_embed(seq_type)  # (B, D), the same at every position
+            x = x + (e[None] if spec.seq_first else e[:, None])
         if hasattr(self, "motif"):
             x = x + self.motif(x)
-        return x
+        return spec.enter_sequence_region(x)
+
+    def run_block(self, layer, x, positions, conservation=None):
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(layer, x, positions, conservation, use_reentrant=False)
+        return layer(x, positions, conservation)
 
 
-class HyenaGLTModel(ByteInputEmbedding, nn.Module):
-    def __init__(self, config: HyenaGLTConfig):
+class HyenaGLTModel(ByteBackbone, nn.Module):
+    """Byte ids -> hidden states (B, L, D): embedding, striped blocks, final norm (or the
+    part of that a pipeline `stage` holds: then `hidden` is the previous stage's output)."""
+
+    def __init__(self, config: HyenaGLTConfig, spec: ModelSpec = LOCAL, stage: Stage | None = None):
         super().__init__()
-        self.config = config
-        self.build_input_embeddings(config)
-        self.layers = nn.ModuleList(Block(code, config, i) for i, code in enumerate(config.layers))
-        self.final_norm = RMSNorm(config.d_model, config.norm_eps)
-
+        stage = stage or Stage.whole(config.num_layers)
+        self.config, self.spec, self.stage = config, spec, stage
+        if stage.first or (stage.last and config.tie_embeddings):
+            self.build_input_embeddings(config, spec, features=stage.first)
+        self.layers = LayerStack({i: Block(config.layers[i], config, i, spec) for i in stage.layers})
+        if stage.last:
+            self.final_norm = RMSNorm(config.d_model, config.norm_eps)
+            spec.mark_sequence_split(self.final_norm)
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         seq_type: torch.Tensor | None = None,
         conservation: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids, seq_type)
+        x = self.embed_tokens(input_ids, seq_type) if self.stage.first else hidden
         for layer in self.layers:
-            x = layer(x, position_ids, conservation)
-        return self.final_norm(x)
+            x = self.run_block(layer, x, position_ids, conservation)
+        return self.final_norm(x) if self.stage.last else x
 
 
-class HyenaGLTForCausalLM(nn.Module):
-    """Next-byte language model. `labels[b, i]` is the target of position i (already shifted:
-    the data loader builds input_ids = [BOS] + window[:-1], labels = window)."""
+class CausalLM(nn.Module):
+    """Base of the causal LMs: `self.model` (a backbone with `embed`), the output layer (tied
+    to the embedding or its own `lm_head`), the loss, save/load and sampling.
 
-    def __init__(self, config: HyenaGLTConfig, initialize: bool = True):
-        super().__init__()
-        self.config = config
-        self.model = HyenaGLTModel(config)
+    forward(input_ids, labels=None, loss_weights=None, seq_type=None, conservation=None,
+    position_ids=None) -> CausalLMOutput. `labels[b, i]` is the target of position i (already
+    shifted: the data loader builds input_ids = [BOS] + window[:-1], labels = window).
+    """
+
+    family: str = ""  # the registry name (hyena_glt.registry)
+
+    @staticmethod
+    def accepts(config: HyenaGLTConfig) -> bool:
+        """Whether `config` describes a model of this family."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_config(cls, config: HyenaGLTConfig) -> None:
+        if not cls.accepts(config):
+            raise ValueError(
+                f"patching: {config.patching!r} is not a config of {cls.__name__} (family {cls.family!r}); "
+                "build models with hyena_glt.build_causal_lm / load them with hyena_glt.load_causal_lm, "
+                "which pick the family from the config"
+            )
+
+    def build_output(self, config: HyenaGLTConfig, spec: ModelSpec) -> None:
+        self.output_layer = spec.output_layer(config.d_model, config.vocab_size)
         if not config.tie_embeddings:
-            self.lm_head = params.linear(config.d_model, config.vocab_size, config.init_std)
-        if initialize:
-            params.initialize(self, config.seed)
+            self.lm_head = spec.column_linear(config.d_model, config.vocab_size, config.init_std)
 
     @property
     def output_weight(self) -> torch.Tensor:
         return self.model.embed.weight if self.config.tie_embeddings else self.lm_head.weight
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        loss_weights: torch.Tensor | None = None,
-        seq_type: torch.Tensor | None = None,
-        conservation: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-    ) -> CausalLMOutput:
-        hidden = self.model(input_ids, seq_type, conservation, position_ids)
-        logits = F.linear(hidden, self.output_weight)
-        out = CausalLMOutput(logits=logits, hidden_states=hidden)
-        if labels is not None:
-            out.loss_sum, out.weight_sum = weighted_cross_entropy(logits, labels, loss_weights)
-            out.loss = out.loss_sum / out.weight_sum.clamp_min(1e-8)
-        return out
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.output_layer(hidden, self.output_weight)
+
+    def lm_loss(self, logits, labels, loss_weights) -> tuple[torch.Tensor, torch.Tensor]:
+        return weighted_cross_entropy(logits, labels, loss_weights, self.spec.cross_entropy)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -122,14 +193,11 @@ class HyenaGLTForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(
         cls, directory: str | Path, config: HyenaGLTConfig | None = None, map_location: str | torch.device = "cpu"
-    ) -> "HyenaGLTForCausalLM":
+    ):
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory}: no {name}; expected a directory written by save_pretrained/convert")
-        saved = HyenaGLTConfig.from_json(directory / CONFIG_NAME)
+        saved = read_config(directory, need_weights=True)
         if config is not None and config != saved:
             diffs = [
                 f"{k}: saved {getattr(saved, k)!r}, given {getattr(config, k)!r}"
@@ -174,6 +242,59 @@ class HyenaGLTForCausalLM(nn.Module):
         return ids
 
 
+class HyenaGLTForCausalLM(CausalLM):
+    """Next-byte language model over the striped blocks (`patching: none`)."""
+
+    family = "plain"
+
+    @staticmethod
+    def accepts(config: HyenaGLTConfig) -> bool:
+        return config.patching == "none"
+
+    def __init__(self, config: HyenaGLTConfig, initialize: bool = True, spec: ModelSpec = LOCAL,
+                 stage: Stage | None = None):
+        super().__init__()
+        self.check_config(config)
+        self.config, self.spec = config, spec
+        self.model = HyenaGLTModel(config, spec, stage)
+        self.stage = self.model.stage
+        if self.stage.last:
+            self.build_output(config, spec)
+        if initialize:
+            params.initialize(self, config.seed)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        loss_weights: torch.Tensor | None = None,
+        seq_type: torch.Tensor | None = None,
+        conservation: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        hidden: torch.Tensor | None = None,
+    ) -> CausalLMOutput:
+        """`hidden`: a later pipeline stage's input (the previous stage's output). A stage
+        that is not last returns its output hidden states as `hidden_states` (logits None)."""
+        hidden = self.model(input_ids, seq_type, conservation, position_ids, hidden)
+        if not self.stage.last:
+            return CausalLMOutput(logits=None, hidden_states=hidden)
+        logits = self.logits(hidden)
+        out = CausalLMOutput(logits=logits, hidden_states=hidden)
+        if labels is not None:
+            out.loss_sum, out.weight_sum = self.lm_loss(logits, labels, loss_weights)
+            out.loss = out.loss_sum / out.weight_sum.clamp_min(1e-8)
+        return out
+
+
+def read_config(directory: str | Path, need_weights: bool = False) -> HyenaGLTConfig:
+    """The model config of a saved directory, with one clear error for a wrong path."""
+    directory = Path(directory)
+    for name in (CONFIG_NAME, WEIGHTS_NAME) if need_weights else (CONFIG_NAME,):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory}: no {name}; expected a directory written by save_pretrained/convert")
+    return HyenaGLTConfig.from_json(directory / CONFIG_NAME)
+
+
 def write_pretrained(model: nn.Module, directory: str | Path, sidecars: dict[str, dict] | None = None,
                      metadata: dict[str, str] | None = None) -> Path:
     """config.json + model.safetensors (+ JSON sidecar files, e.g. a head's head.json) of any
@@ -213,36 +334,3 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
         problems.append(f"shape mismatch {shapes[:5]}")
     if problems:
         raise ValueError(f"{source}: weights do not match the config: {'; '.join(problems)}")
-
-
-
-
-# ---- patching-aware factories (token merging lives in hyena_glt.blt) ----
-def build_causal_lm(config: HyenaGLTConfig, initialize: bool = True) -> nn.Module:
-    """HyenaGLTForCausalLM for `patching: none`, else the U-shaped BLTForCausalLM (same forward/output)."""
-    if config.patching == "none":
-        return HyenaGLTForCausalLM(config, initialize=initialize)
-    from .blt.ushape import BLTForCausalLM
-
-    return BLTForCausalLM(config, initialize=initialize)
-
-
-def build_backbone(config: HyenaGLTConfig) -> nn.Module:
-    """The backbone (input_ids -> (B, L, D) hidden states) for either model family."""
-    if config.patching == "none":
-        return HyenaGLTModel(config)
-    from .blt.ushape import BLTModel
-
-    return BLTModel(config)
-
-
-def load_causal_lm(directory: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Load a saved causal LM of either family, chosen by the saved config's `patching`."""
-    path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory}: no {CONFIG_NAME}; expected a directory written by save_pretrained/convert")
-    if HyenaGLTConfig.from_json(path).patching == "none":
-        return HyenaGLTForCausalLM.from_pretrained(directory, map_location=map_location)
-    from .blt.ushape import BLTForCausalLM
-
-    return BLTForCausalLM.from_pretrained(directory, map_location=map_location)

@@ -12,6 +12,9 @@ The interleaved (group, channel, x1|x2|v) layout makes a contiguous split of in_
 output rows (what a column-parallel layer does) hand each tensor-parallel rank whole groups
 with their x1, x2 and v together. The other layout (x1 | x2 | v blocks) silently mixes
 groups across ranks at TP > 1.
+
+Linear layers, convolution backends and the attention kernel come from the spec
+(spec.py): the same modules run on one device and in every parallel layout.
 """
 
 from __future__ import annotations
@@ -19,12 +22,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import params
 from .config import HyenaGLTConfig
 from .filters import DecayedMediumFilter, GroupedShortFilter, ModalFilter, ShortConv
+from .spec import LOCAL, ModelSpec
 
 
 def split_interleaved(u: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -34,33 +36,39 @@ def split_interleaved(u: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch
     return tuple(u[:, :, :, k].reshape(B, C3 // 3, L) for k in range(3))
 
 
-def make_filter(code: str, cfg: HyenaGLTConfig) -> nn.Module:
+def make_filter(code: str, cfg: HyenaGLTConfig, spec: ModelSpec = LOCAL) -> nn.Module:
+    """The S, D or H filter of this rank's channels (whole groups)."""
+    spec.local(cfg.num_filter_groups, "num_filter_groups")
     if code == "S":
-        return GroupedShortFilter(cfg.d_model, cfg.num_filter_groups, cfg.short_filter_len)
+        return GroupedShortFilter(cfg.d_model, cfg.num_filter_groups, cfg.short_filter_len, spec.tp)
     if code == "D":
-        return DecayedMediumFilter(
-            cfg.d_model, cfg.num_filter_groups, cfg.medium_filter_len, cfg.medium_decay_min, cfg.medium_decay_max
-        )
+        return DecayedMediumFilter(cfg.d_model, cfg.num_filter_groups, cfg.medium_filter_len, cfg.medium_decay_min,
+                                   cfg.medium_decay_max, spec.tp, spec.tp_rank)
     if code == "H":
-        return ModalFilter(cfg.d_model, cfg.modal_order, cfg.max_seq_len)
+        return ModalFilter(cfg.d_model, cfg.modal_order, cfg.max_seq_len, spec.tp)
     raise ValueError(f"no Hyena filter for layer code {code!r}")
 
 
 class HyenaOperator(nn.Module):
-    def __init__(self, code: str, cfg: HyenaGLTConfig, out_std: float):
+    def __init__(self, code: str, cfg: HyenaGLTConfig, out_std: float, spec: ModelSpec = LOCAL):
         super().__init__()
-        self.code = code
-        self.groups = cfg.num_filter_groups
-        self.in_proj = params.linear(cfg.d_model, 3 * cfg.d_model, cfg.init_std)
-        self.featurizer = ShortConv(3 * cfg.d_model, cfg.featurizer_len)
-        self.filter = make_filter(code, cfg)
-        self.out_proj = params.linear(cfg.d_model, cfg.d_model, out_std)
+        self.code, self.spec = code, spec
+        self.groups = spec.local(cfg.num_filter_groups, "num_filter_groups")  # split_interleaved sees local groups
+        self.in_proj = spec.column_linear(cfg.d_model, 3 * cfg.d_model, cfg.init_std)
+        self.featurizer = ShortConv(3 * cfg.d_model // spec.tp, cfg.featurizer_len)
+        self.filter = make_filter(code, cfg, spec)
+        self.out_proj = spec.row_linear(cfg.d_model, cfg.d_model, out_std)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        u = self.featurizer(self.in_proj(x).transpose(1, 2))
+        spec = self.spec
+        u = spec.short_conv(spec.to_channels(self.in_proj(x)), self.featurizer.weight)
         x1, x2, v = split_interleaved(u, self.groups)
-        z = self.filter(x2 * v)
-        return self.out_proj((x1 * z).transpose(1, 2))
+        z = x2 * v
+        if self.code == "S":
+            z = spec.short_conv(z, self.filter.filter(), self.filter.skip)
+        else:
+            z = spec.long_conv(z, self.filter)
+        return self.out_proj(spec.from_channels(x1 * z))
 
 
 def rope(x: torch.Tensor, position_ids: torch.Tensor, base: float) -> torch.Tensor:
@@ -81,30 +89,34 @@ class CausalSelfAttention(nn.Module):
 
     code = "*"
 
-    def __init__(self, cfg: HyenaGLTConfig, out_std: float):
+    def __init__(self, cfg: HyenaGLTConfig, out_std: float, spec: ModelSpec = LOCAL):
         super().__init__()
-        self.num_heads, self.head_dim, self.rope_base = cfg.num_heads, cfg.head_dim, cfg.rope_base
-        self.qkv_proj = params.linear(cfg.d_model, 3 * cfg.d_model, cfg.init_std)
-        self.out_proj = params.linear(cfg.d_model, cfg.d_model, out_std)
-
-    def project_qkv(self, x: torch.Tensor, position_ids: torch.Tensor):
-        B, L, _ = x.shape
-        qkv = self.qkv_proj(x).view(B, L, -1, 3, self.head_dim).permute(3, 0, 2, 1, 4)  # 3, B, h, L, hd
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        return rope(q, position_ids, self.rope_base), rope(k, position_ids, self.rope_base), v
+        self.spec = spec
+        self.num_heads, self.head_dim, self.rope_base = spec.local(cfg.num_heads, "num_heads"), cfg.head_dim, cfg.rope_base
+        self.qkv_proj = spec.column_linear(cfg.d_model, 3 * cfg.d_model, cfg.init_std)
+        self.out_proj = spec.row_linear(cfg.d_model, cfg.d_model, out_std)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        B, L, _ = x.shape
+        spec = self.spec
+        qkv = self.qkv_proj(x)  # (B, L, 3D/tp) or (L, B, 3D/tp): the full (CP-local) sequence
+        if spec.seq_first:
+            L, B, _ = qkv.shape
+            qkv = qkv.view(L, B, self.num_heads, 3, self.head_dim).permute(3, 1, 2, 0, 4)  # 3, B, h, L, hd
+        else:
+            B, L, _ = qkv.shape
+            qkv = qkv.view(B, L, self.num_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
         if position_ids is None:
-            position_ids = torch.arange(L, device=x.device)[None]
-        q, k, v = self.project_qkv(x, position_ids)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out_proj(y.transpose(1, 2).reshape(B, L, -1))
+            position_ids = torch.arange(L, device=x.device)
+        pos = position_ids if position_ids.dim() == 2 else position_ids[None]  # (B or 1, L)
+        q, k = rope(qkv[0], pos, self.rope_base), rope(qkv[1], pos, self.rope_base)
+        y = spec.attention(q, k, qkv[2], pos)  # (B, h, L, hd)
+        y = y.permute(2, 0, 1, 3) if spec.seq_first else y.transpose(1, 2)
+        return self.out_proj(y.reshape(*y.shape[:2], self.num_heads * self.head_dim))
 
 
-def make_mixer(code: str, cfg: HyenaGLTConfig, layer_index: int) -> nn.Module:
+def make_mixer(code: str, cfg: HyenaGLTConfig, spec: ModelSpec = LOCAL) -> nn.Module:
     # GPT-2 style: residual-branch outputs scaled down with depth.
     out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
     if code == "*":
-        return CausalSelfAttention(cfg, out_std)
-    return HyenaOperator(code, cfg, out_std)
+        return CausalSelfAttention(cfg, out_std, spec)
+    return HyenaOperator(code, cfg, out_std, spec)

@@ -1,4 +1,4 @@
-"""Model-level subcommands: demo, train (single process for now), generate, info."""
+"""Model-level subcommands: demo, train, generate, info."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def register(sub) -> None:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=50 parallel.tp=2")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("generate", help="sample continuations from a saved model")
+    p = sub.add_parser("generate", help="sample continuations from a saved language model (either family)")
     p.add_argument("--model", required=True, help="directory with config.json + model.safetensors")
     p.add_argument("--prompt", default="", help="prompt bases (e.g. ATG)")
     p.add_argument("--max-new-tokens", type=int, default=100)
@@ -30,8 +30,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_generate)
 
-    p = sub.add_parser("info", help="print a model config's layers and parameter count")
-    p.add_argument("config", help="model or training YAML, or a saved model directory")
+    p = sub.add_parser("info", help="print a model's family, layers and parameter count")
+    p.add_argument("config", help="model or training YAML, or a saved model directory (LM, head or multi-task)")
     p.set_defaults(func=_info)
 
 
@@ -50,9 +50,11 @@ def _train(args) -> int:
 def _generate(args) -> int:
     import torch
 
-    from hyena_glt import ByteTokenizer, HyenaGLTForCausalLM
+    from hyena_glt import ByteTokenizer, load_causal_lm
 
-    model = HyenaGLTForCausalLM.from_pretrained(args.model).eval()
+    if args.max_new_tokens < 0 or args.num_samples < 1:
+        raise ValueError("--max-new-tokens must be >= 0 and --num-samples >= 1")
+    model = load_causal_lm(args.model).eval()
     tok = ByteTokenizer()
     prompt = tok.encode(args.prompt, add_bos=True).ids[None].repeat(args.num_samples, 1)
     g = torch.Generator().manual_seed(args.seed)
@@ -63,17 +65,36 @@ def _generate(args) -> int:
 
 
 def _info(args) -> int:
+    import math
     from pathlib import Path
 
-    from hyena_glt import HyenaGLTConfig, HyenaGLTForCausalLM
-
-    path = Path(args.config)
-    cfg = HyenaGLTConfig.from_json(path / "config.json") if path.is_dir() else HyenaGLTConfig.from_yaml(path)
     import torch
 
-    with torch.device("meta"):  # count without allocating (works for 40B configs)
-        model = HyenaGLTForCausalLM(cfg, initialize=False)
+    from hyena_glt import HyenaGLTConfig, build_causal_lm, family_of, inspect_pretrained
+
+    path = Path(args.config)
+    if path.is_dir():
+        saved = inspect_pretrained(path)
+        cfg, what = saved.config, saved.describe()
+        from safetensors import safe_open
+
+        with torch.device("meta"):
+            buffers = {n for n, _ in build_causal_lm(cfg, initialize=False).named_buffers()}
+        with safe_open(str(path / "model.safetensors"), "pt") as f:  # what is stored, heads included
+            n_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k not in buffers)
+    else:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such config file or model directory")
+        cfg = HyenaGLTConfig.from_yaml(path)
+        what = f"family {family_of(cfg).name}"
+        with torch.device("meta"):  # count without allocating (works for 40B configs)
+            model = build_causal_lm(cfg, initialize=False)
+        n_params = model.num_parameters()
     counts = {c: cfg.layers.count(c) for c in "SDH*"}
-    print(f"pattern {cfg.pattern}: {cfg.num_layers} layers {counts}, d_model {cfg.d_model}, "
-          f"{model.num_parameters():,} parameters")
+    print(f"{what}: pattern {cfg.pattern}: {cfg.num_layers} layers {counts}, d_model {cfg.d_model}, "
+          f"{n_params:,} parameters")
+    if cfg.patching != "none":
+        print(f"token merging: {cfg.patching} patcher, mean patch {cfg.patch_size:g} bytes, "
+              f"local encoder {cfg.local_encoder_pattern}, local decoder {cfg.local_decoder_pattern}")
     return 0
+

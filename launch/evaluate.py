@@ -76,7 +76,7 @@ def register(sub) -> None:
     p.set_defaults(func=_eval_cmd)
 
     p = sub.add_parser("embed", help="per-sequence embeddings (mean of the final hidden states) to .npy")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="any saved model directory (language model, head or multi-task)")
     p.add_argument("--input", required=True, help="FASTA file (one embedding per record, first --seq-len bases)")
     p.add_argument("--out", required=True, help="output .npy (N, d_model); record ids go to OUT.ids.txt")
     p.add_argument("--seq-len", type=int, default=1024)
@@ -93,7 +93,7 @@ def _seq_len_of(data: str, given: int | None) -> int:
 
 
 def _eval_cmd(args) -> int:
-    from hyena_glt.model import load_causal_lm
+    from hyena_glt import load_causal_lm
 
     model = load_causal_lm(args.model)
     smw = model.config.soft_mask_weight if args.soft_mask_weight is None else args.soft_mask_weight
@@ -108,21 +108,21 @@ def _eval_cmd(args) -> int:
 @torch.no_grad()
 def _embed_cmd(args) -> int:
     from data_tools.batching import make_batch
-    from hyena_glt import HyenaGLTForCausalLM
-
-    model = HyenaGLTForCausalLM.from_pretrained(args.model).eval()
     from data_tools.fasta import check_file, read_records
+    from hyena_glt import load_backbone
 
+    backbone = load_backbone(args.model).eval()  # a language model, a head or a multi-task model
     ids, vecs = [], []
-
     check = check_file(Path(args.input))
     check.raise_if_bad()
     for rec in read_records(Path(args.input), lambda: check):
         mb = make_batch([(rec.seq[: args.seq_len], int(rec.seq_type))], args.seq_len, 1.0)
-        hidden = model.model(mb["input_ids"], seq_type=mb["seq_type"])
+        hidden = backbone(mb["input_ids"], seq_type=mb["seq_type"])
         mask = mb["input_ids"] >= 4  # byte positions (not BOS, not padding)
         vecs.append(((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)).squeeze(0).numpy())
         ids.append(rec.id)
+    if not ids:
+        raise ValueError(f"--input {args.input}: no sequences")
     np.save(args.out, np.stack(vecs).astype(np.float32))
     Path(str(args.out) + ".ids.txt").write_text("\n".join(ids) + "\n")
     print(f"wrote {len(ids)} embeddings of size {vecs[0].shape[0]} to {args.out}")

@@ -1,5 +1,10 @@
 """Build this rank's share of the model for a layout, and its forward/backward step.
 
+The model is hyena_glt's own, built with the parallel spec (spec.py): a pipeline rank
+holds one `Stage` of HyenaGLTForCausalLM per (virtual) stage, each wrapped for megatron's
+schedules by `PipelineStage`. A token-merging config builds BLTForCausalLM with the same
+spec (tensor parallel, batch-first) and runs it data parallel (replicated.py).
+
     layout = initialize_parallel(ParallelConfig(tp=2, pp=2), cfg, seq_length=L)
     pm = build_parallel_model(cfg, layout, dtype=torch.float32)
     loss_sum, weight_sum = pm.forward_backward(micro_batches)   # grads now in p.grad
@@ -22,21 +27,23 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+from megatron.core.enums import ModelType
 from torch import nn
 
-from hyena_glt import params
 from hyena_glt.config import HyenaGLTConfig
 from hyena_glt.loss import default_loss_weights
+from hyena_glt.model import HyenaGLTForCausalLM, Stage
+from hyena_glt.registry import build_causal_lm
 
 from . import context_parallel as cpar
 from . import sequence_parallel as spar
 from .grads import finalize_model_parallel_grads, reduce_gradients_dp_cp
 from .groups import RankContext, parallel_device
 from .parallel_config import Layout, check_layout
-from .parallel_model import HyenaGLTChunk
 from .pipeline import check_num_microbatches, run_schedule
-from .sharding import canonical_params, named_persistent_buffers, tp_slice, tp_split_dim
+from .replicated import ReplicatedModel
+from .sharding import init_from_canonical, named_persistent_buffers
+from .spec import parallel_spec
 from .tensor_parallel import megatron_config, vocab_parallel_cross_entropy
 
 
@@ -67,6 +74,44 @@ def localize_batch(mb: dict, ctx: RankContext, device: torch.device) -> dict:
     return out
 
 
+class PipelineStage(nn.Module):
+    """One (virtual) pipeline stage of HyenaGLTForCausalLM as megatron's schedules drive it.
+
+    It registers the stage model's parts (`model`, `output_layer`, `lm_head`) as its own, so
+    parameter names stay canonical (`model.layers.5.mixer...`). Forward takes the
+    rank-local micro-batch (see localize_batch) and returns the hidden states (s, B, D)
+    for the next stage, or vocab-sharded logits (s_cp, B, V/tp) on the last. `config` is
+    the megatron config (the schedules read it from there); the model's is `hyena_config`.
+    """
+
+    model_type = ModelType.encoder_or_decoder
+
+    def __init__(self, lm: HyenaGLTForCausalLM, mcfg, vp_stage: int | None = None):
+        super().__init__()
+        for name, child in lm.named_children():
+            self.add_module(name, child)
+        self.__dict__["lm"] = lm  # not a child: its parts are registered above
+        self.config, self.hyena_config = mcfg, lm.config
+        self.tied = lm.config.tie_embeddings
+        self.is_first, self.is_last = lm.stage.first, lm.stage.last
+        if vp_stage is not None:
+            self.vp_stage = vp_stage
+        self._input_tensor: torch.Tensor | None = None
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Called by megatron's schedules with the activation received from the previous stage."""
+        self._input_tensor = input_tensor[0] if isinstance(input_tensor, (list, tuple)) else input_tensor
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        self.model.activation_checkpointing = enabled
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        out = self.lm(batch["input_ids"] if self.is_first else None, seq_type=batch.get("seq_type"),
+                      conservation=batch.get("conservation"), position_ids=batch["positions"],
+                      hidden=None if self.is_first else self._input_tensor)
+        return out.logits if self.is_last else out.hidden_states
+
+
 class ParallelModel(nn.Module):
     """This rank's model chunks (one, or `vpp` for interleaved pipelining) and the step.
 
@@ -74,7 +119,7 @@ class ParallelModel(nn.Module):
     indices) with this rank's TP slice as the value.
     """
 
-    def __init__(self, chunks: list[HyenaGLTChunk], ctx: RankContext, dtype: torch.dtype, device: torch.device):
+    def __init__(self, chunks: list[PipelineStage], ctx: RankContext, dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.chunks = nn.ModuleList(chunks)
         self.ctx, self.dtype, self.device = ctx, dtype, device
@@ -120,9 +165,9 @@ class ParallelModel(nn.Module):
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         for c in self.chunks:
-            c.activation_checkpointing = enabled
+            c.set_activation_checkpointing(enabled)
 
-    def chunk_list(self) -> list[HyenaGLTChunk]:
+    def chunk_list(self) -> list[PipelineStage]:
         return list(self.chunks)
 
     # ------------------------------------------------------------------ the step
@@ -214,54 +259,55 @@ class ParallelModel(nn.Module):
         return cpar.gather_zigzag(logits.transpose(0, 1), ctx.cp_group, dim=1)
 
 
-@torch.no_grad()
-def _init_canonical(chunks: list[HyenaGLTChunk], cfg: HyenaGLTConfig, ctx: RankContext) -> None:
-    template = canonical_params(cfg)
-    for chunk in chunks:
-        for name, p in chunk.named_parameters():
-            if name not in template:
-                raise KeyError(f"{name}: parallel parameter has no single-device counterpart")
-            t = template[name]
-            local = tp_slice(name, params.full_init(t, name, cfg.seed, tuple(t.shape)), ctx.coords.tp, ctx.tp)
-            if tuple(local.shape) != tuple(p.shape):
-                raise ValueError(f"{name}: sharding rule gives {tuple(local.shape)}, module holds {tuple(p.shape)}")
-            p.copy_(local.to(p.dtype))
-            p.no_weight_decay = t.no_weight_decay
-            # megatron only tags the weights it initialises itself; its grad-norm and checkpoint
-            # utilities need the tag on every TP-sharded parameter, and nothing else.
-            dim = tp_split_dim(name)
-            set_tensor_model_parallel_attributes(p, dim is not None and ctx.tp > 1, dim or 0, 1)
-
-
 def build_parallel_model(
     cfg: HyenaGLTConfig,
     layout: Layout,
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | None = None,
-) -> ParallelModel:
-    """This rank's model chunks for `layout` (after initialize_parallel), initialised to the
-    same full weights as HyenaGLTForCausalLM(cfg), on `device` (default: this rank's GPU, or CPU).
-    A token-merging config (patching != 'none') gets merging.build_merging_model's model,
-    which has the same step interface."""
+) -> ParallelModel | ReplicatedModel:
+    """This rank's model for `layout` (after initialize_parallel), initialised to the same
+    full weights as the single-device model of `cfg`, on `device` (default: this rank's GPU,
+    or CPU). Both returned kinds have the same step interface (`forward_backward`).
+
+    * plain model: its pipeline stages, every block built with the parallel spec;
+    * token merging: the whole U-shape on every rank, its blocks split over TP (the patcher,
+      position system and bridge replicated), data parallel over the rest.
+    """
     if layout.model != cfg:
         raise ValueError("the layout was validated for a different model config")
-    if cfg.patching != "none":  # token merging: data x tensor parallel, see merging.py
-        from .merging import build_merging_model
-
-        return build_merging_model(cfg, layout, dtype, device or parallel_device())
     ctx = RankContext.current(layout)
     mcfg = megatron_config(layout.parallel, cfg, dtype)
+    device = device or parallel_device()
+    if cfg.patching != "none":
+        # The patcher heads, position system and bridge are small next to the blocks and their
+        # inputs are the full activations every TP rank holds, so they stay replicated: their
+        # gradients come out the same on every TP rank (a column-parallel layer all-reduces its
+        # input gradient) and need no communication, as megatron-core's norms.
+        if ctx.tp == 1:
+            model = build_causal_lm(cfg).to(dtype=dtype)
+        else:
+            model = build_causal_lm(cfg, initialize=False, spec=parallel_spec(ctx, mcfg, seq_first=False)).to(dtype=dtype)
+            init_from_canonical([model], cfg, ctx)
+        return ReplicatedModel(model, ctx, device)
+    spec = parallel_spec(ctx, mcfg)
     stages = layout.stage_layers()
+    last = layout.parallel.num_stages - 1
     vpp = layout.parallel.vpp
-    chunks = [
-        HyenaGLTChunk(cfg, ctx, mcfg, stage=s, layer_ids=stages[s], vp_stage=v if vpp else None)
-        for v, s in enumerate(layout.chunk_stages(ctx.coords.pp))
-    ]
+    chunks = []
+    for v, s in enumerate(layout.chunk_stages(ctx.coords.pp)):
+        stage = Stage(tuple(stages[s]), first=s == 0, last=s == last)
+        lm = HyenaGLTForCausalLM(cfg, initialize=False, spec=spec, stage=stage)
+        chunks.append(PipelineStage(lm, mcfg, vp_stage=v if vpp else None))
     for c in chunks:
         c.to(dtype=dtype)  # before filling, so fp64 weights are drawn at full precision
-    _init_canonical(chunks, cfg, ctx)
-    device = device or parallel_device()
+        if c.tied and "embed" in c.model._modules:
+            w = c.model.embed.weight
+            w.shared_embedding = True  # grads summed with the other stage's copy (grads.py)
+            if not c.is_first:
+                # megatron's grad-norm utilities skip `shared` params: count the copy once
+                w.shared = True
+    init_from_canonical(chunks, cfg, ctx)
     for c in chunks:
         c.to(device=device)
     return ParallelModel(chunks, ctx, dtype, device)

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
-from hyena_glt.fftconv import causal_conv, causal_conv_direct
+from hyena_glt.fftconv import causal_conv
 
 
 # ---------------------------------------------------------------- zigzag bookkeeping
@@ -183,12 +184,10 @@ class _Halo(torch.autograd.Function):
         return grad, None, None
 
 
-def short_conv(
-    x: torch.Tensor, h: torch.Tensor, group: dist.ProcessGroup, skip: torch.Tensor | None = None, direct: bool = False
-) -> torch.Tensor:
-    """Causal depthwise conv of zigzag-local x (B, C, 2n) with a short filter h (C, K)."""
+def short_conv(x: torch.Tensor, h: torch.Tensor, group: dist.ProcessGroup, skip: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal depthwise conv of zigzag-local x (B, C, 2n) with a short filter h (C, K) (+ skip * x)."""
     k = h.shape[-1] - 1
-    conv = (lambda u: causal_conv_direct(u, h)) if direct else (lambda u: causal_conv(u, h, skip))
+    conv = lambda u: causal_conv(u, h, skip)  # noqa: E731
     if k == 0:
         return conv(x)
     B, C, L2 = x.shape
@@ -206,3 +205,17 @@ def gather_kv(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """All-gather a sequence-first (Lc, ...) tensor over CP in CP-rank order; the backward
     reduce-scatters, summing the gradient every rank's queries put on these keys/values."""
     return gather_from_sequence_parallel_region(t, tensor_parallel_output_grad=True, group=group)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+              group: dist.ProcessGroup) -> torch.Tensor:
+    """Causal attention of this rank's zigzag queries (B, h, s, hd) over every rank's keys.
+
+    Every query needs every earlier key: K and V (already rotated at their own global
+    positions) are gathered from all CP ranks, and the mask compares global positions
+    (`positions`: (B or 1, s)), not local indices."""
+    kv = gather_kv(torch.stack([k, v]).permute(3, 0, 1, 2, 4).contiguous(), group)  # (L, 2, B, h, hd)
+    k, v = kv.permute(1, 2, 3, 0, 4)  # (B, h, L, hd) each, CP-rank order
+    key_pos = zigzag_order(kv.shape[0], group.size(), device=positions.device)
+    mask = key_pos <= positions[..., None]  # (B or 1, s, L)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])

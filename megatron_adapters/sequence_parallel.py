@@ -12,8 +12,9 @@ The all-gather / reduce-scatter live inside megatron's ColumnParallelLinear and
 RowParallelLinear (config.sequence_parallel); the Hyena convolutions need nothing
 special because they run between the two, on the full (CP-local) sequence. Parameters
 used inside the split region (norm weights, conservation gate) see only part of the
-sequence on each TP rank, so their gradients are summed over TP after backward; they are
-tagged `sequence_parallel = True`, the attribute megatron-core uses for the same purpose.
+sequence on each TP rank, so their gradients are summed over TP after backward; the model
+tags them `sequence_parallel = True` (ModelSpec.mark_sequence_split), the attribute
+megatron-core uses for the same purpose.
 """
 
 from __future__ import annotations
@@ -21,17 +22,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
-from torch import nn
 
 
-def mark_sequence_parallel(module: nn.Module) -> None:
-    for p in module.parameters():
-        p.sequence_parallel = True
-
-
-def enter(x: torch.Tensor, enabled: bool) -> torch.Tensor:
+def enter(x: torch.Tensor) -> torch.Tensor:
     """Sequence-first (s, B, D) replicated -> this TP rank's s/tp slice (backward: all-gather)."""
-    return scatter_to_sequence_parallel_region(x) if enabled else x
+    return scatter_to_sequence_parallel_region(x)
 
 
 def local_rows(t: torch.Tensor, tp: int, tp_rank: int, enabled: bool, dim: int = 0) -> torch.Tensor:

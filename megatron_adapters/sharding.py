@@ -17,7 +17,10 @@ from __future__ import annotations
 import re
 
 import torch
+from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
 from torch import nn
+
+from hyena_glt import params
 
 # (regex on the canonical name, dim split across TP ranks)
 _TP_RULES: list[tuple[re.Pattern, int]] = [
@@ -99,10 +102,31 @@ def canonical_state(cfg) -> dict[str, torch.Tensor]:
 
 
 def _meta_model(cfg) -> nn.Module:
-    from hyena_glt.model import build_causal_lm
+    from hyena_glt.registry import build_causal_lm
 
     with torch.device("meta"):
         return build_causal_lm(cfg, initialize=False)
+
+
+@torch.no_grad()
+def init_from_canonical(modules: list[nn.Module], cfg, ctx) -> None:
+    """Fill every parameter of this rank's modules with its slice of the full single-device
+    initial value (drawn from the parameter's own init rule, seeded by its canonical name)."""
+    template = canonical_params(cfg)
+    for module in modules:
+        for name, p in module.named_parameters():
+            if name not in template:
+                raise KeyError(f"{name}: parallel parameter has no single-device counterpart")
+            t = template[name]
+            local = tp_slice(name, params.full_init(t, name, cfg.seed, tuple(t.shape)), ctx.coords.tp, ctx.tp)
+            if tuple(local.shape) != tuple(p.shape):
+                raise ValueError(f"{name}: sharding rule gives {tuple(local.shape)}, module holds {tuple(p.shape)}")
+            p.copy_(local.to(p.dtype))
+            p.no_weight_decay = t.no_weight_decay
+            # megatron only tags the weights it initialises itself; its grad-norm and checkpoint
+            # utilities need the tag on every TP-sharded parameter, and nothing else.
+            dim = tp_split_dim(name)
+            set_tensor_model_parallel_attributes(p, dim is not None and ctx.tp > 1, dim or 0, 1)
 
 
 def named_persistent_buffers(module: nn.Module, prefix: str = ""):

@@ -1,5 +1,5 @@
-"""Tensor-parallel building blocks: megatron-core layers configured for Hyena-GLT, filters
-sharded by channel group, and a vocab-parallel cross entropy that keeps fp64.
+"""Tensor-parallel building blocks: megatron-core layers configured for Hyena-GLT and a
+vocab-parallel cross entropy that keeps fp64 (what megatron_adapters.spec hands the model).
 
 Weights are never initialised by megatron (`perform_initialization=False`): the builder
 draws each full tensor from the single-device init rule and keeps this rank's slice, so
@@ -19,16 +19,14 @@ from megatron.core.tensor_parallel import (
 )
 from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
 from megatron.core.tensor_parallel.utils import VocabUtility
-from torch import nn
 
 from hyena_glt.config import HyenaGLTConfig
-from hyena_glt.filters import DecayedMediumFilter, GroupedShortFilter, ModalFilter, decay_rates
 
 from .cpu_compat import cuda_available
 from .parallel_config import ParallelConfig
 
 
-def _no_init(_weight: torch.Tensor) -> None:  # the builder fills weights from the canonical init
+def no_init(_weight: torch.Tensor) -> None:  # the builder fills weights from the canonical init
     return None
 
 
@@ -67,7 +65,7 @@ class ColumnLinear(ColumnParallelLinear):
     parallelism it all-gathers the sequence first (inside megatron's linear)."""
 
     def __init__(self, d_in: int, d_out: int, mcfg: ModelParallelConfig):
-        super().__init__(d_in, d_out, config=mcfg, init_method=_no_init, bias=False, gather_output=False)
+        super().__init__(d_in, d_out, config=mcfg, init_method=no_init, bias=False, gather_output=False)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         return super().forward(x, weight)[0]
@@ -79,11 +77,19 @@ class RowLinear(RowParallelLinear):
 
     def __init__(self, d_in: int, d_out: int, mcfg: ModelParallelConfig):
         super().__init__(
-            d_in, d_out, config=mcfg, init_method=_no_init, bias=False, input_is_parallel=True, skip_bias_add=False
+            d_in, d_out, config=mcfg, init_method=no_init, bias=False, input_is_parallel=True, skip_bias_add=False
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return super().forward(x)[0]
+
+
+class VocabEmbedding(VocabParallelEmbedding):
+    """Vocab-parallel embedding; the lookup's partial sums are all-reduced over TP (not
+    reduce-scattered: genomic additions and the SP scatter come after it)."""
+
+    def __init__(self, vocab: int, d_model: int, mcfg: ModelParallelConfig):
+        super().__init__(vocab, d_model, init_method=no_init, config=mcfg)
 
 
 class OutputLayer(ColumnParallelLinear):
@@ -91,37 +97,12 @@ class OutputLayer(ColumnParallelLinear):
 
     def __init__(self, d_model: int, vocab: int, mcfg: ModelParallelConfig, tied: bool):
         super().__init__(
-            d_model, vocab, config=mcfg, init_method=_no_init, bias=False, gather_output=False,
+            d_model, vocab, config=mcfg, init_method=no_init, bias=False, gather_output=False,
             skip_weight_param_allocation=tied,
         )
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         return super().forward(x, weight)[0]
-
-
-def vocab_embedding(cfg: HyenaGLTConfig, mcfg: ModelParallelConfig) -> VocabParallelEmbedding:
-    # Reduce (not reduce-scatter): genomic additions and the SP scatter come after the lookup.
-    return VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, init_method=_no_init, config=mcfg)
-
-
-def sharded_filter(code: str, cfg: HyenaGLTConfig, tp: int, tp_rank: int) -> nn.Module:
-    """The single-device filter class built for this rank's d_model/tp channels (whole groups).
-    Its parameters get their slice from the builder; the D decay rates are computed over the
-    global channel count and sliced here, so channel c decays the same in every layout."""
-    d_local, g_local = cfg.d_model // tp, cfg.num_filter_groups // tp
-    if code == "S":
-        f = GroupedShortFilter(d_local, g_local, cfg.short_filter_len)
-    elif code == "D":
-        f = DecayedMediumFilter(
-            d_local, g_local, cfg.medium_filter_len, cfg.medium_decay_min, cfg.medium_decay_max
-        )
-        rates = decay_rates(cfg.d_model, cfg.medium_decay_min, cfg.medium_decay_max)
-        f.rates = rates[tp_rank * d_local : (tp_rank + 1) * d_local].clone()
-    elif code == "H":
-        f = ModalFilter(d_local, cfg.modal_order, cfg.max_seq_len)
-    else:
-        raise ValueError(f"no Hyena filter for layer code {code!r}")
-    return f
 
 
 class _VocabParallelCE(torch.autograd.Function):

@@ -7,7 +7,6 @@ ushape.py; bench.py is `hyena-glt bench merge`.
 
 from .patchers import (
     AdaptiveTokenMerger,
-    BlockFactory,
     EntropyModel,
     EntropyPatcher,
     PatcherOutput,
@@ -25,7 +24,6 @@ __all__ = [
     "BLTForCausalLM",
     "BLTModel",
     "BLTPositionManager",
-    "BlockFactory",
     "EntropyModel",
     "EntropyPatcher",
     "PatchInfo",

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,12 +35,8 @@ from .. import params
 from ..config import HyenaGLTConfig
 from ..layers import Block, RMSNorm
 from ..loss import default_loss_weights, weighted_cross_entropy
+from ..spec import LOCAL, ModelSpec
 from .segments import enforce_patch_lengths
-
-# Builds one residual block: (layer code, config, layer index) -> module called as
-# block(x (B, L, D), position_ids, conservation). The default is the single-device Block;
-# megatron_adapters passes a tensor-parallel one (the model never imports it).
-BlockFactory = Callable[[str, HyenaGLTConfig, int], nn.Module]
 
 _QUANTILE_MAX = 1 << 22  # torch.quantile's input limit is 2^24; sample below it
 
@@ -86,14 +81,15 @@ def entropy_config(config: HyenaGLTConfig) -> HyenaGLTConfig:
 
 
 class EntropyModel(nn.Module):
-    """A small causal byte LM (its own embedding, `entropy_pattern` blocks, tied output)."""
+    """A small causal byte LM (its own embedding, `entropy_pattern` blocks, tied output).
+    Its blocks follow the spec; its embedding and output stay replicated (they are small)."""
 
-    def __init__(self, config: HyenaGLTConfig, block: BlockFactory = Block):
+    def __init__(self, config: HyenaGLTConfig, spec: ModelSpec = LOCAL):
         super().__init__()
         cfg = entropy_config(config)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         params.tag(self.embed.weight, params.normal(cfg.init_std))
-        self.layers = nn.ModuleList(block(c, cfg, i) for i, c in enumerate(cfg.layers))
+        self.layers = nn.ModuleList(Block(c, cfg, i, spec) for i, c in enumerate(cfg.layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -111,13 +107,13 @@ def next_byte_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 class EntropyPatcher(nn.Module):
-    def __init__(self, config: HyenaGLTConfig, block: BlockFactory = Block):
+    def __init__(self, config: HyenaGLTConfig, spec: ModelSpec = LOCAL):
         super().__init__()
         self.mode, self.joint, self.adapt = config.entropy_mode, config.entropy_joint, config.entropy_adapt
         self.patch_size, self.min_patch, self.max_patch = config.patch_size, config.min_patch, config.max_patch
         self.window = config.entropy_window
         self.k = max(1, round(config.entropy_window / config.patch_size))
-        self.lm = EntropyModel(config, block)
+        self.lm = EntropyModel(config, spec)
         self.register_buffer("threshold", torch.tensor(float(config.entropy_threshold)))
 
     def statistic(self, entropy: torch.Tensor) -> torch.Tensor:
@@ -213,11 +209,11 @@ class AdaptiveTokenMerger(nn.Module):
         return float(self.bias)
 
 
-def make_patcher(config: HyenaGLTConfig, block: BlockFactory = Block) -> nn.Module:
+def make_patcher(config: HyenaGLTConfig, spec: ModelSpec = LOCAL) -> nn.Module:
     if config.patching == "static":
         return StaticPatcher(config)
     if config.patching == "entropy":
-        return EntropyPatcher(config, block)
+        return EntropyPatcher(config, spec)
     if config.patching == "learned":
         return AdaptiveTokenMerger(config)
     raise ValueError(f"patching: no patcher for {config.patching!r} (the plain model has none)")

@@ -23,19 +23,16 @@ compression term), token-weighted so they add up across ranks and micro-batches;
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .. import params
 from ..config import HyenaGLTConfig
 from ..layers import Block, RMSNorm
-from ..loss import weighted_cross_entropy
-from ..model import ByteInputEmbedding, CausalLMOutput, HyenaGLTForCausalLM
-from .patchers import AdaptiveTokenMerger, BlockFactory, EntropyPatcher, PatcherOutput, make_patcher, sub_config
+from ..model import ByteBackbone, CausalLM, CausalLMOutput
+from ..spec import LOCAL, ModelSpec
+from .patchers import AdaptiveTokenMerger, EntropyPatcher, PatcherOutput, make_patcher, sub_config
 from .position import BLTPositionManager
 from .segments import PatchInfo
 
@@ -48,46 +45,38 @@ class BLTCausalLMOutput(CausalLMOutput):
     patcher: PatcherOutput | None = None
 
 
-class BLTModel(ByteInputEmbedding, nn.Module):
+class BLTModel(ByteBackbone, nn.Module):
     """The U-shaped backbone: byte ids -> byte-level hidden states (B, L, D).
 
-    `block` builds every residual block (local encoder, global model, local decoder, entropy
-    model); the default is the single-device Block.
+    Every residual block (local encoder, global model, local decoder, entropy model) is the
+    plain model's `Block`, built with `spec`. With activation checkpointing the blocks are
+    recomputed in backward; the patcher and bridge, which keep state, are not.
     """
 
-    def __init__(self, config: HyenaGLTConfig, block: BlockFactory = Block):
+    def __init__(self, config: HyenaGLTConfig, spec: ModelSpec = LOCAL):
         super().__init__()
         if config.patching == "none":
             raise ValueError("patching: BLTModel needs patching 'static', 'entropy' or 'learned' (use HyenaGLTModel for 'none')")
-        self.config = config
+        if spec.seq_first:
+            raise ValueError("the token-merging U-shape runs batch-first: build it with a spec whose seq_first is False")
+        self.config, self.spec = config, spec
         enc_cfg = sub_config(config, config.local_encoder_pattern)
         dec_cfg = sub_config(config, config.local_decoder_pattern)
-        self.build_input_embeddings(config)
-        self.encoder = nn.ModuleList(block(c, enc_cfg, i) for i, c in enumerate(enc_cfg.layers))
-        self.patcher = make_patcher(config, block)
+        self.build_input_embeddings(config, spec)
+        self.encoder = nn.ModuleList(Block(c, enc_cfg, i, spec) for i, c in enumerate(enc_cfg.layers))
+        self.patcher = make_patcher(config, spec)
         self.positions = BLTPositionManager(config)
-        self.layers = nn.ModuleList(block(c, config, i) for i, c in enumerate(config.layers))  # global model
+        self.layers = nn.ModuleList(Block(c, config, i, spec) for i, c in enumerate(config.layers))  # global model
         self.global_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.decoder = nn.ModuleList(block(c, dec_cfg, i) for i, c in enumerate(dec_cfg.layers))
+        self.decoder = nn.ModuleList(Block(c, dec_cfg, i, spec) for i, c in enumerate(dec_cfg.layers))
         self.final_norm = RMSNorm(config.d_model, config.norm_eps)
-
 
     def encode(self, input_ids, seq_type=None, conservation=None, position_ids=None):
         x = self.embed_tokens(input_ids, seq_type)
         h = x
         for layer in self.encoder:
-            h = self._run(layer, h, position_ids, conservation)
+            h = self.run_block(layer, h, position_ids, conservation)
         return x, h
-
-    # Set by a trainer (train.activation_checkpointing): keep each block's input only and
-    # recompute the block in backward. Blocks are pure functions of their inputs, so the
-    # recomputation is exact (the patcher and bridge, which keep state, are not recomputed).
-    activation_checkpointing = False
-
-    def _run(self, layer, x, positions, conservation=None):
-        if self.activation_checkpointing and torch.is_grad_enabled():
-            return checkpoint(layer, x, positions, conservation, use_reentrant=False)
-        return layer(x, positions, conservation)
 
     def forward_with_info(
         self,
@@ -104,11 +93,11 @@ class BLTModel(ByteInputEmbedding, nn.Module):
         patches, info = self.positions.create_patch_representations(h, patcher_out.boundaries, slots, position_ids)
         g = patches
         for layer in self.layers:
-            g = self._run(layer, g, info.patch_positions)  # RoPE over the patches' original start positions
+            g = self.run_block(layer, g, info.patch_positions)  # RoPE over the patches' original start positions
         g = self.global_norm(g)
         y, _ = self.positions.reconstruct_byte_representations(g, info, h, patcher_out.gate)
         for layer in self.decoder:
-            y = self._run(layer, y, position_ids, conservation)
+            y = self.run_block(layer, y, position_ids, conservation)
         return self.final_norm(y), info, patcher_out
 
     def forward(self, input_ids, seq_type=None, conservation=None, position_ids=None) -> torch.Tensor:
@@ -125,28 +114,23 @@ class BLTModel(ByteInputEmbedding, nn.Module):
         return None
 
 
-class BLTForCausalLM(nn.Module):
+class BLTForCausalLM(CausalLM):
     """Next-byte LM over the U-shape; same forward signature and output as HyenaGLTForCausalLM."""
 
-    def __init__(self, config: HyenaGLTConfig, initialize: bool = True, block: BlockFactory = Block):
+    family = "token-merging"
+
+    @staticmethod
+    def accepts(config: HyenaGLTConfig) -> bool:
+        return config.patching != "none"
+
+    def __init__(self, config: HyenaGLTConfig, initialize: bool = True, spec: ModelSpec = LOCAL):
         super().__init__()
-        self.config = config
-        self.model = BLTModel(config, block)
-        if not config.tie_embeddings:
-            self.lm_head = params.linear(config.d_model, config.vocab_size, config.init_std)
+        self.check_config(config)
+        self.config, self.spec = config, spec
+        self.model = BLTModel(config, spec)
+        self.build_output(config, spec)
         if initialize:
             params.initialize(self, config.seed)
-
-    @property
-    def output_weight(self) -> torch.Tensor:
-        return self.model.embed.weight if self.config.tie_embeddings else self.lm_head.weight
-
-    # The two steps a tensor-parallel subclass replaces (vocab-sharded logits and their loss).
-    def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.output_weight)
-
-    def lm_loss(self, logits, labels, loss_weights) -> tuple[torch.Tensor, torch.Tensor]:
-        return weighted_cross_entropy(logits, labels, loss_weights)
 
     def forward(
         self,
@@ -160,7 +144,7 @@ class BLTForCausalLM(nn.Module):
         hidden, info, pout = self.model.forward_with_info(
             input_ids, seq_type, conservation, position_ids, labels, loss_weights
         )
-        logits = self.output_logits(hidden)
+        logits = self.logits(hidden)
         out = BLTCausalLMOutput(logits=logits, hidden_states=hidden, patch_info=info, patcher=pout,
                                 aux_loss_sum=pout.aux_loss_sum)
         if labels is not None:
@@ -172,15 +156,3 @@ class BLTForCausalLM(nn.Module):
 
     def calibrate_patcher(self, input_ids: torch.Tensor) -> float | None:
         return self.model.calibrate_patcher(input_ids)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    # Same checkpoint format (config.json + model.safetensors) and sampling loop as the plain model.
-    save_pretrained = HyenaGLTForCausalLM.save_pretrained
-    generate = HyenaGLTForCausalLM.generate
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, config: HyenaGLTConfig | None = None, map_location="cpu") -> "BLTForCausalLM":
-        return HyenaGLTForCausalLM.from_pretrained.__func__(cls, directory, config, map_location)
-
