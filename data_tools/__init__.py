@@ -2,10 +2,8 @@
 (`hyena-glt data stats`), and the training/evaluation loaders.
 
 Loaders (imported lazily, so the CLI starts fast):
-    GlobalBatchLoader   default loader: same global batches for any parallel layout, exact resume
+    GlobalBatchLoader   the training loader: same global batches for any parallel layout, exact resume
     eval_batches        a pack's validation windows in a fixed order
-    StreamingDataset    webdataset streaming for corpora too large to index
-    streaming_loader    StreamingDataset wrapped in a DataLoader
     PackedDataset       random access to one split of one pack
     make_batch          windows -> the batch dict (input_ids, labels, loss_weights, seq_type)
 """
@@ -15,8 +13,6 @@ from importlib import import_module
 _EXPORTS = {
     "GlobalBatchLoader": "loader",
     "eval_batches": "loader",
-    "StreamingDataset": "streaming",
-    "streaming_loader": "streaming",
     "PackedDataset": "dataset",
     "make_batch": "batching",
     "PackOptions": "pack",

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Union
 
@@ -65,7 +66,17 @@ class TrainSection(_Section):
 class DataSection(_Section):
     train: Union[str, list[str], dict[str, float]] = Field(..., description="packed dir(s), or {dir: weight}")
     val: Union[str, list[str], dict[str, float], None] = None
-    num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_removed_keys(cls, data):
+        # data.num_workers was accepted but never used (the indexed loader reads in the
+        # training process); it is dropped with a warning so that older configs and the
+        # train_config stored in older checkpoints (`hyena-glt reshard`) still load.
+        if isinstance(data, dict) and "num_workers" in data:
+            data = {k: v for k, v in data.items() if k != "num_workers"}
+            warnings.warn("data.num_workers is ignored: it was removed (it never had an effect)", UserWarning, stacklevel=2)
+        return data
 
 
 class CheckpointSection(_Section):

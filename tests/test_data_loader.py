@@ -1,6 +1,6 @@
 """Loaders: the batch convention, the same global batches for DP=1 and DP=2 (two torchrun
 processes), exact resume, epochs, mixing, reverse-complement augmentation, evaluation
-order, and the streaming mode."""
+order, and the removed data.num_workers setting."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from conftest import free_port, genome_path
 from test_data_support import pack_samples, read_fasta, revcomp, run_cli, write_fasta
 
-from data_tools import GlobalBatchLoader, PackedDataset, StreamingDataset, eval_batches, streaming_loader
+from data_tools import GlobalBatchLoader, PackedDataset, eval_batches
 from hyena_glt.tokenizer import BOS_ID, PAD_ID, SeqType
 
 REPO = Path(__file__).resolve().parents[1]
@@ -205,38 +205,20 @@ def test_eval_batches_fixed_order(packs):
     assert all(torch.equal(a["labels"], b["labels"]) for a, b in zip(interleaved, batches))
 
 
-def _rows(batches) -> list[bytes]:
-    return [bytes((row[row > 0] - 4).tolist()) for b in batches for row in b["labels"]]
+def test_removed_num_workers_setting_is_dropped_with_a_warning():
+    """data.num_workers never had an effect and was removed; configs (and the train_config
+    stored in older checkpoints, which `reshard` re-validates) that still carry it load."""
+    import warnings
 
+    from launch.train_config import TrainConfig
 
-def test_streaming_splits_over_dp_ranks_only(packs, monkeypatch):
-    # torchrun-style variables for a *global* rank must not change the data-parallel split.
-    monkeypatch.setenv("RANK", "3")
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    all_windows = sorted(v["seq"].upper() for v in pack_samples(packs["bacteria"]).values())
-    ranks = [_rows(StreamingDataset(packs["bacteria"], seq_len=1000, micro_batch_size=1, dp_rank=r, dp_size=2,
-                                    resampled=False, shuffle_buffer=50, seed=4)) for r in range(2)]
-    assert ranks[0] and ranks[1]
-    assert sorted(ranks[0] + ranks[1]) == all_windows  # each sample exactly once per pass
-    again = _rows(StreamingDataset(packs["bacteria"], seq_len=1000, micro_batch_size=1, dp_rank=0, dp_size=2,
-                                   resampled=False, shuffle_buffer=50, seed=4))
-    assert again == ranks[0]
-
-
-def test_streaming_resampled_mixing_and_workers(packs):
-    data = {str(packs["bacteria"]): 0.7, str(packs["phage"]): 0.3}
-    kw = dict(seq_len=1000, micro_batch_size=4, resampled=True, epoch_batches=30, seed=8)
-    tp_a = _rows(StreamingDataset(data, dp_rank=1, dp_size=2, **kw))
-    tp_b = _rows(StreamingDataset(data, dp_rank=1, dp_size=2, **kw))
-    other = _rows(StreamingDataset(data, dp_rank=0, dp_size=2, **kw))
-    assert len(tp_a) == 120 and tp_a == tp_b  # a model-parallel group gets the same stream
-    assert tp_a != other
-    phage = {v["seq"].upper() for v in pack_samples(packs["phage"]).values()}
-    share = sum(r in phage for r in tp_a) / len(tp_a)
-    assert 0.15 < share < 0.45, share
-    ds = StreamingDataset(data, **kw)
-    first = _rows(ds)
-    ds.set_epoch(1)
-    assert _rows(ds) != first
-    loader = streaming_loader(data, num_workers=2, **kw)
-    assert len(list(loader)) == 30
+    cfg = TrainConfig.load(REPO / "configs" / "tiny.yaml")
+    assert "num_workers" not in cfg.dump()["data"]
+    old = cfg.dump()
+    old["data"]["num_workers"] = 2
+    with pytest.warns(UserWarning, match="data.num_workers is ignored"):
+        again = TrainConfig.model_validate(old)
+    assert again.dump() == cfg.dump()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TrainConfig.model_validate(cfg.dump())  # no warning without the key

@@ -2,7 +2,7 @@
 survives merging, the byte<->patch bridge, and the U-shaped causal LM.
 
 Read in this order: segments.py (patch bookkeeping), patchers.py, bridge.py, position.py,
-ushape.py; bench.py is `hyena-glt bench merge`.
+ushape.py.
 """
 
 from .patchers import (

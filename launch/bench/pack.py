@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-BUNDLED = Path(__file__).resolve().parents[1] / "data" / "genomes"
+BUNDLED = Path(__file__).resolve().parents[2] / "data" / "genomes"
 
 
 def add_arguments(p) -> None:
@@ -55,7 +55,7 @@ def _median_times(cases: list, repeats: int) -> list[float]:
 
 
 def run(args) -> int:
-    from .fasta import discover_inputs
+    from data_tools.fasta import discover_inputs
 
     with tempfile.TemporaryDirectory() as tmp:
         files = discover_inputs(args.inputs)
@@ -73,8 +73,8 @@ def _run(args, files) -> int:
     import pyfastx
     import webdataset
 
-    from .fasta import check_file
-    from .pack import PackOptions, pack_job
+    from data_tools.fasta import check_file
+    from data_tools.pack import PackOptions, pack_job
 
     bases = sum(check_file(f).bases for f in files)
 

@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from .config import HyenaGLTConfig
-from .fftconv import causal_conv, causal_conv_reference
-from .layers import Block
-from .params import initialize
+from hyena_glt.config import HyenaGLTConfig
+from hyena_glt.fftconv import causal_conv, causal_conv_reference
+from hyena_glt.layers import Block
+from hyena_glt.params import initialize
 
 OPS = {"H": "long implicit (FFT)", "D": "medium regularized", "S": "short explicit", "*": "attention (SDPA)"}
 

@@ -7,7 +7,7 @@
    plain sinusoidal encoding, and the cross-attention bridge (pool + unpool) vs plain mean
    pooling + copying the previous patch back, fwd+bwd.
 3. Val bits/base of tiny unmerged vs merged models each trained for the same wall-clock
-   seconds on E. coli windows (read straight from the gzip FASTA; the last 10% is validation).
+   seconds on E. coli windows (read with data_tools' FASTA reader; the last 10% is validation).
 
 Each measurement of 1 and 2 runs in a forked child so its peak-memory increase is its own
 (large allocations mmap-backed so the peak follows live memory, not heap fragmentation),
@@ -21,7 +21,6 @@ idle machine), so every model gets the same compute even when other jobs steal c
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import platform
@@ -31,11 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..bench_ops import _in_child
-from ..config import HyenaGLTConfig
-from ..loss import weighted_cross_entropy
-from ..model import build_causal_lm
-from ..params import initialize
+from hyena_glt import HyenaGLTConfig, build_causal_lm
+from hyena_glt.params import initialize
+
+from .ops import _in_child
 
 DEFAULT_GENOME = Path(__file__).resolve().parents[2] / "data" / "genomes" / "ecoli_k12_w3110.fasta.gz"
 LN2 = math.log(2)
@@ -63,9 +61,14 @@ def add_arguments(p) -> None:
 
 
 def read_genome(path: str | Path) -> np.ndarray:
-    """Upper-cased bases of every record, concatenated, as uint8."""
-    with gzip.open(path, "rb") as f:
-        seq = b"".join(line.strip() for line in f if not line.startswith(b">"))
+    """Upper-cased bases of every record, concatenated, as uint8, read with data_tools'
+    FASTA reader (the file is checked first: a truncated or malformed file is an error)."""
+    from data_tools.fasta import check_file, read_records
+
+    path = Path(path)
+    check = check_file(path)
+    check.raise_if_bad()
+    seq = b"".join(r.seq for r in read_records(path, lambda: check))
     return np.frombuffer(seq.upper(), dtype=np.uint8)
 
 
@@ -144,8 +147,8 @@ def _throughput_job(cfg: HyenaGLTConfig, ids: torch.Tensor, repeats: int, thread
 
 # ---- 2. position system ----
 def _position_job(kind: str, L: int, D: int, repeats: int, threads: int, patch_size: float) -> dict:
-    from .position import BLTPositionManager, sinusoid
-    from .segments import patch_info, segment_sum
+    from hyena_glt.blt.position import BLTPositionManager, sinusoid
+    from hyena_glt.blt.segments import patch_info, segment_sum
 
     torch.set_num_threads(threads)
     cfg = HyenaGLTConfig(pattern="S", d_model=D, num_heads=max(2, D // 32), num_filter_groups=16,

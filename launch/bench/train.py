@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GENOME = REPO / "data" / "genomes" / "ecoli_k12_w3110.fasta.gz"
 SIZES = {
     "tiny": ["model.d_model=64", "model.num_heads=4", "model.num_filter_groups=8"],
