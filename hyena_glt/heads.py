@@ -6,7 +6,12 @@
 * `HyenaGLTForSequenceRegression`: pooling as for classification -> `num_labels` outputs, MSE.
 * `HyenaGLTMultiTask`: one shared backbone, named heads (`TaskSpec`), `TaskSampler` picks the
   task of each step by weight (a pure function of (seed, step): every data-parallel rank
-  agrees, and resuming needs no state), `MultiTaskMetrics` keeps per-task metrics.
+  agrees, and resuming needs no state), `MultiTaskMetrics` keeps per-task metrics (the
+  fine-tuning trainer's validation and `hyena-glt predict` use it).
+
+Task kinds are a registry, `TASK_KINDS`: one `TaskKind` entry per kind holds everything that
+differs between kinds (head, loss and its denominator, predictions, metrics, label encoding,
+`predict` output). Adding a kind means adding one entry; nothing else looks at kind names.
 
 Every head works on either backbone (plain or U-shaped, `model.build_backbone`). Losses are
 returned as (sum, count), like the LM's, so partial sums add up across ranks.
@@ -22,6 +27,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,12 +35,12 @@ from torch import nn
 
 from . import params
 from .config import HyenaGLTConfig
-from .model import CONFIG_NAME, WEIGHTS_NAME, build_backbone, check_state_dict, write_pretrained
+from .model import CONFIG_NAME, WEIGHTS_NAME, check_state_dict, write_pretrained
+from .registry import build_backbone
 from .tokenizer import PAD_ID
 
 HEAD_NAME = "head.json"
 TASKS_NAME = "tasks.json"  # a multi-task model directory
-TASKS = ("seq-cls", "token-cls", "regression")
 
 
 @dataclass
@@ -77,24 +83,187 @@ class TokenHead(nn.Module):
         return self.out(self.dropout(hidden))
 
 
+# ---- metrics ----
+def classification_metrics(preds: torch.Tensor, labels: torch.Tensor, num_labels: int | None = None) -> dict:
+    """accuracy, MCC (Gorodkin's multi-class R_K; the usual MCC for two classes) and F1
+    (of class 1 for two classes, macro otherwise). Ignores labels == -100."""
+    preds, labels = preds.detach().reshape(-1).long(), labels.detach().reshape(-1).long()
+    keep = labels != -100
+    preds, labels = preds[keep], labels[keep]
+    n = int(labels.numel())
+    if n == 0:
+        return {"accuracy": float("nan"), "mcc": float("nan"), "f1": float("nan"), "n": 0}
+    K = int(num_labels or int(max(preds.max(), labels.max())) + 1)
+    cm = torch.zeros(K, K, dtype=torch.float64)
+    cm.index_put_((labels, preds), torch.ones(n, dtype=torch.float64), accumulate=True)
+    correct, t, p = cm.trace(), cm.sum(1), cm.sum(0)
+    cov = correct * n - (t * p).sum()
+    denom = math.sqrt(float((n * n - (p * p).sum()) * (n * n - (t * t).sum())))
+    mcc = float(cov) / denom if denom > 0 else 0.0
+    tp = cm.diag()
+    prec = tp / p.clamp_min(1)
+    rec = tp / t.clamp_min(1)
+    f1s = torch.where(prec + rec > 0, 2 * prec * rec / (prec + rec), torch.zeros_like(prec))
+    f1 = float(f1s[1]) if K == 2 else float(f1s.mean())
+    return {"accuracy": float(correct) / n, "mcc": mcc, "f1": f1, "n": n}
+
+
+def regression_metrics(preds: torch.Tensor, targets: torch.Tensor) -> dict:
+    p, t = preds.detach().reshape(-1).double(), targets.detach().reshape(-1).double()
+    mse = float(((p - t) ** 2).mean()) if p.numel() else float("nan")
+    pc, tc = p - p.mean(), t - t.mean()
+    denom = float(pc.norm() * tc.norm())
+    pearson = float((pc * tc).sum()) / denom if denom > 0 else 0.0
+    return {"mse": mse, "pearson": pearson, "n": int(p.numel())}
+
+
+# ---- task kinds: the registry ----
+@dataclass(frozen=True)
+class TaskKind:
+    """Everything that differs between task kinds. Labels are tensors as `encode_label` makes
+    them (one example) and `collate_labels` batches them; -100 marks "no label"."""
+
+    name: str
+    # (d_model, num_labels, init std, dropout) -> module(hidden (B, L, D), mask (B, L)) -> logits
+    head: Callable[[int, int, float, float], nn.Module]
+    # (logits, labels) -> the loss summed over labelled outputs (fp32)
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    # labels -> the loss denominator (how many outputs are labelled); a function of the labels
+    # alone, so data parallelism can all-reduce it before the forward
+    weight: Callable[[torch.Tensor], torch.Tensor]
+    # logits -> predictions (class ids, or values), one per label position
+    predict: Callable[[torch.Tensor], torch.Tensor]
+    # (predictions, labels, num_labels) -> {"n": ..., metric: value}, flat inputs
+    metrics: Callable[[torch.Tensor, torch.Tensor, int], dict]
+    metric_keys: tuple[str, ...]  # the metrics printed, in order
+    # (training records, where) -> the label names in class-index order, or None (no classes)
+    label_names: Callable[[list, str], list[str] | None]
+    # (raw label, sequence, {label name: index}, max_len, where) -> this example's label tensor
+    encode_label: Callable[[str, str, dict, int, str], torch.Tensor]
+    # (label tensors, padded ids length) -> the batch's label tensor
+    collate_labels: Callable[[list, int], torch.Tensor]
+    output_header: str  # `predict`'s TSV columns after the id
+    # (one sequence's logits, its number of ids, label names) -> those columns
+    format_output: Callable[[torch.Tensor, int, list[str] | None], str]
+
+
+def _sort_labels(names) -> list[str]:
+    names = sorted(set(names))
+    try:
+        return sorted(names, key=float)
+    except ValueError:
+        return names
+
+
+def _class_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    flat = labels.reshape(-1).long()
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), flat.clamp_min(0), reduction="none")
+    return (ce * (flat != -100)).sum()
+
+
+def _labelled(labels: torch.Tensor) -> torch.Tensor:
+    return (labels != -100).sum().to(torch.float32)
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(-1)
+
+
+def _class_name(k: int, names: list[str] | None) -> str:
+    return names[k] if names else str(k)
+
+
+def _class_index(label: str, index: dict, where: str) -> int:
+    if label not in index:
+        raise ValueError(f"{where}: label {label!r} not among the training labels {list(index)}")
+    return index[label]
+
+
+def _seq_cls_output(logits: torch.Tensor, n_ids: int, names: list[str] | None) -> str:
+    probs = logits.float().softmax(-1)
+    return f"{_class_name(int(probs.argmax()), names)}\t" + ",".join(f"{float(q):.4f}" for q in probs)
+
+
+def _token_labels(raw: str, seq: str, where: str) -> list[str]:
+    from data_tools.labelled import token_labels  # the label-file syntax: one symbol / token per base
+
+    return token_labels(raw, len(seq), where)
+
+
+def _token_cls_label(raw: str, seq: str, index: dict, max_len: int, where: str) -> torch.Tensor:
+    toks = _token_labels(raw, seq, where)[:max_len]
+    bad = sorted(set(toks) - set(index))
+    if bad:
+        raise ValueError(f"{where}: token labels {bad} not among the training labels {list(index)}")
+    # The causal state at position i+1 has read base i: label it there; BOS gets none.
+    return torch.tensor([-100] + [index[t] for t in toks])
+
+
+def _pad_labels(labels: list, length: int) -> torch.Tensor:
+    out = torch.full((len(labels), length), -100, dtype=torch.long)
+    for i, lab in enumerate(labels):
+        out[i, : len(lab)] = lab
+    return out
+
+
+def _token_cls_output(logits: torch.Tensor, n_ids: int, names: list[str] | None) -> str:
+    sym = [_class_name(k, names) for k in logits[1:n_ids].argmax(-1).tolist()]
+    return ("" if all(len(x) == 1 for x in sym) else " ").join(sym)
+
+
+def _number(raw: str, seq: str, index: dict, max_len: int, where: str) -> torch.Tensor:
+    try:
+        return torch.tensor([float(raw)])
+    except ValueError:
+        raise ValueError(f"{where}: regression label {raw!r} is not a number") from None
+
+
+def _mse_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(logits.float(), labels.to(logits.dtype).reshape(logits.shape).float(), reduction="sum")
+
+
+TASK_KINDS: dict[str, TaskKind] = {k.name: k for k in (
+    TaskKind(
+        "seq-cls", head=PooledHead, loss=_class_loss, weight=_labelled, predict=_argmax,
+        metrics=classification_metrics, metric_keys=("accuracy", "mcc", "f1"),
+        label_names=lambda records, where: _sort_labels(r.label for r in records),
+        encode_label=lambda raw, seq, index, max_len, where: torch.tensor(_class_index(raw, index, where)),
+        collate_labels=lambda labels, length: torch.stack(labels),
+        output_header="label\tprobabilities", format_output=_seq_cls_output,
+    ),
+    TaskKind(
+        "token-cls", head=TokenHead, loss=_class_loss, weight=_labelled, predict=_argmax,
+        metrics=classification_metrics, metric_keys=("accuracy", "mcc", "f1"),
+        label_names=lambda records, where: _sort_labels(
+            t for r in records for t in _token_labels(r.label, r.sequence, f"{where}: {r.id}")),
+        encode_label=_token_cls_label, collate_labels=_pad_labels,
+        output_header="labels", format_output=_token_cls_output,
+    ),
+    TaskKind(
+        "regression", head=PooledHead, loss=_mse_sum,
+        weight=lambda labels: labels.new_tensor(float(labels.numel()), dtype=torch.float32),
+        predict=lambda logits: logits.float(), metrics=lambda p, y, num_labels: regression_metrics(p, y),
+        metric_keys=("mse", "pearson"), label_names=lambda records, where: None, encode_label=_number,
+        collate_labels=lambda labels, length: torch.stack(labels),
+        output_header="prediction", format_output=lambda logits, n_ids, names: f"{float(logits[0]):.6g}",
+    ),
+)}
+
+
+def task_kind(kind: str) -> TaskKind:
+    if kind not in TASK_KINDS:
+        raise ValueError(f"task kind: must be one of {', '.join(TASK_KINDS)}, got {kind!r}")
+    return TASK_KINDS[kind]
+
+
 def make_head(task: str, d_model: int, num_labels: int, std: float, dropout: float) -> nn.Module:
-    if task == "token-cls":
-        return TokenHead(d_model, num_labels, std, dropout)
-    if task in ("seq-cls", "regression"):
-        return PooledHead(d_model, num_labels, std, dropout)
-    raise ValueError(f"task: must be one of {', '.join(TASKS)}, got {task!r}")
+    return task_kind(task).head(d_model, num_labels, std, dropout)
 
 
 def task_loss(task: str, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum, count): CE per sequence / per labelled byte (-100 ignored), or squared error per output."""
-    if task == "regression":
-        target = labels.to(logits.dtype).reshape(logits.shape)
-        return F.mse_loss(logits.float(), target.float(), reduction="sum"), logits.new_tensor(float(logits.numel()))
-    flat_logits = logits.float().reshape(-1, logits.shape[-1])
-    flat = labels.reshape(-1).long()
-    valid = flat != -100
-    ce = F.cross_entropy(flat_logits, flat.clamp_min(0), reduction="none")
-    return (ce * valid).sum(), valid.sum().to(ce.dtype)
+    k = task_kind(task)
+    return k.loss(logits, labels), k.weight(labels)
 
 
 # ---- single-task models ----
@@ -129,6 +298,12 @@ class _HeadModel(nn.Module):
             out.loss_sum, out.weight_sum = task_loss(self.task, logits, labels)
             out.loss = out.loss_sum / out.weight_sum.clamp_min(1.0)
         return out
+
+    def loss_weight_sum(self, batch: dict) -> torch.Tensor | float:
+        """The loss denominator of a batch (its HeadOutput.weight_sum), from its labels alone
+        (replicated.ReplicatedModel all-reduces it before the forward)."""
+        labels = batch.get("labels")
+        return 0.0 if labels is None else task_kind(self.task).weight(labels)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -187,7 +362,14 @@ class HyenaGLTForSequenceRegression(_HeadModel):
     task = "regression"
 
 
-HEAD_MODELS = {m.task: m for m in (HyenaGLTForSequenceClassification, HyenaGLTForTokenClassification, HyenaGLTForSequenceRegression)}
+def head_model_class(kind: str) -> type[_HeadModel]:
+    """The single-task model class of a registered task kind: its named class above, or (a kind
+    without one) a plain _HeadModel subclass made once."""
+    task_kind(kind)
+    named = [m for m in _HeadModel.__subclasses__() if m.task == kind]
+    if not named:
+        named = [type(f"HyenaGLTHeadModel_{kind.replace('-', '_')}", (_HeadModel,), {"task": kind})]
+    return named[0]
 
 
 def load_head_model(directory: str | Path, map_location: str = "cpu") -> _HeadModel:
@@ -196,9 +378,9 @@ def load_head_model(directory: str | Path, map_location: str = "cpu") -> _HeadMo
     if not head_file.is_file():
         raise FileNotFoundError(f"{directory}: no {HEAD_NAME}; expected a directory written by `hyena-glt finetune`")
     task = json.loads(head_file.read_text()).get("task")
-    if task not in HEAD_MODELS:
+    if task not in TASK_KINDS:
         raise ValueError(f"{head_file}: unknown task {task!r}")
-    return HEAD_MODELS[task].from_pretrained(directory, map_location=map_location)
+    return head_model_class(task).from_pretrained(directory, map_location=map_location)
 
 
 # ---- multi-task ----
@@ -210,8 +392,8 @@ class TaskSpec:
     label_names: list[str] | None = None  # class names, index order (classification)
 
     def __post_init__(self):
-        if self.kind not in TASKS:
-            raise ValueError(f"kind: must be one of {', '.join(TASKS)}, got {self.kind!r}")
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"kind: must be one of {', '.join(TASK_KINDS)}, got {self.kind!r}")
         if self.num_labels < 1:
             raise ValueError(f"num_labels: must be >= 1, got {self.num_labels}")
         if not self.weight > 0:
@@ -246,6 +428,11 @@ class HyenaGLTMultiTask(nn.Module):
             out.loss_sum, out.weight_sum = task_loss(self.tasks[task].kind, logits, labels)
             out.loss = out.loss_sum / out.weight_sum.clamp_min(1.0)
         return out
+
+    def loss_weight_sum(self, batch: dict) -> torch.Tensor | float:
+        """The loss denominator of a batch of task `batch["task"]` (see _HeadModel.loss_weight_sum)."""
+        labels = batch.get("labels")
+        return 0.0 if labels is None else task_kind(self.tasks[batch["task"]].kind).weight(labels)
 
     def load_backbone(self, directory: str | Path, map_location: str = "cpu") -> None:
         """Backbone weights from a causal LM directory (its LM head is dropped)."""
@@ -299,43 +486,10 @@ class TaskSampler:
         return self.names[int(torch.multinomial(self.probs, 1, generator=g))]
 
 
-# ---- metrics ----
-def classification_metrics(preds: torch.Tensor, labels: torch.Tensor, num_labels: int | None = None) -> dict:
-    """accuracy, MCC (Gorodkin's multi-class R_K; the usual MCC for two classes) and F1
-    (of class 1 for two classes, macro otherwise). Ignores labels == -100."""
-    preds, labels = preds.detach().reshape(-1).long(), labels.detach().reshape(-1).long()
-    keep = labels != -100
-    preds, labels = preds[keep], labels[keep]
-    n = int(labels.numel())
-    if n == 0:
-        return {"accuracy": float("nan"), "mcc": float("nan"), "f1": float("nan"), "n": 0}
-    K = int(num_labels or int(max(preds.max(), labels.max())) + 1)
-    cm = torch.zeros(K, K, dtype=torch.float64)
-    cm.index_put_((labels, preds), torch.ones(n, dtype=torch.float64), accumulate=True)
-    correct, t, p = cm.trace(), cm.sum(1), cm.sum(0)
-    cov = correct * n - (t * p).sum()
-    denom = math.sqrt(float((n * n - (p * p).sum()) * (n * n - (t * t).sum())))
-    mcc = float(cov) / denom if denom > 0 else 0.0
-    tp = cm.diag()
-    prec = tp / p.clamp_min(1)
-    rec = tp / t.clamp_min(1)
-    f1s = torch.where(prec + rec > 0, 2 * prec * rec / (prec + rec), torch.zeros_like(prec))
-    f1 = float(f1s[1]) if K == 2 else float(f1s.mean())
-    return {"accuracy": float(correct) / n, "mcc": mcc, "f1": f1, "n": n}
-
-
-def regression_metrics(preds: torch.Tensor, targets: torch.Tensor) -> dict:
-    p, t = preds.detach().reshape(-1).double(), targets.detach().reshape(-1).double()
-    mse = float(((p - t) ** 2).mean()) if p.numel() else float("nan")
-    pc, tc = p - p.mean(), t - t.mean()
-    denom = float(pc.norm() * tc.norm())
-    pearson = float((pc * tc).sum()) / denom if denom > 0 else 0.0
-    return {"mse": mse, "pearson": pearson, "n": int(p.numel())}
-
-
 @dataclass
 class MultiTaskMetrics:
-    """Accumulates predictions per task; `compute()` -> {task: metrics}."""
+    """Accumulates predictions (and optionally losses) per task; `compute()` -> {task: metrics}.
+    `merge` adds another instance's accumulations (e.g. another data-parallel rank's share)."""
 
     tasks: dict[str, TaskSpec]
     _preds: dict[str, list] = field(default_factory=dict)
@@ -343,19 +497,23 @@ class MultiTaskMetrics:
     _loss: dict[str, list] = field(default_factory=dict)
 
     def update(self, task: str, logits: torch.Tensor, labels: torch.Tensor, loss_sum=None, weight_sum=None) -> None:
-        kind = self.tasks[task].kind
-        pred = logits.detach().float() if kind == "regression" else logits.detach().argmax(-1)
+        pred = task_kind(self.tasks[task].kind).predict(logits.detach())
         self._preds.setdefault(task, []).append(pred.reshape(-1).cpu())
         self._labels.setdefault(task, []).append(labels.detach().reshape(-1).cpu())
         if loss_sum is not None:
-            self._loss.setdefault(task, []).append((float(loss_sum.detach()) if torch.is_tensor(loss_sum) else float(loss_sum), float(weight_sum)))
+            s, w = (float(x.detach()) if torch.is_tensor(x) else float(x) for x in (loss_sum, weight_sum))
+            self._loss.setdefault(task, []).append((s, w))
+
+    def merge(self, other: "MultiTaskMetrics") -> None:
+        for mine, theirs in ((self._preds, other._preds), (self._labels, other._labels), (self._loss, other._loss)):
+            for task, items in theirs.items():
+                mine.setdefault(task, []).extend(items)
 
     def compute(self) -> dict[str, dict]:
         out = {}
         for task, preds in self._preds.items():
-            p, y = torch.cat(preds), torch.cat(self._labels[task])
             spec = self.tasks[task]
-            m = regression_metrics(p, y) if spec.kind == "regression" else classification_metrics(p, y, spec.num_labels)
+            m = task_kind(spec.kind).metrics(torch.cat(preds), torch.cat(self._labels[task]), spec.num_labels)
             if task in self._loss:
                 s, w = map(sum, zip(*self._loss[task]))
                 m["loss"] = s / max(w, 1e-8)

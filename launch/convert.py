@@ -9,23 +9,21 @@ processes as wrote it) and the logits of a probe batch are compared.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 PROBE_SEED, PROBE_LEN, PROBE_BATCH = 1234, 256, 2
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    from .checkpoint import latest_checkpoint
+    from .checkpoint import META, latest_checkpoint
 
     path = Path(path)
-    if (path / "meta.json").is_file():
+    if (path / META).is_file():
         return path
     found = latest_checkpoint(path) if path.is_dir() else None
     if found is None:
@@ -35,12 +33,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def convert(ckpt: str | Path, out_dir: str | Path):
     from hyena_glt import HyenaGLTConfig
-    from hyena_glt.model import build_causal_lm, check_state_dict
+    from hyena_glt import build_causal_lm
+    from hyena_glt.model import check_state_dict
 
-    from .checkpoint import full_model_state
+    from .checkpoint import full_model_state, read_meta
 
     path = resolve_checkpoint(ckpt)
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_meta(path)
     cfg = HyenaGLTConfig.from_dict(meta["model_config"])
     state = full_model_state(path)
     model = build_causal_lm(cfg, initialize=False)
@@ -63,15 +62,17 @@ def _verify(path: Path, out_dir: Path, meta: dict) -> float:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result = out_dir / "verify_logits.pt"
+    result = out_dir / "verify_logits.safetensors"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--rdzv-backend", "c10d",
            "--rdzv-endpoint", f"127.0.0.1:{port}", "-m", "launch.convert", "--probe", str(path), str(result)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode != 0:
         raise RuntimeError(f"--verify: the sharded model failed to run:\n{proc.stderr[-3000:]}")
-    from hyena_glt.model import load_causal_lm
+    from hyena_glt import load_causal_lm
 
-    sharded = torch.load(result, weights_only=True)
+    from .checkpoint import read_tensors
+
+    sharded = read_tensors(result)["logits"]
     result.unlink()
     single = load_causal_lm(out_dir).eval()
     with torch.no_grad():
@@ -87,10 +88,10 @@ def _probe_worker(ckpt: str, result: str) -> None:
     from megatron_adapters.groups import destroy_parallel, initialize_parallel
     from megatron_adapters.parallel_config import ParallelConfig
 
-    from .checkpoint import ShardReader
+    from .checkpoint import ShardReader, read_meta
     from .trainer import build_model
 
-    meta = json.loads((Path(ckpt) / "meta.json").read_text())
+    meta = read_meta(ckpt)
     lay = meta["layout"]
     cfg = HyenaGLTConfig.from_dict(meta["model_config"])
     layout = initialize_parallel(ParallelConfig(tp=lay["tp"], cp=lay["cp"], pp=lay["pp"], sp=lay["sp"]), cfg,
@@ -108,23 +109,26 @@ def _probe_worker(ckpt: str, result: str) -> None:
     pm.forward_backward([{"input_ids": ids, "labels": ids}] * lay["pp"], forward_only=True, logits_out=logits)
     c = pm.ctx.coords
     if logits and c.tp == 0 and c.cp == 0 and c.dp == 0:  # one rank of the last stage writes
-        torch.save(logits[0].cpu(), result)
+        from .checkpoint import write_tensors
+
+        write_tensors(result, {"logits": logits[0]})
     dist.barrier()
     destroy_parallel()
 
 
 def reshard(ckpt: str | Path, out_dir: str | Path, overrides: list[str]) -> Path:
     """Rewrite a checkpoint's model and optimizer shards for another tp/pp (cp, dp and the
-    ZeRO stage need no rewrite: any checkpoint loads under them as it is)."""
+    ZeRO stage need no rewrite: any checkpoint loads under them as it is). Written with
+    launch/checkpoint.py's writer (shards, meta.json, `latest`), as a training run would."""
     from hyena_glt import HyenaGLTConfig
     from megatron_adapters.parallel_config import ParallelConfig, make_layout
     from megatron_adapters.state_dict import shard_state_dict
 
-    from .checkpoint import FORMAT, ShardReader, _shard_file
+    from .checkpoint import ShardReader, commit, new_folder, read_meta, write_meta, write_shards
     from .train_config import TrainConfig, apply_override
 
     path = resolve_checkpoint(ckpt)
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_meta(path)
     train = meta["train_config"]
     for item in overrides:
         if not item.startswith(("parallel.", "zero.")):
@@ -136,12 +140,12 @@ def reshard(ckpt: str | Path, out_dir: str | Path, overrides: list[str]) -> Path
     pcfg = ParallelConfig(tp=p.tp, cp=p.cp, pp=p.pp, sp=p.sp)
     mp = p.tp * p.cp * p.pp
     layout = make_layout(pcfg, cfg, mp, seq_length=new.train.seq_len)
-    out = Path(out_dir) / path.name
-    out.mkdir(parents=True, exist_ok=True)
+    root = Path(out_dir)
+    tmp = new_folder(root, meta["step"])
     model = ShardReader(path, "model")
     full = {n: model.full(n) for n in model.keys()}
-    has_optim = any(path.glob("optim-*.safetensors"))
-    if has_optim:
+    states = {}
+    if any(path.glob("optim-*.safetensors")):
         optim = ShardReader(path, "optim")
         states = {k: {n: optim.full(f"{k}/{n}", n) for n in model.keys() if f"{k}/{n}" in optim.where}
                   for k in ("exp_avg", "exp_avg_sq")}
@@ -149,19 +153,15 @@ def reshard(ckpt: str | Path, out_dir: str | Path, overrides: list[str]) -> Path
         c = layout.coords(rank)
         if c.cp != 0:
             continue
-        save_file({n: t.contiguous() for n, t in shard_state_dict(full, layout, rank).items()},
-                  str(out / _shard_file("model", c.tp, c.pp)), metadata={"format": FORMAT})
-        if has_optim:
-            shard = {}
-            for k, st in states.items():
-                shard.update({f"{k}/{n}": t.contiguous() for n, t in _shard_partial(st, layout, rank).items()})
-            save_file(shard, str(out / _shard_file("optim", c.tp, c.pp)))
+        shard = {}
+        for k, st in states.items():
+            shard.update({f"{k}/{n}": t for n, t in _shard_partial(st, layout, rank).items()})
+        write_shards(tmp, c.tp, c.pp, shard_state_dict(full, layout, rank), shard)
     meta["train_config"] = new.model_dump(mode="json")
     meta["layout"] = {"tp": p.tp, "cp": p.cp, "pp": p.pp, "sp": p.sp, "dp": None, "world_size": None,
                       "zero_stage": new.zero.stage}
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    (Path(out_dir) / "latest").write_text(out.name + "\n")
-    return out
+    write_meta(tmp, {k: v for k, v in meta.items() if k not in ("format", "version")})
+    return commit(tmp, root, meta["step"])
 
 
 def _shard_partial(states: dict[str, torch.Tensor], layout, rank: int) -> dict[str, torch.Tensor]:

@@ -1,11 +1,28 @@
-"""AdamW with the no-weight-decay groups the model flags, and warmup + cosine LR."""
+"""AdamW with the no-weight-decay groups the model flags, and warmup + cosine LR.
+
+Pretraining (`hyena-glt train`, through optimizer_step.py) and fine-tuning
+(`hyena-glt finetune`) both build their optimizer with `build_adamw` and set the LR of
+every step with `lr_at`.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class AdamWSettings:
+    """What optimizer_step.PlainOptimizer reads (pretraining passes its `train` config section,
+    which has the same fields)."""
+
+    lr: float
+    weight_decay: float
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

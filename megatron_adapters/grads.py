@@ -9,6 +9,11 @@
    `D`/`H` filters, produce gradients only for their own channel slice, so reducing over
    DP alone would be wrong. It is a *sum* because every rank's loss is already divided
    by the global token weight (see build.ParallelModel.forward_backward).
+
+`allreduce_reached_grads` is the data-parallel sum for a model whose loss does not reach
+every parameter every step (replicated.ReplicatedModel: a multi-task model trains one
+task's head per step): the parameters with a gradient on any rank are summed, the others
+keep grad None on every rank, as on one process, so AdamW leaves them alone.
 """
 
 from __future__ import annotations
@@ -42,6 +47,23 @@ def allreduce_coalesced(grads: list[torch.Tensor], group: dist.ProcessGroup) -> 
                 for t, r in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket)):
                     t.copy_(r)
                 bucket, size = [], 0
+
+
+def allreduce_reached_grads(params: list[nn.Parameter], group: dist.ProcessGroup) -> None:
+    """Sum over `group` the gradients of the parameters that have one on any rank (a rank
+    whose loss did not reach a parameter, or that had no examples, contributes zeros)."""
+    if group.size() == 1:
+        return
+    device = params[0].device if params else torch.device("cpu")
+    reached = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+    dist.all_reduce(reached, group=group)
+    grads = []
+    for p, r in zip(params, reached.tolist()):
+        if r:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+    allreduce_coalesced(grads, group)
 
 
 def _params(chunks: Iterable[nn.Module]) -> list[nn.Parameter]:

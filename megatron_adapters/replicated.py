@@ -1,12 +1,21 @@
 """Data parallelism for a whole-model module, with the ParallelModel step interface.
 
-Models the pipeline chunks do not cover (the token-merging U-shape, whose patch boundaries
-depend on the data) run as one module per rank: the single-device model, or its
-tensor-parallel shard (merging.py), and each data-parallel rank takes its share of the
-global batch. `forward_backward` follows the same contract as
-build.ParallelModel.forward_backward: the loss denominator (total loss weight) is
-all-reduced first, each rank back-propagates its local weighted sum divided by it, and
-gradients are summed over data parallel, so the result equals one process on the whole batch.
+Models the pipeline chunks do not cover run as one module per rank, and each data-parallel
+rank takes its share of the global batch:
+
+* the token-merging U-shape (patch boundaries depend on the data): the single-device model,
+  or its tensor-parallel shard (merging.py);
+* the fine-tuning models of hyena_glt.heads (a task head, or a multi-task model whose
+  micro-batches name their task: {"input_ids", "labels", "task"}).
+
+`forward_backward` follows the same contract as build.ParallelModel.forward_backward: the
+loss denominator (total loss weight) is all-reduced first, each rank back-propagates its
+local weighted sum divided by it, and gradients are summed over data parallel, so the result
+equals one process on the whole batch. The loss weight of a micro-batch is its
+`loss_weights` (language models; default from the labels), or what the model's
+`loss_weight_sum(micro_batch)` says (task heads: a function of the labels, the denominator
+their HeadOutput.weight_sum reports). Parameters no rank's loss reached keep grad None
+(grads.allreduce_reached_grads), so an optimizer step leaves them alone, as on one process.
 """
 
 from __future__ import annotations
@@ -17,9 +26,11 @@ from torch import nn
 
 from hyena_glt.loss import default_loss_weights
 
-from .grads import allreduce_coalesced
-from .sharding import named_persistent_buffers
+from .grads import allreduce_reached_grads
 from .groups import RankContext
+from .sharding import named_persistent_buffers
+
+BATCH_KEYS = ("input_ids", "labels", "loss_weights", "seq_type", "conservation", "task")
 
 
 class ReplicatedModel(nn.Module):
@@ -46,16 +57,28 @@ class ReplicatedModel(nn.Module):
     def state_dict(self, *args, **kwargs):  # type: ignore[override]
         return {n: p.detach() for n, p in self.named_parameters()}
 
+    def _local(self, mb: dict) -> dict:
+        """The micro-batch on this device, with its loss weights (language models)."""
+        out = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in mb.items()
+               if k in BATCH_KEYS and v is not None}
+        if not hasattr(self.model, "loss_weight_sum") and "labels" in out and "loss_weights" not in out:
+            out["loss_weights"] = default_loss_weights(out["labels"])
+        return out
+
+    def _weight(self, mb: dict) -> torch.Tensor:
+        own = getattr(self.model, "loss_weight_sum", None)
+        if own is not None:
+            return torch.as_tensor(own(mb), dtype=torch.float64)
+        if "loss_weights" in mb:
+            return mb["loss_weights"].double().sum()
+        return torch.zeros((), dtype=torch.float64)
+
     def forward_backward(self, micro_batches: list[dict], *, forward_only: bool = False, reduce_dp_cp: bool = True,
                          grad_reduction: str = "sum", logits_out: list | None = None):
         group = self.ctx.dp_cp_group
-        keys = ("input_ids", "labels", "loss_weights", "seq_type", "conservation")
-        local = [{k: mb[k].to(self.device) for k in keys if mb.get(k) is not None} for mb in micro_batches]
-        for mb in local:
-            if "labels" in mb and "loss_weights" not in mb:
-                mb["loss_weights"] = default_loss_weights(mb["labels"])
-        weight_sum = sum((mb["loss_weights"].double().sum() for mb in local if "loss_weights" in mb),
-                         torch.zeros((), dtype=torch.float64)).to(self.device)
+        local = [self._local(mb) for mb in micro_batches]
+        weight_sum = sum((self._weight(mb).to(self.device) for mb in local),
+                         torch.zeros((), dtype=torch.float64, device=self.device))
         dist.all_reduce(weight_sum, group=group)
         scale = (group.size() if grad_reduction == "mean" else 1.0) / weight_sum.clamp_min(1e-8)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -72,14 +95,8 @@ class ReplicatedModel(nn.Module):
                 if not forward_only and out.loss_sum is not None:
                     (out.loss_sum * scale.to(out.loss_sum.dtype)).backward()
         dist.all_reduce(loss_sum, group=group)
-        if not forward_only and reduce_dp_cp and group.size() > 1:
-            grads = []
-            for p in self.model.parameters():
-                if p.requires_grad:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    grads.append(p.grad)
-            allreduce_coalesced(grads, group)
+        if not forward_only and reduce_dp_cp:
+            allreduce_reached_grads([p for p in self.model.parameters() if p.requires_grad], group)
         self.model.train()
         return loss_sum, weight_sum
 

@@ -337,8 +337,9 @@ def test_finetune_resumes_where_it_stopped_with_the_same_steps(lambda_phage, tmp
 def test_finetune_step_leaves_the_other_tasks_heads_untouched(lambda_phage, tmp_path):
     from types import SimpleNamespace
 
-    from launch.finetune import prepare_task
-    from launch.finetune_trainer import DataParallel, Finetuner, FinetuneJob
+    from launch.finetune_data import prepare_task
+    from launch.finetune_trainer import Finetuner, FinetuneJob, start_data_parallel
+    from megatron_adapters.groups import destroy_parallel
 
     _write_multitask(read_genome(lambda_phage), tmp_path, n=16)
     data = {"gc": prepare_task("regression", str(tmp_path / "gc_train.tsv"), None, 128),
@@ -346,9 +347,34 @@ def test_finetune_step_leaves_the_other_tasks_heads_untouched(lambda_phage, tmp_
     tasks = {n: TaskSpec(d.kind, d.num_labels) for n, d in data.items()}
     model = HyenaGLTMultiTask(tiny(), tasks)
     args = SimpleNamespace(batch_size=8, lr=1e-3, weight_decay=0.1, epochs=1, max_steps=0, seed=0, out=str(tmp_path))
-    trainer = Finetuner(FinetuneJob(model, tasks, data, multi=True), args, DataParallel())
-    before = {n: p.detach().clone() for n, p in model.heads["rich"].named_parameters()}
-    trainer.train_step("gc")
-    trainer.train_step("gc")
+    ctx = start_data_parallel(model.config)
+    try:
+        trainer = Finetuner(FinetuneJob(model, tasks, data, multi=True), args, ctx)
+        before = {n: p.detach().clone() for n, p in model.heads["rich"].named_parameters()}
+        trainer.train_step("gc")
+        trainer.train_step("gc")
+    finally:
+        destroy_parallel()
     assert all(torch.equal(p, before[n]) for n, p in model.heads["rich"].named_parameters())  # no decay, no momentum
     assert not torch.equal(model.heads["gc"].out.weight, HyenaGLTMultiTask(tiny(), tasks).heads["gc"].out.weight)
+
+
+def test_a_new_task_kind_is_one_registry_entry(lambda_phage, tmp_path, monkeypatch, capsys):
+    """A kind registered in TASK_KINDS (here: seq-cls under another name, with its own output
+    header) is fine-tuned, checkpointed and predicted by the commands with nothing else added."""
+    from dataclasses import replace
+
+    from hyena_glt.heads import TASK_KINDS
+    from launch.cli import main
+
+    monkeypatch.setitem(TASK_KINDS, "seq-cls-2", replace(TASK_KINDS["seq-cls"], name="seq-cls-2",
+                                                         output_header="class\tscores"))
+    _write_files(read_genome(lambda_phage), tmp_path, n=8)
+    HyenaGLTForCausalLM(tiny()).save_pretrained(tmp_path / "lm")
+    rc = main(["finetune", "--model", str(tmp_path / "lm"), "--task", "seq-cls-2", "--train", str(tmp_path / "train.csv"),
+               "--val", str(tmp_path / "val.fa"), "--out", str(tmp_path / "ft"), "--max-steps", "2", "--batch-size", "8"])
+    assert rc == 0 and "mcc" in capsys.readouterr().out
+    rc = main(["predict", "--model", str(tmp_path / "ft"), "--input", str(tmp_path / "val.fa")])
+    out = capsys.readouterr().out.splitlines()
+    assert rc == 0 and out[0] == "id\tclass\tscores" and out[1].split("\t")[1] in ("real", "shuffled")
+    assert out[-1].startswith("metrics: accuracy")

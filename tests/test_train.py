@@ -271,7 +271,7 @@ def test_token_merging_trains_under_data_parallel_with_the_same_losses(packs, tm
     model = tmp_path / "model"
     subprocess.run([*_cli(), "convert", str(dp2 / "ckpt"), str(model)], check=True, cwd=REPO, env=_env(),
                    capture_output=True)
-    from hyena_glt.model import load_causal_lm
+    from hyena_glt import load_causal_lm
 
     assert type(load_causal_lm(model)).__name__ == "BLTForCausalLM"
 
@@ -291,7 +291,7 @@ def test_token_merging_trains_under_tensor_parallel_with_the_same_losses(packs, 
         verify = ["--verify"] if run == tp2 else []  # the TP=2 model on a probe batch == the converted one
         subprocess.run([*_cli(), "convert", str(run / "ckpt"), str(tmp_path / f"model-{run.name}"), *verify],
                        check=True, cwd=REPO, env=_env(), capture_output=True)
-        from hyena_glt.model import load_causal_lm
+        from hyena_glt import load_causal_lm
 
         models[run.name] = load_causal_lm(tmp_path / f"model-{run.name}")
     # Weights after Adam are not compared element-wise (a near-zero gradient's update direction
