@@ -77,3 +77,18 @@ def causal_conv_reference(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     h = h[..., :L].float()
     y = torch.fft.irfft(torch.fft.rfft(z.float(), n=n) * torch.fft.rfft(h, n=n), n=n)[..., :L]
     return y.to(z.dtype)
+
+
+def fir_extend(z: torch.Tensor, h: torch.Tensor, history: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Continue a causal convolution with a finite filter h (C, K) past the inputs in
+    `history` (B, C, K-1; None: the sequence starts here, zeros as in the causal padding).
+    Returns (y (B, C, T), the new history). One new position costs O(C K)."""
+    K = h.shape[-1]
+    if history is None:
+        history = z.new_zeros(*z.shape[:-1], K - 1)
+    zf = torch.cat([history.to(z.dtype), z], dim=-1)
+    if z.shape[-1] == 1:
+        y = (zf[..., -K:] * h.flip(-1).to(z.dtype)).sum(-1, keepdim=True)
+    else:
+        y = causal_conv(zf, h)[..., K - 1 :]
+    return y, zf[..., zf.shape[-1] - (K - 1) :]

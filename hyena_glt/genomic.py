@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import params
+from .fftconv import fir_extend
 from .spec import LOCAL, ModelSpec
 from .tokenizer import SeqType
 
@@ -37,6 +38,21 @@ class MotifBranch(nn.Module):
             params.new_param((d_model, k), params.fan_in_uniform(k), no_weight_decay=True) for k in kernel_sizes
         )
         self.proj = params.linear(d_model * len(kernel_sizes), d_model, std)
+
+    @property
+    def history_len(self) -> int:
+        return max(h.shape[-1] for h in self.filters) - 1
+
+    def extend(self, x: torch.Tensor, history: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference (batch-first): the branch's output for new positions x (B, T, D) given the
+        embeddings before them (B, D, history_len); returns (output, new history)."""
+        xt = x.transpose(1, 2)
+        if history is None:
+            history = xt.new_zeros(*xt.shape[:-1], self.history_len)
+        full = torch.cat([history.to(xt.dtype), xt], dim=-1)
+        feats = [torch.nn.functional.silu(fir_extend(xt, h, history[..., history.shape[-1] - (h.shape[-1] - 1):])[0])
+                 for h in self.filters]
+        return self.proj(torch.cat(feats, dim=1).transpose(1, 2)), full[..., full.shape[-1] - self.history_len :]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xt = self.spec.to_channels(x)

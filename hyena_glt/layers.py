@@ -76,3 +76,11 @@ class Block(nn.Module):
             y = y * (1 + self.conservation_gate * conservation[..., None].to(y.dtype))
         x = x + y
         return x + self.mlp(self.mlp_norm(x))
+
+    def extend(self, x, position_ids, state: dict | None, conservation=None):
+        """Inference: continue from the mixer's cache entry; returns (output, new entry)."""
+        y, state = self.mixer.extend(self.mixer_norm(x), position_ids, state)
+        if conservation is not None and hasattr(self, "conservation_gate"):
+            y = y * (1 + self.conservation_gate * conservation[..., None].to(y.dtype))
+        x = x + y
+        return x + self.mlp(self.mlp_norm(x)), state

@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from . import params
 from .config import HyenaGLTConfig
 from .genomic import MotifBranch, SeqTypeEmbedding
+from .cache import InferenceCache
 from .layers import Block, RMSNorm
 from .loss import weighted_cross_entropy
 from .spec import LOCAL, ModelSpec
@@ -142,6 +143,31 @@ class HyenaGLTModel(ByteBackbone, nn.Module):
             x = self.run_block(layer, x, position_ids, conservation)
         return self.final_norm(x) if self.stage.last else x
 
+    @torch.no_grad()
+    def extend(self, input_ids: torch.Tensor, cache: InferenceCache, conservation: torch.Tensor | None = None,
+               upto: int | None = None) -> torch.Tensor:
+        """Inference: hidden states of the next positions `input_ids` (B, T) of the sequences in
+        `cache`, which is updated in place. The same result as the forward over the whole
+        sequence, at a cost that does not grow with what came before (but for attention's
+        reads of its K/V cache). `upto`: stop after that many blocks and return their output
+        (no final norm; later blocks' cache entries are then not advanced)."""
+        if self.spec is not LOCAL or not (self.stage.first and self.stage.last):
+            raise ValueError("cached inference runs the whole single-device model (spec LOCAL)")
+        T = input_ids.shape[1]
+        positions = cache.lengths[:, None] + torch.arange(T, device=input_ids.device)
+        x = self.embed(input_ids)
+        if cache.seq_type is not None and hasattr(self, "seq_type_embed"):
+            x = x + self.seq_type_embed(cache.seq_type)[:, None]
+        if hasattr(self, "motif"):
+            m, cache.motif = self.motif.extend(x, cache.motif)
+            x = x + m
+        cache.lengths = cache.lengths + T
+        for n, (i, layer) in enumerate(zip(self.stage.layers, self.layers)):
+            if upto is not None and n == upto:
+                return x
+            x, cache.layers[i] = layer.extend(x, positions, cache.layers.get(i), conservation)
+        return x if upto is not None else self.final_norm(x)
+
 
 class CausalLM(nn.Module):
     """Base of the causal LMs: `self.model` (a backbone with `embed`), the output layer (tied
@@ -211,35 +237,15 @@ class CausalLM(nn.Module):
         model.load_state_dict(state, strict=True)
         return model
 
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        generator: torch.Generator | None = None,
-        seq_type: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Sample continuations of (B, L) prompts. Recomputes the full prefix each step
-        (no recurrent state cache), so cost grows with the square of the output length."""
-        from .tokenizer import NUM_SPECIAL
+    # Whether prefill / step keep an inference cache; without one, generation recomputes the prefix.
+    supports_cache = False
 
-        ids = input_ids
-        for _ in range(max_new_tokens):
-            logits = self(ids, seq_type=seq_type).logits[:, -1].float()
-            logits[:, :NUM_SPECIAL] = float("-inf")  # sample bytes only
-            logits[:, NUM_SPECIAL + 256 :] = float("-inf")  # padded vocab rows are never real tokens
-            if temperature <= 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
-            ids = torch.cat([ids, nxt], dim=1)
-        return ids
+    def generate(self, prompts, max_new_tokens: int, **sampling):
+        """Sample continuations; see hyena_glt.inference.generate (prompts: a (B, L) tensor or
+        a list of 1-D id tensors of different lengths)."""
+        from .inference import generate
+
+        return generate(self, prompts, max_new_tokens, **sampling)
 
 
 class HyenaGLTForCausalLM(CausalLM):
@@ -284,6 +290,26 @@ class HyenaGLTForCausalLM(CausalLM):
             out.loss_sum, out.weight_sum = self.lm_loss(logits, labels, loss_weights)
             out.loss = out.loss_sum / out.weight_sum.clamp_min(1e-8)
         return out
+
+    # ---- inference with a cache (hyena_glt/cache.py): prefill once, then O(1) steps ----
+    supports_cache = True
+
+    def new_cache(self, batch_size: int, seq_type: torch.Tensor | None = None) -> InferenceCache:
+        return InferenceCache.empty(batch_size, seq_type, device=self.output_weight.device)
+
+    @torch.no_grad()
+    def extend(self, input_ids: torch.Tensor, cache: InferenceCache, conservation=None) -> torch.Tensor:
+        """Logits (B, T, V) of the next positions; `cache` advances by T."""
+        return self.logits(self.model.extend(input_ids, cache, conservation))
+
+    def prefill(self, input_ids: torch.Tensor, seq_type: torch.Tensor | None = None) -> tuple[torch.Tensor, InferenceCache]:
+        """Run the prompt (B, L) through the normal (FFT) path; returns its logits and the cache."""
+        cache = self.new_cache(input_ids.shape[0], seq_type)
+        return self.extend(input_ids, cache), cache
+
+    def step(self, tokens: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
+        """Logits (B, V) after one more token per row (B,); O(1) per Hyena layer."""
+        return self.extend(tokens.reshape(-1, 1), cache)[:, -1]
 
 
 def read_config(directory: str | Path, need_weights: bool = False) -> HyenaGLTConfig:

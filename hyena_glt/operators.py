@@ -25,8 +25,12 @@ import torch
 from torch import nn
 
 from .config import HyenaGLTConfig
+from .fftconv import fir_extend
 from .filters import DecayedMediumFilter, GroupedShortFilter, ModalFilter, ShortConv
 from .spec import LOCAL, ModelSpec
+
+# Inference (`extend`): single device, batch-first. Every mixer continues a sequence from its
+# cache entry (hyena_glt/cache.py) and returns the new one; `position_ids` (B, T) are global.
 
 
 def split_interleaved(u: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -70,6 +74,20 @@ class HyenaOperator(nn.Module):
             z = spec.long_conv(z, self.filter)
         return self.out_proj(spec.from_channels(x1 * z))
 
+    def extend(self, x: torch.Tensor, position_ids: torch.Tensor, state: dict | None) -> tuple[torch.Tensor, dict]:
+        state = state or {}
+        u, feat = fir_extend(self.in_proj(x).transpose(1, 2), self.featurizer.weight, state.get("feat"))
+        x1, x2, v = split_interleaved(u, self.groups)
+        z = x2 * v
+        if self.code == "H":
+            y, filt_state = self.filter.extend(z, state.get("modal"))
+            new = {"feat": feat, "modal": filt_state}
+        else:
+            y, filt_state = fir_extend(z, self.filter.filter(), state.get("fir"))
+            new = {"feat": feat, "fir": filt_state}
+        y = y + self.filter.skip.to(z.dtype)[:, None] * z
+        return self.out_proj((x1 * y).transpose(1, 2)), new
+
 
 def rope(x: torch.Tensor, position_ids: torch.Tensor, base: float) -> torch.Tensor:
     """Rotary embedding. x: (B, heads, L, head_dim); position_ids: (B or 1, L), global positions
@@ -112,6 +130,69 @@ class CausalSelfAttention(nn.Module):
         y = spec.attention(q, k, qkv[2], pos)  # (B, h, L, hd)
         y = y.permute(2, 0, 1, 3) if spec.seq_first else y.transpose(1, 2)
         return self.out_proj(y.reshape(*y.shape[:2], self.num_heads * self.head_dim))
+
+    def extend(self, x: torch.Tensor, position_ids: torch.Tensor, state: dict | None) -> tuple[torch.Tensor, dict]:
+        B, T, _ = x.shape
+        qkv = self.qkv_proj(x).view(B, T, self.num_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
+        q, k, v = rope(qkv[0], position_ids, self.rope_base), rope(qkv[1], position_ids, self.rope_base), qkv[2]
+        if state is None and bool((position_ids == position_ids[:1]).all()):
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # as the forward does
+            new = {"k": k, "v": v, "pos": position_ids.expand(B, T).contiguous(), "n": T}
+        else:
+            new = _append_kv(state, k, v, position_ids)
+            n = new["n"]
+            y = blocked_attention(q, new["k"][:, :, :n], new["v"][:, :, :n], position_ids, new["pos"][:, :n])
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, -1)), new
+
+
+def _append_kv(state: dict | None, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> dict:
+    """Write new keys/values after the first `n` of the cache, growing its capacity by
+    doubling (amortised O(1) per token, not a copy of the whole cache every step). Unused
+    slots hold PAD_POSITION, so attention never sees them."""
+    from .cache import PAD_POSITION
+
+    B, h, T, hd = k.shape
+    if state is None:
+        state = {"k": k.new_zeros(B, h, 0, hd), "v": v.new_zeros(B, h, 0, hd),
+                 "pos": pos.new_full((B, 0), PAD_POSITION), "n": 0}
+    n, cap = state["n"], state["k"].shape[2]
+    if n + T > cap:
+        cap = max(2 * cap, n + T, 256)
+        grown = {"k": k.new_zeros(B, h, cap, hd), "v": v.new_zeros(B, h, cap, hd),
+                 "pos": pos.new_full((B, cap), PAD_POSITION), "n": n}
+        grown["k"][:, :, :n], grown["v"][:, :, :n] = state["k"][:, :, :n], state["v"][:, :, :n]
+        grown["pos"][:, :n] = state["pos"][:, :n]
+        state = grown
+    state["k"][:, :, n : n + T] = k
+    state["v"][:, :, n : n + T] = v
+    state["pos"][:, n : n + T] = pos
+    state["n"] = n + T
+    return state
+
+
+def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                      block: int = 4096) -> torch.Tensor:
+    """Attention of queries at global positions q_pos (B, T) over keys at k_pos (B, Lk), a key
+    visible when k_pos <= q_pos, in blocks of keys with a running softmax, so memory is
+    O(T * block) however long the cache (no (T, Lk) mask or score matrix)."""
+    scale = q.shape[-1] ** -0.5
+    B, h, T, _ = q.shape
+    m = q.new_full((B, h, T), float("-inf"))
+    denom = q.new_zeros((B, h, T))
+    acc = torch.zeros_like(q)
+    for s in range(0, k.shape[2], block):
+        e = min(s + block, k.shape[2])
+        scores = torch.matmul(q, k[:, :, s:e].transpose(-1, -2)) * scale  # (B, h, T, blk)
+        visible = k_pos[:, None, s:e] <= q_pos[:, :, None]  # (B, T, blk)
+        scores = scores.masked_fill(~visible[:, None], float("-inf"))
+        m_new = torch.maximum(m, scores.amax(-1))
+        safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+        p = torch.exp(scores - safe[..., None])
+        corr = torch.exp(torch.where(torch.isfinite(m), m - safe, torch.full_like(m, float("-inf"))))
+        denom = denom * corr + p.sum(-1)
+        acc = acc * corr[..., None] + torch.matmul(p, v[:, :, s:e])
+        m = m_new
+    return acc / denom[..., None]
 
 
 def make_mixer(code: str, cfg: HyenaGLTConfig, spec: ModelSpec = LOCAL) -> nn.Module:

@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "launch.commands",  # demo, train, generate, info
     "launch.convert",  # convert, reshard
     "launch.evaluate",  # eval, embed
+    "launch.variants",  # score-variants
     "data_tools.cli",  # pack, data
     "launch.finetune",  # finetune, predict (task heads)
     "launch.bench",  # bench

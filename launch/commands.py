@@ -20,14 +20,25 @@ def register(sub) -> None:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=50 parallel.tp=2")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("generate", help="sample continuations from a saved language model (either family)")
+    p = sub.add_parser(
+        "generate", help="sample continuations from a saved language model (either family)",
+        description="Sample continuations of one or more prompts. Plain models prefill each prompt once and then "
+        "take one cached step per new token (O(1) per token for Hyena layers). Token-merging models have no "
+        "inference cache: they recompute the whole prefix for every new token (cost grows with the square of "
+        "the output length). Prompts of different lengths run as one batch; every sample draws from its own "
+        "generator seeded with --seed, so a prompt gives the same tokens alone or in a batch.")
     p.add_argument("--model", required=True, help="directory with config.json + model.safetensors")
-    p.add_argument("--prompt", default="", help="prompt bases (e.g. ATG)")
+    p.add_argument("--prompt", action="append", default=[], help="prompt bases (repeatable); none: start from BOS")
+    p.add_argument("--prompts", metavar="FASTA", help="also take every record of this FASTA file as a prompt")
     p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=4)
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=4, help="sample among the k most likely bytes (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set reaching this mass")
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop-at-eos", action="store_true", help="let the model emit EOS and end a sample there")
+    p.add_argument("--recompute", action="store_true", help="no cache: recompute the prefix each step (a check)")
+    p.add_argument("--out", metavar="FASTA", help="write the samples (prompt + continuation) as FASTA here")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("info", help="print a model's family, layers and parameter count")
@@ -48,19 +59,45 @@ def _train(args) -> int:
 
 
 def _generate(args) -> int:
-    import torch
+    import sys
+    from pathlib import Path
 
     from hyena_glt import ByteTokenizer, load_causal_lm
 
     if args.max_new_tokens < 0 or args.num_samples < 1:
         raise ValueError("--max-new-tokens must be >= 0 and --num-samples >= 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise ValueError("--temperature must be >= 0, --top-k >= 0 and --top-p in (0, 1]")
     model = load_causal_lm(args.model).eval()
     tok = ByteTokenizer()
-    prompt = tok.encode(args.prompt, add_bos=True).ids[None].repeat(args.num_samples, 1)
-    g = torch.Generator().manual_seed(args.seed)
-    out = model.generate(prompt, args.max_new_tokens, args.temperature, args.top_k, generator=g)
-    for row in out:
-        print(tok.decode(row).decode("ascii", errors="replace"))
+    named = [(f"prompt{i + 1}", p.encode()) for i, p in enumerate(args.prompt)]
+    if args.prompts:
+        from data_tools.fasta import check_file, read_records
+
+        check = check_file(Path(args.prompts))
+        check.raise_if_bad()
+        named += [(rec.id, rec.seq) for rec in read_records(Path(args.prompts), lambda: check)]
+    if not named:
+        named = [("bos", b"")]
+    rows = [(name, s) for name, seq in named for s in [seq] * args.num_samples]
+    prompts = [tok.encode(seq, add_bos=True).ids for _, seq in rows]
+    out = model.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                         top_p=args.top_p, seed=args.seed, stop_at_eos=args.stop_at_eos,
+                         use_cache=False if args.recompute else None,
+                         progress=sys.stderr.isatty() or args.max_new_tokens * len(rows) >= 2000)
+    texts = [tok.decode(ids).decode("ascii", errors="replace") for ids in out]
+    if args.out:
+        counts: dict[str, int] = {}
+        lines = []
+        for (name, prompt), text in zip(rows, texts):
+            counts[name] = counts.get(name, 0) + 1
+            lines.append(f">{name}_sample{counts[name]} seed={args.seed} new_tokens={len(text) - len(prompt)}\n")
+            lines.extend(text[i : i + 80] + "\n" for i in range(0, len(text), 80))
+        Path(args.out).write_text("".join(lines))
+        print(f"wrote {len(texts)} sample(s) to {args.out}")
+    else:
+        for text in texts:
+            print(text)
     return 0
 
 

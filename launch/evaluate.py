@@ -1,9 +1,16 @@
-"""`hyena-glt eval` and `hyena-glt embed` on a converted (single-device) model."""
+"""`hyena-glt eval`, `score` and `embed` on a converted (single-device) model.
+
+All three can run a sequence of any length in chunks (`--chunk-size`), carrying the
+inference cache from chunk to chunk (hyena_glt.inference): memory is bounded by the chunk
+(plus attention's K/V cache) and the results equal the one-pass forward. Token-merging
+models have no cache and run in one pass.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -50,18 +57,39 @@ def _batches(data: str, split: str, seq_len: int, batch_size: int, max_windows: 
 
 
 @torch.no_grad()
-def evaluate_model(model, batches) -> dict:
+def evaluate_model(model, batches, chunk_size: int | None = None) -> dict:
     """Token-weighted loss, bits per base, and the number of bases scored."""
+    from hyena_glt.inference import stream_logprobs
+
     model.eval()
     loss_sum = weight = 0.0
     bases = 0
     for mb in batches:
-        out = model(mb["input_ids"], labels=mb["labels"], loss_weights=mb["loss_weights"], seq_type=mb.get("seq_type"))
-        loss_sum += out.loss_sum.item()
-        weight += out.weight_sum.item()
+        logp = stream_logprobs(model, mb["input_ids"], mb["labels"], chunk_size, seq_type=mb.get("seq_type"))
+        w = mb["loss_weights"].double()
+        loss_sum -= float((logp.double() * w).sum())
+        weight += float(w.sum())
         bases += int((mb["loss_weights"] > 0).sum())
     loss = loss_sum / max(weight, 1e-12)
     return {"loss": loss, "bits_per_base": loss / LN2, "bases": bases}
+
+
+def _records(path: str):
+    from data_tools.fasta import check_file, read_records
+
+    check = check_file(Path(path))
+    check.raise_if_bad()
+    yield from read_records(Path(path), lambda: check)
+
+
+def _chunk_size(model, given: int | None, what: str) -> int | None:
+    if given is not None and given < 1:
+        raise ValueError(f"--chunk-size: must be >= 1, got {given}")
+    if given and not getattr(model, "supports_cache", hasattr(model, "extend")):
+        print(f"hyena-glt {what}: note: {type(model).__name__} (token merging) has no inference cache; "
+              "each sequence runs in one pass", file=sys.stderr)
+        return None
+    return given
 
 
 def register(sub) -> None:
@@ -73,13 +101,32 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
     p.add_argument("--soft-mask-weight", type=float, default=None, help="default: the model config's")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="run each window in chunks of this many positions with the inference cache (any window length)")
     p.set_defaults(func=_eval_cmd)
 
-    p = sub.add_parser("embed", help="per-sequence embeddings (mean of the final hidden states) to .npy")
+    p = sub.add_parser("score", help="log-likelihood of every FASTA record, of any length, streamed in chunks",
+                       description="Per-sequence log-likelihood (nats) and bits/base of each record under the model, "
+                       "computed --chunk-size positions at a time with the inference cache (equal to one pass).")
+    p.add_argument("--model", required=True, help="a saved language model directory (either family)")
+    p.add_argument("--input", required=True, help="FASTA(.gz) file; each record is scored whole")
+    p.add_argument("--out", required=True, help="output TSV: id, bases, log_likelihood, bits_per_base")
+    p.add_argument("--chunk-size", type=int, default=8192, help="positions per chunk (memory bound); default 8192")
+    p.add_argument("--per-base", metavar="DIR", help="also write each record's per-base log-probabilities to DIR/<i>.npy")
+    p.set_defaults(func=_score_cmd)
+
+    p = sub.add_parser("embed", help="per-sequence (mean) or per-base embeddings of any saved model to .npy",
+                       description="Embeddings of each FASTA record: the mean over its bases (default) or every "
+                       "base (--per-base), of the final hidden states or of one block's output (--layer).")
     p.add_argument("--model", required=True, help="any saved model directory (language model, head or multi-task)")
-    p.add_argument("--input", required=True, help="FASTA file (one embedding per record, first --seq-len bases)")
-    p.add_argument("--out", required=True, help="output .npy (N, d_model); record ids go to OUT.ids.txt")
-    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--input", required=True, help="FASTA file")
+    p.add_argument("--out", required=True, help="pooled: OUT.npy (N, d_model) + OUT.ids.txt; --per-base: a directory "
+                   "of <i>.npy (L_i, d_model) + ids.txt")
+    p.add_argument("--seq-len", type=int, default=0, help="embed only the first N bases of each record (0: all)")
+    p.add_argument("--layer", type=int, default=None,
+                   help="output of this block (0-based; negative from the end) instead of the final hidden states")
+    p.add_argument("--per-base", action="store_true", help="one vector per base instead of the mean")
+    p.add_argument("--chunk-size", type=int, default=8192, help="positions per chunk with the inference cache")
     p.set_defaults(func=_embed_cmd)
 
 
@@ -96,34 +143,81 @@ def _eval_cmd(args) -> int:
     from hyena_glt import load_causal_lm
 
     model = load_causal_lm(args.model)
+    chunk = _chunk_size(model, args.chunk_size, "eval")
     smw = model.config.soft_mask_weight if args.soft_mask_weight is None else args.soft_mask_weight
     seq_len = _seq_len_of(args.data, args.seq_len)
-    result = evaluate_model(model, _batches(args.data, args.split, seq_len, args.batch_size, args.max_windows, smw))
+    result = evaluate_model(model, _batches(args.data, args.split, seq_len, args.batch_size, args.max_windows, smw), chunk)
     if result["bases"] == 0:
         raise ValueError(f"--data {args.data}: no windows in split {args.split!r}")
     print(json.dumps({**result, "seq_len": seq_len, "model": args.model, "data": args.data}))
     return 0
 
 
+def _score_cmd(args) -> int:
+    from tqdm import tqdm
+
+    from data_tools.batching import make_batch
+    from hyena_glt import load_causal_lm
+    from hyena_glt.inference import stream_logprobs
+
+    model = load_causal_lm(args.model).eval()
+    chunk = _chunk_size(model, args.chunk_size, "score")
+    per_base = Path(args.per_base) if args.per_base else None
+    if per_base:
+        per_base.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    tmp = out.with_name(out.name + ".tmp")
+    n = total_bases = 0
+    with open(tmp, "w") as f, tqdm(unit="bp", unit_scale=True, desc="score", leave=False) as bar:
+        f.write("id\tbases\tlog_likelihood\tbits_per_base\n")
+        for rec in _records(args.input):
+            mb = make_batch([(rec.seq, int(rec.seq_type))], len(rec.seq), 1.0)  # every base weighs 1 here
+            logp = stream_logprobs(model, mb["input_ids"], mb["labels"], chunk, seq_type=mb["seq_type"])[0]
+            ll = float(logp.double().sum())
+            f.write(f"{rec.id}\t{len(rec.seq)}\t{ll:.6f}\t{-ll / max(len(rec.seq), 1) / LN2:.6f}\n")
+            if per_base:
+                np.save(per_base / f"{n}.npy", logp.numpy().astype(np.float32))
+            n += 1
+            total_bases += len(rec.seq)
+            bar.update(len(rec.seq))
+    if n == 0:
+        tmp.unlink()
+        raise ValueError(f"--input {args.input}: no sequences")
+    tmp.replace(out)
+    print(f"scored {n} sequence(s), {total_bases:,} bases, to {out}" + (f" (per-base in {per_base})" if per_base else ""))
+    return 0
+
+
 @torch.no_grad()
 def _embed_cmd(args) -> int:
-    from data_tools.batching import make_batch
-    from data_tools.fasta import check_file, read_records
-    from hyena_glt import load_backbone
+    from hyena_glt import ByteTokenizer, load_backbone
+    from hyena_glt.inference import stream_hidden
 
     backbone = load_backbone(args.model).eval()  # a language model, a head or a multi-task model
+    chunk = _chunk_size(backbone, args.chunk_size, "embed")
+    if args.seq_len < 0:
+        raise ValueError(f"--seq-len: must be >= 0, got {args.seq_len}")
+    out = Path(args.out)
+    if args.per_base:
+        out.mkdir(parents=True, exist_ok=True)
     ids, vecs = [], []
-    check = check_file(Path(args.input))
-    check.raise_if_bad()
-    for rec in read_records(Path(args.input), lambda: check):
-        mb = make_batch([(rec.seq[: args.seq_len], int(rec.seq_type))], args.seq_len, 1.0)
-        hidden = backbone(mb["input_ids"], seq_type=mb["seq_type"])
-        mask = mb["input_ids"] >= 4  # byte positions (not BOS, not padding)
-        vecs.append(((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)).squeeze(0).numpy())
+    for rec in _records(args.input):
+        seq = rec.seq[: args.seq_len] if args.seq_len else rec.seq
+        tokens = ByteTokenizer().encode(seq, add_bos=True).ids[None]  # [BOS] + every base
+        hidden = stream_hidden(backbone, tokens, chunk, args.layer, seq_type=torch.tensor([int(rec.seq_type)]))
+        hidden = hidden[0, 1:].float()  # position i + 1 has read base i: one state per base
+        if args.per_base:
+            np.save(out / f"{len(ids)}.npy", hidden.numpy())
+        else:
+            vecs.append(hidden.mean(0).numpy())
         ids.append(rec.id)
     if not ids:
         raise ValueError(f"--input {args.input}: no sequences")
-    np.save(args.out, np.stack(vecs).astype(np.float32))
-    Path(str(args.out) + ".ids.txt").write_text("\n".join(ids) + "\n")
-    print(f"wrote {len(ids)} embeddings of size {vecs[0].shape[0]} to {args.out}")
+    if args.per_base:
+        (out / "ids.txt").write_text("\n".join(ids) + "\n")
+        print(f"wrote per-base embeddings of {len(ids)} sequence(s) to {out}/<i>.npy")
+        return 0
+    np.save(out, np.stack(vecs).astype(np.float32))
+    Path(str(out) + ".ids.txt").write_text("\n".join(ids) + "\n")
+    print(f"wrote {len(ids)} embeddings of size {vecs[0].shape[0]} to {out}")
     return 0

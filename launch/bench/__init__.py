@@ -7,6 +7,7 @@ Every benchmark lives in this package, one module per target, so the model packa
     pack    pack.py    Mbp/s of `hyena-glt pack` vs only reading the FASTA
     train   train.py   training tokens/s (real `hyena-glt train` runs), Hyena vs attention-only
     merge   merge.py   the byte-level model with vs without token merging
+    generate generate.py cached decoding vs recompute; streaming vs one-pass scoring memory
 
 Each module exposes `add_arguments(parser)` and `run(args) -> int`. Results print as a
 table and as JSON (`--json FILE` to keep them). Benchmarks read FASTA input only through
@@ -23,6 +24,7 @@ BENCH_TARGETS = {
     "pack": ("launch.bench.pack", "Mbp/s of `pack` (1 and 2 workers) vs just reading the FASTA"),
     "train": ("launch.bench.train", "training tokens/s: tiny/small, 1 vs 2 processes (DP, TP), Hyena vs attention-only"),
     "merge": ("launch.bench.merge", "byte-level model with vs without token merging; position-system cost"),
+    "generate": ("launch.bench.generate", "cached decoding vs recompute tokens/s; streaming vs one-pass scoring memory"),
 }
 
 
