@@ -52,6 +52,18 @@ class HyenaGLTConfig(BaseModel):
     medium_decay_max: float = Field(1.0, gt=0, description="fastest per-channel decay rate of D filters")
     rope_base: float = Field(10000.0, gt=0)
     norm_eps: float = Field(1e-6, gt=0)
+    # Architecture options, each with this project's behaviour as the default; every Evo 2
+    # model is expressible with them (docs/evo2.md).
+    norm_eps_placement: str = Field(
+        "inside", description="RMSNorm: 'inside' x*rsqrt(mean(x^2)+eps); 'outside' x/(sqrt(mean(x^2))+eps) (Evo 2)")
+    mixer_out_bias: bool = Field(False, description="a bias on the Hyena operator's and attention's output projection")
+    first_mlp_activation: str | None = Field(
+        None, description="layer 0's MLP activation (None: mlp_activation); Evo 2: gelu, then identity")
+    medium_decay: bool = Field(True, description="D filters: taps times a fixed per-channel decay (False: raw taps)")
+    short_filter_skip: bool = Field(True, description="S filters: add the per-channel skip term skip[c] * z")
+    mlp_hidden_size: int | None = Field(None, gt=0, description="gated-MLP width (None: from mlp_ratio)")
+    rope_position_scale: float = Field(
+        1.0, gt=0, description="RoPE positions are divided by this (position interpolation for longer context)")
     init_std: float = Field(0.02, gt=0)
     tie_embeddings: bool = True
     soft_mask_weight: float = Field(0.1, ge=0, le=1, description="loss weight of lower-case (soft-masked) bases")
@@ -105,11 +117,18 @@ class HyenaGLTConfig(BaseModel):
             raise ValueError(f"pattern: every pipeline stage between '|' needs at least one layer, got {v!r}")
         return v
 
-    @field_validator("mlp_activation")
+    @field_validator("mlp_activation", "first_mlp_activation")
     @classmethod
-    def _activation(cls, v: str) -> str:
-        if v not in ("silu", "gelu", "identity"):
-            raise ValueError(f"mlp_activation: must be 'silu', 'gelu' or 'identity', got {v!r}")
+    def _activation(cls, v: str | None, info) -> str | None:
+        if v is not None and v not in ("silu", "gelu", "identity"):
+            raise ValueError(f"{info.field_name}: must be 'silu', 'gelu' or 'identity', got {v!r}")
+        return v
+
+    @field_validator("norm_eps_placement")
+    @classmethod
+    def _eps_placement(cls, v: str) -> str:
+        if v not in ("inside", "outside"):
+            raise ValueError(f"norm_eps_placement: must be 'inside' or 'outside', got {v!r}")
         return v
 
     @field_validator("motif_kernel_sizes")
@@ -228,6 +247,8 @@ class HyenaGLTConfig(BaseModel):
 
     @property
     def mlp_hidden(self) -> int:
+        if self.mlp_hidden_size is not None:
+            return self.mlp_hidden_size
         h = int(round(self.mlp_ratio * self.d_model))
         return -(-h // self.mlp_multiple_of) * self.mlp_multiple_of
 

@@ -43,11 +43,12 @@ class ShortConv(nn.Module):
 class GroupedShortFilter(nn.Module):
     """`S`: one explicit short filter per channel group, plus a per-channel skip."""
 
-    def __init__(self, d_model: int, groups: int, taps: int, tp: int = 1):
+    def __init__(self, d_model: int, groups: int, taps: int, tp: int = 1, skip: bool = True):
         super().__init__()
         self.group_size = d_model // groups
         self.weight = params.new_param((groups // tp, taps), params.fan_in_uniform(taps), no_weight_decay=True)
-        self.skip = params.new_param((d_model // tp,), params.constant(1.0), no_weight_decay=True)
+        # Evo 2's SE filter has no skip term.
+        self.skip = params.new_param((d_model // tp,), params.constant(1.0), no_weight_decay=True) if skip else None
 
     def filter(self, length: int | None = None, channels: slice | None = None) -> torch.Tensor:
         return _channel_slice(self.weight.repeat_interleave(self.group_size, dim=0), channels)
@@ -61,9 +62,10 @@ def decay_rates(d_model: int, r_min: float, r_max: float) -> torch.Tensor:
 class DecayedMediumFilter(nn.Module):
     """`D`: explicit taps per group times a fixed exponential decay per channel."""
 
-    def __init__(self, d_model: int, groups: int, taps: int, r_min: float, r_max: float, tp: int = 1, tp_rank: int = 0):
+    def __init__(self, d_model: int, groups: int, taps: int, r_min: float, r_max: float, tp: int = 1, tp_rank: int = 0,
+                 decay: bool = True):
         super().__init__()
-        self.group_size = d_model // groups
+        self.group_size, self.decay = d_model // groups, decay  # decay False: raw taps (Evo 2 at inference)
         d_local = d_model // tp
         self.weight = params.new_param((groups // tp, taps), params.normal(1.0 / math.sqrt(taps)), no_weight_decay=True)
         self.skip = params.new_param((d_local,), params.constant(1.0), no_weight_decay=True)
@@ -77,6 +79,8 @@ class DecayedMediumFilter(nn.Module):
         t = torch.arange(taps, device=self.weight.device, dtype=torch.float32)
         # Slice before the product: a context-parallel rank evaluates only its own channels.
         w = _channel_slice(self.weight.repeat_interleave(self.group_size, dim=0), channels)
+        if not self.decay:
+            return w
         decay = torch.exp(-_channel_slice(self.rates.float(), channels)[:, None] * t)
         return w * decay.to(w.dtype)
 

@@ -184,6 +184,12 @@ def _seq_cls_output(logits: torch.Tensor, n_ids: int, names: list[str] | None) -
     return f"{_class_name(int(probs.argmax()), names)}\t" + ",".join(f"{float(q):.4f}" for q in probs)
 
 
+def record_where(where: str, record) -> str:
+    """`FILE:LINE: record ID` (the line when the reader kept it)."""
+    line = getattr(record, "line", None)
+    return f"{where}{f':{line}' if line else ''}: record {record.id}"
+
+
 def _token_labels(raw: str, seq: str, where: str) -> list[str]:
     from data_tools.labelled import token_labels  # the label-file syntax: one symbol / token per base
 
@@ -213,9 +219,12 @@ def _token_cls_output(logits: torch.Tensor, n_ids: int, names: list[str] | None)
 
 def _number(raw: str, seq: str, index: dict, max_len: int, where: str) -> torch.Tensor:
     try:
-        return torch.tensor([float(raw)])
+        value = torch.tensor([float(raw)])
     except ValueError:
         raise ValueError(f"{where}: regression label {raw!r} is not a number") from None
+    if not bool(torch.isfinite(value).all()):  # nan, inf, or too large for float32 (1e39)
+        raise ValueError(f"{where}: regression label {raw!r} is not a finite number")
+    return value
 
 
 def _mse_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -235,7 +244,7 @@ TASK_KINDS: dict[str, TaskKind] = {k.name: k for k in (
         "token-cls", head=TokenHead, loss=_class_loss, weight=_labelled, predict=_argmax,
         metrics=classification_metrics, metric_keys=("accuracy", "mcc", "f1"),
         label_names=lambda records, where: _sort_labels(
-            t for r in records for t in _token_labels(r.label, r.sequence, f"{where}: {r.id}")),
+            t for r in records for t in _token_labels(r.label, r.sequence, record_where(where, r))),
         encode_label=_token_cls_label, collate_labels=_pad_labels,
         output_header="labels", format_output=_token_cls_output,
     ),

@@ -15,15 +15,23 @@ from .spec import LOCAL, ModelSpec
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """x / rms(x) * weight, with eps inside the square root (x * rsqrt(mean(x^2) + eps)) or,
+    as Evo 2 does, outside it (x / (sqrt(mean(x^2)) + eps))."""
+
+    def __init__(self, dim: int, eps: float, eps_placement: str = "inside"):
         super().__init__()
-        self.eps = eps
+        self.eps, self.eps_inside = eps, eps_placement == "inside"
         self.weight = params.new_param((dim,), params.constant(1.0), no_weight_decay=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        ms = xf.pow(2).mean(-1, keepdim=True)
+        y = xf * torch.rsqrt(ms + self.eps) if self.eps_inside else xf / (ms.sqrt() + self.eps)
         return y.to(x.dtype) * self.weight
+
+
+def make_norm(cfg: HyenaGLTConfig) -> RMSNorm:
+    return RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_eps_placement)
 
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "identity": lambda t: t}
@@ -32,9 +40,9 @@ ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "identity": lambda t: t}
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)). gate/up are separate so each is plainly column-parallel."""
 
-    def __init__(self, cfg: HyenaGLTConfig, out_std: float, spec: ModelSpec = LOCAL):
+    def __init__(self, cfg: HyenaGLTConfig, out_std: float, spec: ModelSpec = LOCAL, activation: str | None = None):
         super().__init__()
-        self.act = ACTIVATIONS[cfg.mlp_activation]
+        self.act = ACTIVATIONS[activation or cfg.mlp_activation]
         self.gate_proj = spec.column_linear(cfg.d_model, cfg.mlp_hidden, cfg.init_std)
         self.up_proj = spec.column_linear(cfg.d_model, cfg.mlp_hidden, cfg.init_std)
         self.down_proj = spec.row_linear(cfg.mlp_hidden, cfg.d_model, out_std)
@@ -54,10 +62,11 @@ class Block(nn.Module):
     def __init__(self, code: str, cfg: HyenaGLTConfig, layer_index: int, spec: ModelSpec = LOCAL):
         super().__init__()
         self.code = code
-        self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer_norm = make_norm(cfg)
         self.mixer = make_mixer(code, cfg, spec)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = GatedMLP(cfg, cfg.init_std / math.sqrt(2 * cfg.num_layers), spec)
+        self.mlp_norm = make_norm(cfg)
+        first = cfg.first_mlp_activation if layer_index == 0 else None  # Evo 2: GELU in layer 0 only
+        self.mlp = GatedMLP(cfg, cfg.init_std / math.sqrt(2 * cfg.num_layers), spec, first)
         spec.mark_sequence_split(self.mixer_norm)
         spec.mark_sequence_split(self.mlp_norm)
         if cfg.conservation:

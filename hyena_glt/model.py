@@ -28,7 +28,7 @@ from . import params
 from .config import HyenaGLTConfig
 from .genomic import MotifBranch, SeqTypeEmbedding
 from .cache import InferenceCache
-from .layers import Block, RMSNorm
+from .layers import Block, make_norm
 from .loss import weighted_cross_entropy
 from .spec import LOCAL, ModelSpec
 
@@ -127,7 +127,7 @@ class HyenaGLTModel(ByteBackbone, nn.Module):
             self.build_input_embeddings(config, spec, features=stage.first)
         self.layers = LayerStack({i: Block(config.layers[i], config, i, spec) for i in stage.layers})
         if stage.last:
-            self.final_norm = RMSNorm(config.d_model, config.norm_eps)
+            self.final_norm = make_norm(config)
             spec.mark_sequence_split(self.final_norm)
 
     def forward(

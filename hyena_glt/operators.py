@@ -44,10 +44,10 @@ def make_filter(code: str, cfg: HyenaGLTConfig, spec: ModelSpec = LOCAL) -> nn.M
     """The S, D or H filter of this rank's channels (whole groups)."""
     spec.local(cfg.num_filter_groups, "num_filter_groups")
     if code == "S":
-        return GroupedShortFilter(cfg.d_model, cfg.num_filter_groups, cfg.short_filter_len, spec.tp)
+        return GroupedShortFilter(cfg.d_model, cfg.num_filter_groups, cfg.short_filter_len, spec.tp, cfg.short_filter_skip)
     if code == "D":
         return DecayedMediumFilter(cfg.d_model, cfg.num_filter_groups, cfg.medium_filter_len, cfg.medium_decay_min,
-                                   cfg.medium_decay_max, spec.tp, spec.tp_rank)
+                                   cfg.medium_decay_max, spec.tp, spec.tp_rank, cfg.medium_decay)
     if code == "H":
         return ModalFilter(cfg.d_model, cfg.modal_order, cfg.max_seq_len, spec.tp)
     raise ValueError(f"no Hyena filter for layer code {code!r}")
@@ -61,7 +61,7 @@ class HyenaOperator(nn.Module):
         self.in_proj = spec.column_linear(cfg.d_model, 3 * cfg.d_model, cfg.init_std)
         self.featurizer = ShortConv(3 * cfg.d_model // spec.tp, cfg.featurizer_len)
         self.filter = make_filter(code, cfg, spec)
-        self.out_proj = spec.row_linear(cfg.d_model, cfg.d_model, out_std)
+        self.out_proj = spec.row_linear(cfg.d_model, cfg.d_model, out_std, bias=cfg.mixer_out_bias)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         spec = self.spec
@@ -85,17 +85,21 @@ class HyenaOperator(nn.Module):
         else:
             y, filt_state = fir_extend(z, self.filter.filter(), state.get("fir"))
             new = {"feat": feat, "fir": filt_state}
-        y = y + self.filter.skip.to(z.dtype)[:, None] * z
+        if self.filter.skip is not None:
+            y = y + self.filter.skip.to(z.dtype)[:, None] * z
         return self.out_proj((x1 * y).transpose(1, 2)), new
 
 
-def rope(x: torch.Tensor, position_ids: torch.Tensor, base: float) -> torch.Tensor:
-    """Rotary embedding. x: (B, heads, L, head_dim); position_ids: (B or 1, L), global positions
-    (under context parallelism they are the zigzag positions, not 0..L_local-1)."""
+def rope(x: torch.Tensor, position_ids: torch.Tensor, base: float, position_scale: float = 1.0) -> torch.Tensor:
+    """Rotary embedding (NeoX half rotation). x: (B, heads, L, head_dim); position_ids: (B or 1,
+    L), global positions (under context parallelism the zigzag positions, not 0..L_local-1),
+    divided by `position_scale` (position interpolation: a model trained at length N then runs
+    at scale * N with the angles it knows)."""
     half = x.shape[-1] // 2
     compute = torch.promote_types(x.dtype, torch.float32)
     inv_freq = base ** (-torch.arange(half, device=x.device, dtype=compute) / half)
-    angles = position_ids.to(compute)[:, None, :, None] * inv_freq  # (B, 1, L, half)
+    pos = position_ids.to(compute) if position_scale == 1.0 else position_ids.to(compute) / position_scale
+    angles = pos[:, None, :, None] * inv_freq  # (B, 1, L, half)
     cos, sin = angles.cos(), angles.sin()
     x1, x2 = x[..., :half].to(compute), x[..., half:].to(compute)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
@@ -111,8 +115,9 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.spec = spec
         self.num_heads, self.head_dim, self.rope_base = spec.local(cfg.num_heads, "num_heads"), cfg.head_dim, cfg.rope_base
+        self.rope_scale = cfg.rope_position_scale
         self.qkv_proj = spec.column_linear(cfg.d_model, 3 * cfg.d_model, cfg.init_std)
-        self.out_proj = spec.row_linear(cfg.d_model, cfg.d_model, out_std)
+        self.out_proj = spec.row_linear(cfg.d_model, cfg.d_model, out_std, bias=cfg.mixer_out_bias)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         spec = self.spec
@@ -126,7 +131,7 @@ class CausalSelfAttention(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(L, device=x.device)
         pos = position_ids if position_ids.dim() == 2 else position_ids[None]  # (B or 1, L)
-        q, k = rope(qkv[0], pos, self.rope_base), rope(qkv[1], pos, self.rope_base)
+        q, k = rope(qkv[0], pos, self.rope_base, self.rope_scale), rope(qkv[1], pos, self.rope_base, self.rope_scale)
         y = spec.attention(q, k, qkv[2], pos)  # (B, h, L, hd)
         y = y.permute(2, 0, 1, 3) if spec.seq_first else y.transpose(1, 2)
         return self.out_proj(y.reshape(*y.shape[:2], self.num_heads * self.head_dim))
@@ -134,7 +139,8 @@ class CausalSelfAttention(nn.Module):
     def extend(self, x: torch.Tensor, position_ids: torch.Tensor, state: dict | None) -> tuple[torch.Tensor, dict]:
         B, T, _ = x.shape
         qkv = self.qkv_proj(x).view(B, T, self.num_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
-        q, k, v = rope(qkv[0], position_ids, self.rope_base), rope(qkv[1], position_ids, self.rope_base), qkv[2]
+        q, k, v = (rope(qkv[0], position_ids, self.rope_base, self.rope_scale),
+                   rope(qkv[1], position_ids, self.rope_base, self.rope_scale), qkv[2])
         if state is None and bool((position_ids == position_ids[:1]).all()):
             y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # as the forward does
             new = {"k": k, "v": v, "pos": position_ids.expand(B, T).contiguous(), "n": T}
@@ -171,12 +177,14 @@ def _append_kv(state: dict | None, k: torch.Tensor, v: torch.Tensor, pos: torch.
 
 
 def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
-                      block: int = 4096) -> torch.Tensor:
+                      scores_per_block: int = 1 << 24) -> torch.Tensor:
     """Attention of queries at global positions q_pos (B, T) over keys at k_pos (B, Lk), a key
     visible when k_pos <= q_pos, in blocks of keys with a running softmax, so memory is
-    O(T * block) however long the cache (no (T, Lk) mask or score matrix)."""
+    O(B h T block) however long the cache (no (T, Lk) mask or score matrix). A decode step
+    (T = 1) reads the whole cache in one block."""
     scale = q.shape[-1] ** -0.5
     B, h, T, _ = q.shape
+    block = max(1024, scores_per_block // (B * h * T))
     m = q.new_full((B, h, T), float("-inf"))
     denom = q.new_zeros((B, h, T))
     acc = torch.zeros_like(q)

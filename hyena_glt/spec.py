@@ -5,7 +5,8 @@ operators.py, model.py). They never decide how a linear layer, a convolution or 
 is computed; they ask their `ModelSpec`:
 
     column_linear(d_in, d_out, std)    y = x W^T, W (d_out, d_in); may hold a slice of d_out
-    row_linear(d_in, d_out, std)       the same, may hold a slice of d_in (then sums partials)
+    row_linear(d_in, d_out, std, bias) the same, may hold a slice of d_in (then sums partials,
+                                       and adds the bias, which every rank holds whole, once)
     embedding(vocab, d_model, std)     token embedding (may hold a slice of the vocabulary)
     output_layer(d_model, vocab)       parameter-free: (hidden, weight) -> logits
     cross_entropy(logits, target)      per-token CE from what output_layer returned
@@ -55,8 +56,8 @@ def local_embedding(vocab: int, d_model: int, std: float) -> nn.Module:
     return emb
 
 
-def local_linear(d_in: int, d_out: int, std: float) -> nn.Module:
-    return params.linear(d_in, d_out, std)
+def local_linear(d_in: int, d_out: int, std: float, bias: bool = False) -> nn.Module:
+    return params.linear(d_in, d_out, std, bias=bias)
 
 
 def local_output_layer(d_model: int, vocab: int) -> nn.Module:
@@ -80,7 +81,7 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tenso
 class ModelSpec:
     name: str = "single-device"
     column_linear: Callable[[int, int, float], nn.Module] = local_linear
-    row_linear: Callable[[int, int, float], nn.Module] = local_linear
+    row_linear: Callable[..., nn.Module] = local_linear
     embedding: Callable[[int, int, float], nn.Module] = local_embedding
     output_layer: Callable[[int, int], nn.Module] = local_output_layer
     cross_entropy: Callable[[Tensor, Tensor], Tensor] = token_cross_entropy

@@ -37,7 +37,7 @@ def parallel_spec(ctx: RankContext, mcfg: ModelParallelConfig, *, seq_first: boo
     spec = LOCAL.with_(
         name=f"megatron tp={ctx.tp}{' sp' if ctx.sp else ''} cp={ctx.cp}",
         column_linear=lambda d_in, d_out, std: ColumnLinear(d_in, d_out, mcfg),
-        row_linear=lambda d_in, d_out, std: RowLinear(d_in, d_out, mcfg),
+        row_linear=lambda d_in, d_out, std, bias=False: RowLinear(d_in, d_out, mcfg, bias),
         embedding=lambda vocab, d_model, std: VocabEmbedding(vocab, d_model, mcfg),
         output_layer=lambda d_model, vocab: OutputLayer(d_model, vocab, mcfg, tied=True),
         cross_entropy=vocab_parallel_cross_entropy,

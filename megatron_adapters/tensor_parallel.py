@@ -72,12 +72,13 @@ class ColumnLinear(ColumnParallelLinear):
 
 
 class RowLinear(RowParallelLinear):
-    """RowParallelLinear without bias, input already split; all-reduce (or reduce-scatter
-    under sequence parallelism) of the partial outputs."""
+    """RowParallelLinear, input already split; all-reduce (or reduce-scatter under sequence
+    parallelism) of the partial outputs, then the bias (replicated; megatron tags it
+    `sequence_parallel` so its gradient is summed over TP under SP)."""
 
-    def __init__(self, d_in: int, d_out: int, mcfg: ModelParallelConfig):
+    def __init__(self, d_in: int, d_out: int, mcfg: ModelParallelConfig, bias: bool = False):
         super().__init__(
-            d_in, d_out, config=mcfg, init_method=no_init, bias=False, input_is_parallel=True, skip_bias_add=False
+            d_in, d_out, config=mcfg, init_method=no_init, bias=bias, input_is_parallel=True, skip_bias_add=False
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]

@@ -45,10 +45,12 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     ap.add_argument("--long-filter-check", action="store_true", help="CP: prove the H filter spans the sequence")
     ap.add_argument("--patching", default="none", help="token merging: the U-shape (static, entropy, learned)")
+    ap.add_argument("--evo2", action="store_true", help="every Evo-2-shaped architecture option on (docs/evo2.md)")
     return ap.parse_args()
 
 
 def make_micro_batch(gen: torch.Generator, b: int, L: int, genomic: bool) -> dict:
+    # Ids stay below 260 (bytes + specials) for every vocab size, padded 512 rows included.
     ids = torch.randint(4, 260, (b, L), generator=gen)
     labels = torch.randint(4, 260, (b, L), generator=gen)
     u = torch.rand(b, L, generator=gen)
@@ -93,6 +95,11 @@ def main() -> int:
         # Small local models with attention (encoder) and H (decoder) so every block kind runs sharded.
         merging = dict(patching=args.patching, patch_size=4, max_patch=8, local_encoder_pattern="S*",
                        local_decoder_pattern="SH", entropy_d_model=16, entropy_pattern="SD")
+    evo2 = {}
+    if args.evo2:
+        evo2 = dict(norm_eps_placement="outside", mixer_out_bias=True, mlp_activation="identity",
+                    first_mlp_activation="gelu", medium_decay=False, short_filter_skip=False, mlp_hidden_size=48,
+                    rope_position_scale=4.0, vocab_size=512)
     cfg = HyenaGLTConfig(
         pattern=args.pattern,
         d_model=args.d_model,
@@ -108,6 +115,7 @@ def main() -> int:
         conservation=args.genomic,
         seed=7,
         **merging,
+        **evo2,
     )
     pcfg = ParallelConfig(tp=args.tp, cp=args.cp, pp=args.pp, sp=args.sp, vpp=args.vpp)
     layout = initialize_parallel(pcfg, cfg, seq_length=L)

@@ -35,6 +35,12 @@ LAYOUTS = [
     pytest.param(4, ["--tp", "2", "--cp", "2", "--sp", "--genomic"], id="tp2-cp2-sp-genomic"),
     pytest.param(4, ["--tp", "2", "--pp", "2", "--sp", "--micro-batches", "4"], id="tp2-pp2-sp"),
     pytest.param(4, ["--cp", "2", "--pp", "2", "--micro-batches", "4"], id="cp2-pp2"),
+    # Every Evo-2-shaped option (eps outside the norm's sqrt, mixer output bias, GELU then
+    # identity MLPs, raw D taps, S without skip, MLP width, RoPE position scale, vocab 512).
+    pytest.param(2, ["--tp", "2", "--sp", "--evo2"], id="tp2-sp-evo2"),
+    pytest.param(2, ["--cp", "2", "--seq-len", "128", "--evo2"], id="cp2-evo2"),
+    pytest.param(2, ["--pp", "2", "--micro-batches", "4", "--evo2"], id="pp2-evo2"),
+    pytest.param(4, ["--tp", "2", "--cp", "2", "--sp", "--evo2"], id="tp2-cp2-sp-evo2"),
     # Token merging (the U-shape, megatron_adapters/merging.py): every block sharded, the
     # patcher / position system / bridge replicated; each patcher, and DP x TP.
     pytest.param(2, ["--tp", "2", "--patching", "static"], id="tp2-merging-static"),

@@ -33,7 +33,7 @@ from torch import nn
 
 from .. import params
 from ..config import HyenaGLTConfig
-from ..layers import Block, RMSNorm
+from ..layers import Block, make_norm
 from ..loss import default_loss_weights, weighted_cross_entropy
 from ..spec import LOCAL, ModelSpec
 from .segments import enforce_patch_lengths
@@ -90,7 +90,7 @@ class EntropyModel(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         params.tag(self.embed.weight, params.normal(cfg.init_std))
         self.layers = nn.ModuleList(Block(c, cfg, i, spec) for i, c in enumerate(cfg.layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = make_norm(cfg)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed(input_ids)

@@ -29,7 +29,7 @@ from torch import nn
 
 from .. import params
 from ..config import HyenaGLTConfig
-from ..layers import Block, RMSNorm
+from ..layers import Block, make_norm
 from ..model import ByteBackbone, CausalLM, CausalLMOutput
 from ..spec import LOCAL, ModelSpec
 from .patchers import AdaptiveTokenMerger, EntropyPatcher, PatcherOutput, make_patcher, sub_config
@@ -67,9 +67,9 @@ class BLTModel(ByteBackbone, nn.Module):
         self.patcher = make_patcher(config, spec)
         self.positions = BLTPositionManager(config)
         self.layers = nn.ModuleList(Block(c, config, i, spec) for i, c in enumerate(config.layers))  # global model
-        self.global_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.global_norm = make_norm(config)
         self.decoder = nn.ModuleList(Block(c, dec_cfg, i, spec) for i, c in enumerate(dec_cfg.layers))
-        self.final_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.final_norm = make_norm(config)
 
     def encode(self, input_ids, seq_type=None, conservation=None, position_ids=None):
         x = self.embed_tokens(input_ids, seq_type)
