@@ -10,12 +10,13 @@ STAMP  := $(VENV)/.installed
 env: $(STAMP)
 
 # Re-run only when the pins change. torch goes first so nothing can pull a CUDA build.
-$(STAMP): requirements.txt constraints.txt pyproject.toml
+$(STAMP): requirements.txt constraints.txt pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	DS_BUILD_OPS=0 $(PIP) install -q -c constraints.txt -r requirements.txt
 	$(PIP) install -q -c constraints.txt --no-deps -e .
+	$(PIP) install -q -c constraints.txt --no-deps vtx==1.1.0 einops rich==15.0.0
 	@touch $(STAMP)
 
 demo: env
