@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from launch.args import nonnegative_int, positive_float, positive_int
+
 PACK_HELP = "pack FASTA files into webdataset tar shards with a manifest"
 PACK_DESCRIPTION = """\
 Cut FASTA records into fixed-length windows and write them as webdataset tar shards
@@ -24,8 +26,8 @@ def register(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="FASTA files, directories, globs or list files")
     p.add_argument("--out", metavar="DIR", help="output directory (required unless --finalize)")
-    p.add_argument("--seq-len", type=int, default=8192, help="window length in bases (default 8192)")
-    p.add_argument("--stride", type=int, default=None,
+    p.add_argument("--seq-len", type=positive_int, default=8192, help="window length in bases (default 8192)")
+    p.add_argument("--stride", type=positive_int, default=None,
                    help="distance between window starts; < --seq-len makes windows overlap (default: --seq-len)")
     p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of records put in 'val' (default 0.01)")
     p.add_argument("--test-fraction", type=float, default=0.0, help="fraction of records put in 'test' (default 0)")
@@ -33,19 +35,19 @@ def register(sub) -> None:
                    help="'both' also writes every window's reverse complement (strand '-'); default none")
     p.add_argument("--max-n-fraction", type=float, default=0.1,
                    help="drop windows with a larger fraction of N (X for protein); default 0.1")
-    p.add_argument("--min-len", type=int, default=64,
+    p.add_argument("--min-len", type=nonnegative_int, default=64,
                    help="drop windows (record tails, short records) shorter than this; default 64")
-    p.add_argument("--shard-size-mb", type=float, default=256.0,
+    p.add_argument("--shard-size-mb", type=positive_float, default=256.0,
                    help="bases per shard, in millions (both strands counted); default 256")
-    p.add_argument("--unit-mb", type=float, default=16.0,
+    p.add_argument("--unit-mb", type=positive_float, default=16.0,
                    help="with fewer files than jobs, records are shared out between jobs in runs of "
                         "windows of about this many Mbp (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the record -> split assignment (default 0)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the record -> split assignment (default 0)")
     p.add_argument("--skip-bad-files", action="store_true",
                    help="skip (and record in the manifest) input files that cannot be read; exit code 1")
-    p.add_argument("--workers", type=int, default=1, help="processes writing shards on this machine (default 1)")
-    p.add_argument("--num-jobs", type=int, default=None, help="number of jobs sharing the inputs (SLURM-array style)")
-    p.add_argument("--job-index", type=int, default=None, help="this job's index in [0, --num-jobs)")
+    p.add_argument("--workers", type=positive_int, default=1, help="processes writing shards on this machine (default 1)")
+    p.add_argument("--num-jobs", type=positive_int, default=None, help="number of jobs sharing the inputs (SLURM-array style)")
+    p.add_argument("--job-index", type=nonnegative_int, default=None, help="this job's index in [0, --num-jobs)")
     p.add_argument("--progress", choices=("auto", "bar", "log", "none"), default="auto",
                    help="auto: a bar on a terminal, log lines otherwise")
     p.add_argument("--finalize", metavar="DIR", help="only merge the finished jobs' manifests in DIR into manifest.json")
@@ -97,13 +99,7 @@ def _pack(args) -> int:
         skip_bad_files=args.skip_bad_files, workers=args.workers, num_jobs=num_jobs, job_index=job_index,
         progress=args.progress,
     )
-    try:
-        return run_pack(opts)
-    except OSError as e:
-        if isinstance(e, (FileNotFoundError, PermissionError, NotADirectoryError)):
-            raise
-        print(f"hyena-glt pack: error: {e}", file=sys.stderr)
-        return 2
+    return run_pack(opts)  # OSError (a full disk, no permission) -> one line from launch.cli, naming the file
 
 
 def _stats(args) -> int:

@@ -3,11 +3,19 @@
 Reading sample i costs one `pread` of its `.seq` bytes: a rank reads only the samples it
 is given, never a whole shard or the corpus. Indexes and file handles are opened lazily
 and kept in small LRU caches, so a rank that touches few shards holds little.
+
+Verification (on by default): the first time a process opens a shard (or its index), the
+file is hashed through the descriptor it will read from and compared with the manifest's
+sha256; a damaged shard stops the reader with one line naming it and both checksums. A
+file that passed is not hashed again by the same process (keyed by inode, size and mtime),
+however many datasets open it. `verify=False`, or HYENA_GLT_VERIFY_SHARDS=0 in the
+environment, turns it off. It only reads: the samples returned are the same either way.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -16,6 +24,46 @@ import numpy as np
 
 from .manifest import MANIFEST, load_manifest
 from .shards import INDEX_DTYPE
+
+
+VERIFY_ENV = "HYENA_GLT_VERIFY_SHARDS"
+_HASH_CHUNK = 8 << 20
+_verified: set[tuple] = set()  # (path, device, inode, size, mtime_ns, sha256) of files that matched
+
+
+class ShardChecksumError(ValueError):
+    """A shard or index whose bytes differ from the manifest's sha256. One line."""
+
+
+def verify_by_default() -> bool:
+    """True unless HYENA_GLT_VERIFY_SHARDS is 0/false/no/off."""
+    return os.environ.get(VERIFY_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _file_key(fd: int, path: Path, expected: str) -> tuple:
+    st = os.fstat(fd)
+    return (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, expected)
+
+
+def _mismatch(path: Path, pack: Path, expected: str, actual: str, size: int, expected_size: int | None) -> ShardChecksumError:
+    sizes = f", {size} bytes where the manifest says {expected_size}" if expected_size not in (None, size) else ""
+    return ShardChecksumError(
+        f"{path}: damaged shard: sha256 {actual} but the manifest expects {expected}{sizes}; repack it, or list "
+        f"every damaged file with `hyena-glt data stats {pack} --verify`")
+
+
+def verify_fd(fd: int, path: Path, pack: Path, expected: str, expected_size: int | None = None) -> None:
+    """Hash the file open at `fd` (from byte 0, whatever its position) against `expected`."""
+    key = _file_key(fd, path, expected)
+    if key in _verified:
+        return
+    h, offset = hashlib.sha256(), 0
+    while chunk := os.pread(fd, _HASH_CHUNK, offset):
+        h.update(chunk)
+        offset += len(chunk)
+    if h.hexdigest() != expected:
+        raise _mismatch(path, pack, expected, h.hexdigest(), offset, expected_size)
+    _verified.add(key)
 
 
 class _LRU(OrderedDict):
@@ -37,11 +85,15 @@ class _LRU(OrderedDict):
 
 class PackedDataset:
     """The samples of `split` in a pack directory, in manifest order (shards sorted by
-    name, samples in shard order). `read(i)` -> (bases as bytes, seq_type int)."""
+    name, samples in shard order). `read(i)` -> (bases as bytes, seq_type int).
 
-    def __init__(self, path: str | os.PathLike, split: str = "train", max_open: int = 64):
+    verify: check each shard and index against the manifest's sha256 the first time it is
+    opened (None: on unless HYENA_GLT_VERIFY_SHARDS=0)."""
+
+    def __init__(self, path: str | os.PathLike, split: str = "train", max_open: int = 64, verify: bool | None = None):
         self.path = Path(path)
         self.split = split
+        self.verify = verify_by_default() if verify is None else bool(verify)
         self.manifest = load_manifest(self.path)
         self.fingerprint = hashlib.sha256((self.path / MANIFEST).read_bytes() + split.encode()).hexdigest()
         self.shards = [s for s in self.manifest["shards"] if s["split"] == split]
@@ -60,7 +112,13 @@ class PackedDataset:
             p = self.path / s["index"]
             if not p.exists():
                 raise FileNotFoundError(f"{p}: shard index missing (run `hyena-glt data stats {self.path} --verify`)")
-            idx = np.load(p, allow_pickle=False)
+            data = p.read_bytes()
+            if self.verify and hashlib.sha256(data).hexdigest() != s["index_sha256"]:
+                raise _mismatch(p, self.path, s["index_sha256"], hashlib.sha256(data).hexdigest(), len(data), None)
+            try:
+                idx = np.load(io.BytesIO(data), allow_pickle=False)
+            except (ValueError, EOFError, OSError) as e:
+                raise ValueError(f"{p}: not a readable shard index ({e}); run `hyena-glt data stats {self.path} --verify`") from None
             if idx.dtype != INDEX_DTYPE or len(idx) != s["samples"]:
                 raise ValueError(f"{p}: index does not match the manifest ({len(idx)} entries, {s['samples']} samples)")
             return idx
@@ -68,7 +126,19 @@ class PackedDataset:
         return self._index.get_or(j, load)
 
     def _fd(self, j: int) -> int:
-        return self._fds.get_or(j, lambda: os.open(self.path / self.shards[j]["path"], os.O_RDONLY))
+        def open_shard() -> int:
+            s = self.shards[j]
+            p = self.path / s["path"]
+            fd = os.open(p, os.O_RDONLY)
+            if self.verify:
+                try:
+                    verify_fd(fd, p, self.path, s["sha256"], s.get("bytes"))
+                except BaseException:
+                    os.close(fd)
+                    raise
+            return fd
+
+        return self._fds.get_or(j, open_shard)
 
     def locate(self, i: int) -> tuple[int, int]:
         if not 0 <= i < len(self):

@@ -153,6 +153,20 @@ class _Scanner:
         words = bytes(self.header).decode("utf-8", "replace").split()
         return words[0] if words else ""
 
+    def _check_id(self) -> None:
+        """The record id (the header's first word) becomes text in the manifest and in every
+        output: it must be UTF-8. The rest of the header is not read."""
+        words = bytes(self.header).split(None, 1)
+        if not words:
+            return
+        try:
+            words[0].decode("utf-8")
+        except UnicodeDecodeError as e:
+            if len(self.header) >= 4096 and e.reason == "unexpected end of data":
+                return  # an id cut at the 4096 bytes kept
+            raise ValueError(f"line {self.line}: the record id is not UTF-8 text (byte 0x{words[0][e.start]:02x} "
+                             "in the header)") from None
+
     def _text_only(self, data: bytes) -> None:
         odd = data.translate(None, _TEXT_BYTES)
         if odd:
@@ -172,6 +186,7 @@ class _Scanner:
                     self.header += buf[pos:end]
                 if nl < 0:
                     return
+                self._check_id()
                 self.in_header, self.at_line_start, self.line, pos = False, True, self.line + 1, nl + 1
                 continue
             if self.at_line_start and buf[pos] == 0x3E:  # '>'

@@ -7,7 +7,8 @@ label in the header. Plain or gzip (detected by magic bytes).
 * FASTA: `>id label=X ...`, `>id|X` or `>id X` (the last field after `|` or whitespace).
 
 Token-classification labels are one symbol per base (`00111000`) or space-separated tokens, one
-per base. Errors are ValueErrors naming the file and line.
+per base. Errors are ValueErrors naming the file and line (bytes that are not UTF-8, a
+corrupt gzip stream and malformed CSV included).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import csv
 import gzip
 import io
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,12 +31,23 @@ class LabelledRecord:
     id: str
     sequence: str
     label: str | None
+    line: int | None = None  # the line of the file it came from (a FASTA record: its header)
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
-    return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8") if gz else open(path, encoding="utf-8")
+def _read_text(path: Path) -> str:
+    """The whole file as text (plain or gzip; a UTF-8 byte-order mark is dropped). The files
+    are small; reading them at once lets a bad byte be named by line."""
+    try:
+        data = path.read_bytes()
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise ValueError(f"{path}: corrupt or truncated gzip file ({e})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8") from None
 
 
 def _kind(path: Path, first_line: str) -> str:
@@ -73,7 +86,8 @@ def _read_fasta(f, path: Path) -> list[LabelledRecord]:
     def flush():
         if header is not None:
             name, label = _fasta_label(header)
-            out.append(LabelledRecord(name or f"seq{len(out) + 1}", _check_seq("".join(chunks), f"{path}:{start}"), label))
+            out.append(LabelledRecord(name or f"seq{len(out) + 1}", _check_seq("".join(chunks), f"{path}:{start}"), label,
+                                      start))
 
     for n, line in enumerate(f, 1):
         line = line.strip()
@@ -91,7 +105,14 @@ def _read_fasta(f, path: Path) -> list[LabelledRecord]:
 
 
 def _read_table(f, path: Path, delimiter: str) -> list[LabelledRecord]:
-    rows = [(n, r) for n, r in enumerate(csv.reader(f, delimiter=delimiter), 1) if r and any(c.strip() for c in r)]
+    reader = csv.reader(f, delimiter=delimiter)
+    rows = []
+    try:
+        for r in reader:
+            if r and any(c.strip() for c in r):
+                rows.append((reader.line_num, r))
+    except csv.Error as e:
+        raise ValueError(f"{path}:{reader.line_num}: not a readable {'TSV' if delimiter == chr(9) else 'CSV'} line ({e})") from None
     if not rows:
         return []
     head = [c.strip().lower() for c in rows[0][1]]
@@ -109,7 +130,7 @@ def _read_table(f, path: Path, delimiter: str) -> list[LabelledRecord]:
             raise ValueError(f"{where}: expected a sequence in column {seq_i + 1}, got {len(r)} column(s)")
         label = r[label_i].strip() if label_i is not None and label_i < len(r) and r[label_i].strip() else None
         rid = r[id_i].strip() if id_i is not None and id_i < len(r) else f"seq{len(out) + 1}"
-        out.append(LabelledRecord(rid, _check_seq(r[seq_i].strip(), where), label))
+        out.append(LabelledRecord(rid, _check_seq(r[seq_i].strip(), where), label, n))
     return out
 
 
@@ -118,15 +139,11 @@ def read_labelled(path: str | Path, require_labels: bool = True) -> list[Labelle
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    with _open_text(path) as f:
-        first = ""
-        for line in f:
-            if line.strip():
-                first = line
-                break
-    with _open_text(path) as f:
-        kind = _kind(path, first)
-        records = _read_fasta(f, path) if kind == "fasta" else _read_table(f, path, kind)
+    text = _read_text(path)
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    kind = _kind(path, first)
+    lines = io.StringIO(text, newline="")  # csv wants the line ends as they are
+    records = _read_fasta(lines, path) if kind == "fasta" else _read_table(lines, path, kind)
     if not records:
         raise ValueError(f"{path}: no sequences found")
     if require_labels:

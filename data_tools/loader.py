@@ -49,6 +49,10 @@ class GlobalBatchLoader:
     micro-batches (dicts, see batching.make_batch) for that step.
 
     data: a pack directory, a list of them (equal weights), or {directory: weight}.
+    verify_shards: check every shard (and index) against the manifest's sha256 the first
+    time this process opens it; a damaged one raises dataset.ShardChecksumError (one line
+    naming it). None: on, unless HYENA_GLT_VERIFY_SHARDS=0. Only reads: the batches are the
+    same either way, and the setting is not part of the resume state.
     """
 
     def __init__(
@@ -63,6 +67,7 @@ class GlobalBatchLoader:
         seed: int = 0,
         reverse_complement_prob: float = 0.0,
         soft_mask_weight: float = 0.1,
+        verify_shards: bool | None = None,
     ):
         if global_batch_size % (dp_size * micro_batch_size):
             raise ValueError(
@@ -76,7 +81,7 @@ class GlobalBatchLoader:
         if not 0.0 <= reverse_complement_prob <= 1.0:
             raise ValueError("reverse_complement_prob must be in [0, 1]")
         weights = normalize_data(data)
-        self.datasets = [PackedDataset(p, split) for p in weights]
+        self.datasets = [PackedDataset(p, split, verify=verify_shards) for p in weights]
         for ds in self.datasets:
             if len(ds) == 0:
                 raise ValueError(f"{ds.path}: the pack has no '{split}' samples")
@@ -156,6 +161,9 @@ class GlobalBatchLoader:
         diff = [k for k in mine if state.get(k) != mine[k]]
         if state.get("version") != STATE_VERSION or diff:
             raise ValueError(f"loader state was saved for other data or settings (differs in: {', '.join(diff) or 'version'})")
+        missing = [k for k in ("step", "consumed") if k not in state]
+        if missing:
+            raise ValueError(f"loader state: missing key {missing[0]!r} (a damaged checkpoint?)")
         self.step, self.consumed = int(state["step"]), [int(c) for c in state["consumed"]]
 
 
@@ -168,11 +176,12 @@ def eval_batches(
     dp_rank: int = 0,
     dp_size: int = 1,
     max_samples: int | None = None,
+    verify_shards: bool | None = None,
 ) -> Iterator[dict]:
     """The `split` windows of one pack in a fixed order (manifest order), batched; with
     dp_size > 1 rank r gets batches r, r + dp_size, ... One pass, no shuffling: the same
-    numbers on every run."""
-    ds = PackedDataset(Path(path), split)
+    numbers on every run. `verify_shards` as for GlobalBatchLoader."""
+    ds = PackedDataset(Path(path), split, verify=verify_shards)
     n = len(ds) if max_samples is None else min(len(ds), max_samples)
     for b, start in enumerate(range(0, n, batch_size)):
         if b % dp_size == dp_rank:

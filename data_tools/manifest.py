@@ -47,9 +47,60 @@ def load_manifest(out: str | Path) -> dict:
         manifest = json.loads(path.read_bytes())
     except ValueError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown manifest format {manifest.get('format')!r} (expected {FORMAT})")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{path}: unknown manifest format {found!r} (expected {FORMAT})")
+    check_manifest(manifest, path)
     return manifest
+
+
+# What readers of manifest.json rely on (the loaders, `data stats`): checked on load, so a
+# damaged manifest is one error naming the file and the key rather than a KeyError later.
+_REQUIRED = ("num_jobs", "options", "inputs", "input_totals", "shards", "totals", "windows", "dropped", "skipped_files")
+_REQUIRED_OPTIONS = ("seq_len", "stride", "reverse_complement", "max_n_fraction", "min_len", "val_fraction",
+                     "test_fraction", "seed")
+_REQUIRED_SHARD = ("path", "split", "samples", "bases", "bytes", "sha256", "index", "index_sha256")
+
+
+def check_manifest(manifest: dict, path: Path) -> None:
+    """ValueError naming `path` and the first missing key (or entry of the wrong type)."""
+    def need(obj, keys, where: str) -> None:
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}: damaged manifest: {where or 'the top level'} is not an object")
+        for k in keys:
+            if k not in obj:
+                raise ValueError(f"{path}: damaged manifest: missing key {where + '.' if where else ''}{k}")
+
+    need(manifest, _REQUIRED, "")
+    need(manifest["options"], _REQUIRED_OPTIONS, "options")
+    need(manifest["input_totals"], ("files", "records", "bases"), "input_totals")
+    need(manifest["windows"], ("planned", "kept", "dropped"), "windows")
+    for k in ("planned", "kept", "dropped"):
+        need(manifest["windows"][k], ("windows",), f"windows.{k}")
+    need(manifest["totals"], (), "totals")
+    for split, t in manifest["totals"].items():
+        need(t, ("shards", "samples", "windows", "records", "bases"), f"totals.{split}")
+    if not isinstance(manifest["shards"], list):
+        raise ValueError(f"{path}: damaged manifest: shards is not a list")
+    for i, shard in enumerate(manifest["shards"]):
+        need(shard, _REQUIRED_SHARD, f"shards[{i}]")
+
+
+_JOB_KEYS = ("job_index", "num_jobs", "options", "input_list", "inputs", "shards", "windows", "dropped",
+             "kept_windows", "records")
+
+
+def _load_job(path: Path) -> dict:
+    try:
+        job = json.loads(path.read_bytes())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); delete it and rerun that job") from None
+    if not isinstance(job, dict):
+        raise ValueError(f"{path}: damaged job manifest (not an object); delete it and rerun that job")
+    missing = [k for k in _JOB_KEYS if k not in job]
+    if missing:
+        raise ValueError(f"{path}: damaged job manifest: missing key {missing[0]}; delete it and rerun that job")
+    return job
 
 
 def _collect(out: Path) -> tuple[list[dict], list[int], str | None]:
@@ -57,7 +108,7 @@ def _collect(out: Path) -> tuple[list[dict], list[int], str | None]:
     found = sorted(state_dir(out).glob("job-*.json"))
     if not found:
         return [], [], "no job has finished"
-    jobs = [json.loads(p.read_bytes()) for p in found]
+    jobs = [_load_job(p) for p in found]
     num_jobs = jobs[0]["num_jobs"]
     for j in jobs[1:]:
         if (j["num_jobs"], j["options"], j["input_list"]) != (num_jobs, jobs[0]["options"], jobs[0]["input_list"]):

@@ -150,7 +150,17 @@ def sha256_file(path: Path) -> str:
 
 def write_shard(task: ShardTask, out_dir: str, done_dir: str) -> dict:
     """Write `task` as `<name>.tar` + `<name>.idx` in out_dir (temporary names, then
-    rename) and then its completion record in done_dir. Returns the shard's manifest entry."""
+    rename) and then its completion record in done_dir. Returns the shard's manifest entry.
+    An OSError without a file name (a write to a full disk) is raised again naming the shard."""
+    try:
+        return _write_shard(task, out_dir, done_dir)
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(Path(out_dir) / f"{task.name}.tar")) from e
+        raise
+
+
+def _write_shard(task: ShardTask, out_dir: str, done_dir: str) -> dict:
     from webdataset import TarWriter
 
     out, done = Path(out_dir), Path(done_dir)

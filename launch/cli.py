@@ -8,15 +8,19 @@ package), so this file stays a table of contents. Handlers import heavy librarie
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import json
 import os
 import sys
 import warnings
+from pathlib import Path
 
 # Modules that add subcommands, in the order they appear in --help.
 COMMAND_MODULES = [
     "launch.commands",  # demo, train, generate, info
     "launch.convert",  # convert, reshard
+    "launch.evo2",  # import-evo2, export-vortex
     "launch.evaluate",  # eval, embed
     "launch.variants",  # score-variants
     "data_tools.cli",  # pack, data
@@ -70,18 +74,192 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    name = " ".join(x for x in (args.command, getattr(args, "data_command", None)) if x)
     try:
         rc = args.func(args)
-    except (CLIError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        if os.environ.get("HYENA_GLT_DEBUG"):
-            raise
-        msg = str(e).strip().splitlines()
-        print(f"hyena-glt {args.command}: error: {' '.join(m.strip() for m in msg)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print(f"hyena-glt {args.command}: interrupted", file=sys.stderr)
+        print(f"hyena-glt {name}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        msg = None if os.environ.get("HYENA_GLT_DEBUG") else user_error(e, args)
+        if msg is None:
+            raise
+        print(f"hyena-glt {name}: error: {msg}", file=sys.stderr)
+        return 2
     return int(rc or 0)
+
+
+# ---------------------------------------------------------------------------- user errors
+#
+# Failures caused by what the user gave (a damaged file, a full disk, a bad value) become one
+# line naming the file or option; anything else keeps its traceback. Libraries often raise
+# without naming the file (json.loads of a string, safetensors, a write to a full disk): the
+# file is then found among the paths the command was given (files, and the files in the
+# directories given), by its content.
+
+_OUTPUT_OPTIONS = ("out", "output", "per_base")  # argparse dests that name what a command writes
+_MAX_SCAN = 64 << 20  # files larger than this are not read to find where an error came from
+_BINARY = (".safetensors", ".tar", ".idx", ".npy", ".pt", ".bin", ".bgz", ".bz2", ".xz", ".zst")
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def user_error(e: BaseException, args) -> str | None:
+    """One line describing a user-caused failure, or None for anything else (a bug: keep its
+    traceback)."""
+    if isinstance(e, json.JSONDecodeError):
+        return _json_error(e, args)
+    if isinstance(e, UnicodeDecodeError):
+        return _unicode_error(e, args)
+    yaml = sys.modules.get("yaml")
+    if yaml is not None and isinstance(e, yaml.YAMLError):
+        return _yaml_error(e, args, yaml)
+    if type(e).__name__ == "SafetensorError":
+        return _safetensors_error(e, args)
+    if isinstance(e, OSError) and e.errno is not None and e.strerror:
+        return _os_error(e, args)
+    if isinstance(e, KeyError):
+        where = ", ".join(str(p) for p in _given_paths(args)) or "the command's input"
+        key = e.args[0] if e.args else "?"
+        return (f"missing key {key!r} in a file read from {where}: the file is damaged or incomplete, "
+                "or was written by another version")
+    if isinstance(e, (CLIError, ValueError, OSError)):
+        return " ".join(m.strip() for m in str(e).strip().splitlines()) or type(e).__name__
+    return None
+
+
+def _given_paths(args) -> list[Path]:
+    """Existing files and directories named by the command's arguments (also `key=value` values)."""
+    out: list[Path] = []
+    for key, value in vars(args).items():
+        if key in ("func", "command"):
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if not isinstance(v, str) or not v:
+                continue
+            for text in (v, v.split("=", 1)[1]) if "=" in v else (v,):
+                p = Path(text)
+                try:
+                    if p.exists() and p not in out:
+                        out.append(p)
+                except OSError:
+                    pass
+    return out
+
+
+def _candidate_files(args, suffixes: tuple[str, ...] | None = None, limit: int = 500) -> list[Path]:
+    """The files given, and the files in the directories given (two levels down)."""
+    files: list[Path] = []
+    for p in _given_paths(args):
+        if p.is_file():
+            found = [p]
+        else:
+            try:
+                found = sorted(q for pattern in ("*", "*/*") for q in p.glob(pattern) if q.is_file())
+            except OSError:
+                found = []
+        files += [q for q in found if q not in files and (suffixes is None or q.suffix.lower() in suffixes)]
+        if len(files) >= limit:
+            break
+    return files[:limit]
+
+
+def _read(path: Path) -> bytes | None:
+    """A text file's bytes (gunzipped), or None for a large or binary file."""
+    try:
+        if path.suffix.lower() in _BINARY or path.stat().st_size > _MAX_SCAN:
+            return None
+        data = path.read_bytes()
+        if data[:2] == b"\x1f\x8b":  # gzip: errors are about the text inside
+            import gzip
+
+            data = gzip.decompress(data)
+        return data
+    except (OSError, EOFError, ValueError):
+        return None
+
+
+def _text(path: Path) -> str | None:
+    data = _read(path)
+    return None if data is None else data.decode("utf-8", "replace")
+
+
+def _json_error(e: json.JSONDecodeError, args) -> str:
+    what = f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}): the file is damaged or truncated"
+    for f in dict.fromkeys(_candidate_files(args, (".json",)) + _candidate_files(args)):
+        if _text(f) == e.doc:
+            return f"{f}: {what}"
+    return f"{what} (a JSON file read from {', '.join(map(str, _given_paths(args))) or 'the input'})"
+
+
+def utf8_error_line(data: bytes) -> tuple[int, int, int] | None:
+    """(line, column, byte) of the first byte of `data` that is not UTF-8, or None."""
+    try:
+        data.decode("utf-8")
+        return None
+    except UnicodeDecodeError as err:
+        start = data.rfind(b"\n", 0, err.start) + 1
+        return data.count(b"\n", 0, err.start) + 1, err.start - start + 1, data[err.start]
+
+
+def _unicode_error(e: UnicodeDecodeError, args) -> str:
+    obj = bytes(e.object)
+    bad = obj[e.start] if e.start < len(obj) else 0
+    for f in _candidate_files(args):
+        data = _read(f)
+        if not data:
+            continue
+        off = data.find(obj) if obj else -1
+        if off >= 0:
+            line = data.count(b"\n", 0, off + e.start) + 1
+            return f"{f} line {line}: not UTF-8 text (byte 0x{bad:02x}); save the file as UTF-8"
+    return f"an input file is not UTF-8 text (byte 0x{bad:02x}: {e.reason}); save it as UTF-8"
+
+
+def _yaml_error(e, args, yaml) -> str:
+    if isinstance(e, yaml.reader.ReaderError):  # bytes that are not UTF-8
+        f = Path(e.name) if e.name and Path(e.name).is_file() else None
+        if f is not None and (data := _read(f)) is not None and (loc := utf8_error_line(data)):
+            return f"{f} line {loc[0]}: not UTF-8 text (byte 0x{loc[2]:02x}); save the file as UTF-8"
+        return f"{f or 'a YAML file'}: not UTF-8 text ({e.reason})"
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    what = f"not valid YAML: {problem}" + (f" ({context})" if context else "")
+    if mark is None:
+        return what
+    f: Path | str | None = Path(mark.name) if mark.name and Path(mark.name).is_file() else None
+    if f is None and mark.buffer is not None:
+        text = mark.buffer.rstrip("\0")
+        first = _candidate_files(args, (".yaml", ".yml"))
+        f = next((c for c in dict.fromkeys(first + _candidate_files(args)) if _text(c) == text), None)
+    return f"{f or 'a YAML file'} line {mark.line + 1}, column {mark.column + 1}: {what}"
+
+
+def _safetensors_error(e: Exception, args) -> str:
+    what = f"not a readable safetensors file ({e}): the file is damaged or truncated"
+    try:
+        from safetensors import safe_open
+    except ImportError:  # pragma: no cover
+        safe_open = None
+    for f in _candidate_files(args, (".safetensors",)):
+        try:
+            if safe_open is not None:
+                with safe_open(str(f), "np") as h:
+                    h.keys()
+        except Exception:
+            return f"{f}: {what}"
+    return f"{what} (read from {', '.join(map(str, _given_paths(args))) or 'the input'})"
+
+
+def _os_error(e: OSError, args) -> str:
+    text = f"{e.strerror} ({errno.errorcode.get(e.errno, e.errno)})"
+    if e.filename is not None:
+        return f"{e.filename}: {text}" + (f" (-> {e.filename2})" if e.filename2 is not None else "")
+    outputs = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in _OUTPUT_OPTIONS if getattr(args, k, None)]
+    if e.errno in _WRITE_ERRNOS and outputs:
+        return f"{text} while writing {', '.join(outputs)}"
+    given = ", ".join(map(str, _given_paths(args)))
+    return text + (f" (files of this command: {given})" if given else "")
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from .args import nonnegative_float, nonnegative_int, positive_int, probability
+
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="end-to-end demo on the bundled E. coli genome (tiny model, CPU)")
     p.add_argument("--out", default="runs/demo", help="output directory")
-    p.add_argument("--steps", type=int, default=None, help="override the number of training steps")
+    p.add_argument("--steps", type=positive_int, default=None, help="override the number of training steps")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser(
@@ -30,12 +32,13 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="directory with config.json + model.safetensors")
     p.add_argument("--prompt", action="append", default=[], help="prompt bases (repeatable); none: start from BOS")
     p.add_argument("--prompts", metavar="FASTA", help="also take every record of this FASTA file as a prompt")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=4, help="sample among the k most likely bytes (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set reaching this mass")
-    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=nonnegative_int, default=100,
+                   help="bytes to sample after each prompt (0: only the prompt)")
+    p.add_argument("--temperature", type=nonnegative_float, default=1.0, help="0: greedy")
+    p.add_argument("--top-k", type=nonnegative_int, default=4, help="sample among the k most likely bytes (0: all)")
+    p.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling: the smallest set reaching this mass")
+    p.add_argument("--num-samples", type=positive_int, default=1, help="samples per prompt")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--stop-at-eos", action="store_true", help="let the model emit EOS and end a sample there")
     p.add_argument("--recompute", action="store_true", help="no cache: recompute the prefix each step (a check)")
     p.add_argument("--out", metavar="FASTA", help="write the samples (prompt + continuation) as FASTA here")

@@ -17,6 +17,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .args import fraction, nonnegative_int, positive_int
+
 LN2 = math.log(2)
 
 
@@ -33,14 +35,14 @@ def fasta_windows(path: Path, seq_len: int) -> Iterator[tuple[str, bytes, int]]:
 
 
 def _batches(data: str, split: str, seq_len: int, batch_size: int, max_windows: int | None,
-             soft_mask_weight: float) -> Iterator[dict]:
+             soft_mask_weight: float, verify_shards: bool | None = None) -> Iterator[dict]:
     from data_tools.batching import make_batch
     from data_tools.loader import eval_batches
 
     path = Path(data)
     if (path / "manifest.json").is_file():
         yield from eval_batches(path, seq_len, batch_size, split=split, soft_mask_weight=soft_mask_weight,
-                                max_samples=max_windows)
+                                max_samples=max_windows, verify_shards=verify_shards)
         return
     if not path.is_file():
         raise FileNotFoundError(f"--data {path}: neither a packed directory (manifest.json) nor a FASTA file")
@@ -97,12 +99,16 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="directory with config.json + model.safetensors")
     p.add_argument("--data", required=True, help="a packed directory (hyena-glt pack) or a FASTA file")
     p.add_argument("--split", default="val", help="split of a packed directory (default val)")
-    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the pack's, or 1024 for FASTA)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
-    p.add_argument("--soft-mask-weight", type=float, default=None, help="default: the model config's")
-    p.add_argument("--chunk-size", type=int, default=None,
+    p.add_argument("--seq-len", type=positive_int, default=None,
+                   help="window length (default: the pack's, or 1024 for FASTA)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-windows", type=positive_int, default=None, help="score at most this many windows")
+    p.add_argument("--soft-mask-weight", type=fraction, default=None, help="default: the model config's")
+    p.add_argument("--chunk-size", type=positive_int, default=None,
                    help="run each window in chunks of this many positions with the inference cache (any window length)")
+    p.add_argument("--no-verify-shards", dest="verify_shards", action="store_false", default=None,
+                   help="packed data: skip checking each shard against the manifest's sha256 on first use "
+                   "(also HYENA_GLT_VERIFY_SHARDS=0)")
     p.set_defaults(func=_eval_cmd)
 
     p = sub.add_parser("score", help="log-likelihood of every FASTA record, of any length, streamed in chunks",
@@ -111,7 +117,8 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="a saved language model directory (either family)")
     p.add_argument("--input", required=True, help="FASTA(.gz) file; each record is scored whole")
     p.add_argument("--out", required=True, help="output TSV: id, bases, log_likelihood, bits_per_base")
-    p.add_argument("--chunk-size", type=int, default=8192, help="positions per chunk (memory bound); default 8192")
+    p.add_argument("--chunk-size", type=positive_int, default=8192,
+                   help="positions per chunk (memory bound); default 8192")
     p.add_argument("--per-base", metavar="DIR", help="also write each record's per-base log-probabilities to DIR/<i>.npy")
     p.set_defaults(func=_score_cmd)
 
@@ -122,20 +129,22 @@ def register(sub) -> None:
     p.add_argument("--input", required=True, help="FASTA file")
     p.add_argument("--out", required=True, help="pooled: OUT.npy (N, d_model) + OUT.ids.txt; --per-base: a directory "
                    "of <i>.npy (L_i, d_model) + ids.txt")
-    p.add_argument("--seq-len", type=int, default=0, help="embed only the first N bases of each record (0: all)")
+    p.add_argument("--seq-len", type=nonnegative_int, default=0,
+                   help="embed only the first N bases of each record (0: all)")
     p.add_argument("--layer", type=int, default=None,
                    help="output of this block (0-based; negative from the end) instead of the final hidden states")
     p.add_argument("--per-base", action="store_true", help="one vector per base instead of the mean")
-    p.add_argument("--chunk-size", type=int, default=8192, help="positions per chunk with the inference cache")
+    p.add_argument("--chunk-size", type=positive_int, default=8192, help="positions per chunk with the inference cache")
     p.set_defaults(func=_embed_cmd)
 
 
 def _seq_len_of(data: str, given: int | None) -> int:
     if given:
         return given
-    manifest = Path(data) / "manifest.json"
-    if manifest.is_file():
-        return int(json.loads(manifest.read_text())["options"]["seq_len"])
+    if (Path(data) / "manifest.json").is_file():
+        from data_tools.manifest import load_manifest
+
+        return int(load_manifest(data)["options"]["seq_len"])
     return 1024
 
 
@@ -146,7 +155,8 @@ def _eval_cmd(args) -> int:
     chunk = _chunk_size(model, args.chunk_size, "eval")
     smw = model.config.soft_mask_weight if args.soft_mask_weight is None else args.soft_mask_weight
     seq_len = _seq_len_of(args.data, args.seq_len)
-    result = evaluate_model(model, _batches(args.data, args.split, seq_len, args.batch_size, args.max_windows, smw), chunk)
+    batches = _batches(args.data, args.split, seq_len, args.batch_size, args.max_windows, smw, args.verify_shards)
+    result = evaluate_model(model, batches, chunk)
     if result["bases"] == 0:
         raise ValueError(f"--data {args.data}: no windows in split {args.split!r}")
     print(json.dumps({**result, "seq_len": seq_len, "model": args.model, "data": args.data}))
@@ -168,21 +178,24 @@ def _score_cmd(args) -> int:
     out = Path(args.out)
     tmp = out.with_name(out.name + ".tmp")
     n = total_bases = 0
-    with open(tmp, "w") as f, tqdm(unit="bp", unit_scale=True, desc="score", leave=False) as bar:
-        f.write("id\tbases\tlog_likelihood\tbits_per_base\n")
-        for rec in _records(args.input):
-            mb = make_batch([(rec.seq, int(rec.seq_type))], len(rec.seq), 1.0)  # every base weighs 1 here
-            logp = stream_logprobs(model, mb["input_ids"], mb["labels"], chunk, seq_type=mb["seq_type"])[0]
-            ll = float(logp.double().sum())
-            f.write(f"{rec.id}\t{len(rec.seq)}\t{ll:.6f}\t{-ll / max(len(rec.seq), 1) / LN2:.6f}\n")
-            if per_base:
-                np.save(per_base / f"{n}.npy", logp.numpy().astype(np.float32))
-            n += 1
-            total_bases += len(rec.seq)
-            bar.update(len(rec.seq))
-    if n == 0:
-        tmp.unlink()
-        raise ValueError(f"--input {args.input}: no sequences")
+    try:
+        with open(tmp, "w") as f, tqdm(unit="bp", unit_scale=True, desc="score", leave=False) as bar:
+            f.write("id\tbases\tlog_likelihood\tbits_per_base\n")
+            for rec in _records(args.input):
+                mb = make_batch([(rec.seq, int(rec.seq_type))], len(rec.seq), 1.0)  # every base weighs 1 here
+                logp = stream_logprobs(model, mb["input_ids"], mb["labels"], chunk, seq_type=mb["seq_type"])[0]
+                ll = float(logp.double().sum())
+                f.write(f"{rec.id}\t{len(rec.seq)}\t{ll:.6f}\t{-ll / max(len(rec.seq), 1) / LN2:.6f}\n")
+                if per_base:
+                    np.save(per_base / f"{n}.npy", logp.numpy().astype(np.float32))
+                n += 1
+                total_bases += len(rec.seq)
+                bar.update(len(rec.seq))
+        if n == 0:
+            raise ValueError(f"--input {args.input}: no sequences")
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed run (bad input, full disk) leaves no partial output
+        raise
     tmp.replace(out)
     print(f"scored {n} sequence(s), {total_bases:,} bases, to {out}" + (f" (per-base in {per_base})" if per_base else ""))
     return 0

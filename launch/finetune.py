@@ -23,6 +23,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .args import fraction, nonnegative_float, nonnegative_int, positive_float, positive_int
+
 
 def register(sub) -> None:
     from hyena_glt.heads import TASK_KINDS
@@ -37,17 +39,17 @@ def register(sub) -> None:
     p.add_argument("--tasks", metavar="YAML", help="multi-task: named tasks (kind, train, val, weight) on one backbone")
     p.add_argument("--val", help="validation file (same formats); metrics are printed after each epoch")
     p.add_argument("--out", default="runs/finetune", help="where the fine-tuned model is saved")
-    p.add_argument("--epochs", type=int, default=3, help="passes over the training data (multi-task: all tasks' batches)")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: run all epochs)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--max-len", type=int, default=1024, help="longer sequences are truncated to this many bases")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (always at each epoch end)")
+    p.add_argument("--epochs", type=positive_int, default=3, help="passes over the training data (multi-task: all tasks' batches)")
+    p.add_argument("--max-steps", type=nonnegative_int, default=0, help="stop after this many steps (0: run all epochs)")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--weight-decay", type=nonnegative_float, default=0.01)
+    p.add_argument("--dropout", type=fraction, default=0.1)
+    p.add_argument("--max-len", type=positive_int, default=1024, help="longer sequences are truncated to this many bases")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--save-every", type=nonnegative_int, default=0, help="checkpoint every N steps (always at each epoch end)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if there is one")
-    p.add_argument("--exit-after-steps", type=int, default=0,
+    p.add_argument("--exit-after-steps", type=nonnegative_int, default=0,
                    help="save a checkpoint and exit after N steps of this run (then --resume)")
     p.set_defaults(func=_finetune)
 
@@ -57,8 +59,9 @@ def register(sub) -> None:
     p.add_argument("--input", help="CSV/TSV/FASTA (labels optional; if all present, metrics are printed)")
     p.add_argument("--sequence", action="append", default=[], help="a sequence to predict (repeatable)")
     p.add_argument("--output", help="also write the predictions as TSV to this file")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-len", type=int, default=1024)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--max-len", type=positive_int, default=1024,
+                   help="longer sequences are truncated to this many bases (default 1024)")
     p.set_defaults(func=_predict)
 
 

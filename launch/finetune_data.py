@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hyena_glt.heads import task_kind
+from hyena_glt.heads import record_where, task_kind
 from hyena_glt.tokenizer import PAD_ID, ByteTokenizer
 
 
@@ -35,7 +35,7 @@ def encode_examples(records, kind: str, label_names: list[str] | None, max_len: 
         ids = tok.encode(r.sequence[:max_len], add_bos=True).ids
         label = None
         if r.label is not None:
-            label = k.encode_label(r.label, r.sequence, index, max_len, f"{where}: record {r.id}")
+            label = k.encode_label(r.label, r.sequence, index, max_len, record_where(where, r))
         out.append((ids, label))
     return out
 

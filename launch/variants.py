@@ -31,6 +31,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from .args import nonnegative_int, positive_int
+
 COLUMNS = ["chrom", "pos", "id", "ref", "alt", "win_start", "win_end", "ll_ref", "ll_alt", "delta",
            "status", "message"]
 
@@ -385,11 +387,11 @@ def register(sub) -> None:
                    "of each header, matched against the VCF's CHROM")
     p.add_argument("--variants", required=True, help="VCF (.vcf, or bgzip/gzip .vcf.gz)")
     p.add_argument("--out", required=True, help="output TSV (written to a temporary file, renamed at the end)")
-    p.add_argument("--window", type=int, default=1024, help="reference window length W around each variant "
+    p.add_argument("--window", type=positive_int, default=1024, help="reference window length W around each variant "
                    "(default 1024)")
-    p.add_argument("--max-indel", type=int, default=50, help="reject alleles longer than this + 1 bases, i.e. "
+    p.add_argument("--max-indel", type=nonnegative_int, default=50, help="reject alleles longer than this + 1 bases, i.e. "
                    "indels of more than this many bases (default 50)")
-    p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default 16)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="windows per forward pass (default 16)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=_score_variants_cmd)

@@ -69,6 +69,9 @@ def make_bad(kind: str, d: Path, lambda_gz: Path, lam) -> Path:
     elif kind == "space":
         p = d / "spaces.fa"
         p.write_bytes(b">a\n" + seq[:100] + b"\n>b\n" + seq[:60] + b" \n")
+    elif kind == "id_not_utf8":
+        p = d / "latin1_ids.fa"
+        p.write_bytes(b">a\n" + seq[:100] + b"\n>caf\xe9 description\n" + seq[:60] + b"\n")
     elif kind == "bzip2":
         p = d / "lambda.fa.bz2"
         p.write_bytes(bz2.compress(b">x\n" + seq + b"\n"))
@@ -87,6 +90,7 @@ BAD = {
     "digits": ("record 'x' line 3", "'1'"),
     "space": ("record 'b' line 4", "space"),
     "bzip2": ("bzip2",),
+    "id_not_utf8": ("line 3: the record id is not UTF-8", "0xe9"),
 }
 
 

@@ -222,3 +222,64 @@ def test_removed_num_workers_setting_is_dropped_with_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         TrainConfig.model_validate(cfg.dump())  # no warning without the key
+
+
+def test_shards_verified_on_first_use(packs, tmp_path, monkeypatch):
+    """Each shard is checked against the manifest's sha256 the first time it is opened: the
+    batches are the same with the check on or off, and a shard with bytes zeroed in place
+    stops the loader with one line naming it and both checksums."""
+    import hashlib
+    import shutil
+
+    from data_tools import dataset
+    from data_tools.dataset import ShardChecksumError
+
+    monkeypatch.delenv("HYENA_GLT_VERIFY_SHARDS", raising=False)
+    kw = dict(seq_len=1000, global_batch_size=8, micro_batch_size=2, seed=3, reverse_complement_prob=0.5)
+    on, off = GlobalBatchLoader(packs["bacteria"], **kw), GlobalBatchLoader(packs["bacteria"], verify_shards=False, **kw)
+    assert on.datasets[0].verify and not off.datasets[0].verify
+    for _ in range(6):
+        a, b = _cat(on.next_global_batch()), _cat(off.next_global_batch())
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert on.state_dict() == off.state_dict()  # the setting is not part of the resume state
+
+    # A file that passed is not hashed again in this process, whichever dataset opens it.
+    hashed = []
+    pread = os.pread
+
+    def counting_pread(fd, n, offset):
+        if n == dataset._HASH_CHUNK:
+            hashed.append(fd)
+        return pread(fd, n, offset)
+
+    first = PackedDataset(packs["bacteria"], "train")
+    [first.read(i) for i in range(len(first))]  # every shard opened (and verified, earlier or now)
+    monkeypatch.setattr(os, "pread", counting_pread)
+    again = PackedDataset(packs["bacteria"], "train")
+    assert [again.read(i) for i in range(len(again))] == [first.read(i) for i in range(len(first))]
+    assert hashed == []
+    dataset._verified.clear()  # a new process
+    [PackedDataset(packs["bacteria"], "train").read(i) for i in range(len(first))]
+    assert len(hashed) >= len(first.shards)
+    monkeypatch.setattr(os, "pread", pread)
+
+    bad = shutil.copytree(packs["bacteria"], tmp_path / "bad")
+    manifest = json.loads((bad / "manifest.json").read_text())
+    entry = manifest["shards"][2]
+    shard = bad / entry["path"]
+    data = bytearray(shard.read_bytes())
+    data[1536:1736] = bytes(200)  # bases of the first sample, same size, same index
+    shard.write_bytes(bytes(data))
+    actual = hashlib.sha256(bytes(data)).hexdigest()
+    loader = GlobalBatchLoader(bad, **kw)
+    with pytest.raises(ShardChecksumError) as err:
+        for _ in range(200):  # well past one epoch: every shard gets opened
+            loader.next_global_batch()
+    msg = str(err.value)
+    assert len(msg.splitlines()) == 1 and str(shard) in msg and entry["sha256"] in msg and actual in msg
+    with pytest.raises(ShardChecksumError, match=entry["path"]):
+        list(eval_batches(bad, 1000, 16, split="train"))
+    # Off (argument or environment): the damaged bytes are read as they are.
+    assert len(list(eval_batches(bad, 1000, 16, split="train", verify_shards=False))) > 0
+    monkeypatch.setenv("HYENA_GLT_VERIFY_SHARDS", "0")
+    assert len(list(eval_batches(bad, 1000, 16, split="train"))) > 0
