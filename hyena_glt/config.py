@@ -64,6 +64,8 @@ class HyenaGLTConfig(BaseModel):
     mlp_hidden_size: int | None = Field(None, gt=0, description="gated-MLP width (None: from mlp_ratio)")
     rope_position_scale: float = Field(
         1.0, gt=0, description="RoPE positions are divided by this (position interpolation for longer context)")
+    bos_token: bool = Field(
+        True, description="inference starts every sequence with BOS (False: Evo 2 models, trained on raw bytes)")
     init_std: float = Field(0.02, gt=0)
     tie_embeddings: bool = True
     soft_mask_weight: float = Field(0.1, ge=0, le=1, description="loss weight of lower-case (soft-masked) bases")

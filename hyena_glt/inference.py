@@ -144,7 +144,20 @@ def _chunks(n: int, chunk_size: int | None) -> Iterator[tuple[int, int]]:
 def stream_logprobs(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = None,
                     seq_type: torch.Tensor | None = None) -> torch.Tensor:
     """log p(labels[b, i] | input_ids[b, :i+1]) (B, L), computed `chunk_size` positions at a
-    time with the inference cache (one pass when None, or for a family without a cache)."""
+    time with the inference cache (one pass when None, or for a family without a cache).
+
+    `input_ids` start with BOS ([BOS] + seq[:-1] -> seq). A model without BOS
+    (`config.bos_token` False, e.g. an imported Evo 2) reads seq[:-1] -> seq[1:]: the first
+    base has nothing to be predicted from, and its entry is 0 (give it weight 0)."""
+    if not model.config.bos_token:
+        out = torch.zeros(labels.shape, dtype=torch.promote_types(model.output_weight.dtype, torch.float32))
+        if labels.shape[1] > 1:
+            out[:, 1:] = _stream_logprobs(model, input_ids[:, 1:], labels[:, 1:], chunk_size, seq_type)
+        return out
+    return _stream_logprobs(model, input_ids, labels, chunk_size, seq_type)
+
+
+def _stream_logprobs(model, input_ids, labels, chunk_size, seq_type):
     if not model.supports_cache or chunk_size is None or chunk_size >= input_ids.shape[1]:
         logits = model(input_ids, seq_type=seq_type).logits
         return _gather_logprobs(logits, labels)

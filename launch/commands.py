@@ -83,7 +83,10 @@ def _generate(args) -> int:
     if not named:
         named = [("bos", b"")]
     rows = [(name, s) for name, seq in named for s in [seq] * args.num_samples]
-    prompts = [tok.encode(seq, add_bos=True).ids for _, seq in rows]
+    bos = model.config.bos_token
+    if not bos and any(not seq for _, seq in rows):
+        raise ValueError(f"--prompt: {args.model} reads raw bytes without BOS (bos_token false): give a non-empty prompt")
+    prompts = [tok.encode(seq, add_bos=bos).ids for _, seq in rows]
     out = model.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
                          top_p=args.top_p, seed=args.seed, stop_at_eos=args.stop_at_eos,
                          use_cache=False if args.recompute else None,

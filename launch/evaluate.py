@@ -69,9 +69,11 @@ def evaluate_model(model, batches, chunk_size: int | None = None) -> dict:
     for mb in batches:
         logp = stream_logprobs(model, mb["input_ids"], mb["labels"], chunk_size, seq_type=mb.get("seq_type"))
         w = mb["loss_weights"].double()
+        if not model.config.bos_token:  # the first base of each window has no context to be scored from
+            w[:, 0] = 0.0
         loss_sum -= float((logp.double() * w).sum())
         weight += float(w.sum())
-        bases += int((mb["loss_weights"] > 0).sum())
+        bases += int((w > 0).sum())
     loss = loss_sum / max(weight, 1e-12)
     return {"loss": loss, "bits_per_base": loss / LN2, "bases": bases}
 
@@ -185,7 +187,8 @@ def _score_cmd(args) -> int:
                 mb = make_batch([(rec.seq, int(rec.seq_type))], len(rec.seq), 1.0)  # every base weighs 1 here
                 logp = stream_logprobs(model, mb["input_ids"], mb["labels"], chunk, seq_type=mb["seq_type"])[0]
                 ll = float(logp.double().sum())
-                f.write(f"{rec.id}\t{len(rec.seq)}\t{ll:.6f}\t{-ll / max(len(rec.seq), 1) / LN2:.6f}\n")
+                scored = len(rec.seq) - (0 if model.config.bos_token else 1)  # no BOS: the first base is not scored
+                f.write(f"{rec.id}\t{len(rec.seq)}\t{ll:.6f}\t{-ll / max(scored, 1) / LN2:.6f}\n")
                 if per_base:
                     np.save(per_base / f"{n}.npy", logp.numpy().astype(np.float32))
                 n += 1
@@ -216,9 +219,10 @@ def _embed_cmd(args) -> int:
     ids, vecs = [], []
     for rec in _records(args.input):
         seq = rec.seq[: args.seq_len] if args.seq_len else rec.seq
-        tokens = ByteTokenizer().encode(seq, add_bos=True).ids[None]  # [BOS] + every base
+        bos = backbone.config.bos_token
+        tokens = ByteTokenizer().encode(seq, add_bos=bos).ids[None]  # [BOS] + every base
         hidden = stream_hidden(backbone, tokens, chunk, args.layer, seq_type=torch.tensor([int(rec.seq_type)]))
-        hidden = hidden[0, 1:].float()  # position i + 1 has read base i: one state per base
+        hidden = hidden[0, 1:].float() if bos else hidden[0].float()  # one state per base, after reading it
         if args.per_base:
             np.save(out / f"{len(ids)}.npy", hidden.numpy())
         else:

@@ -179,7 +179,7 @@ def config_from_evo2(evo: dict):
         norm_eps_placement="outside", mixer_out_bias=out_bias, medium_decay=False, short_filter_skip=False,
         rope_base=float(_value(evo, "rotary_emb_base", 1000000)),
         rope_position_scale=float(_value(evo, "rotary_emb_scaling_factor", 1.0)) if interpolated else 1.0,
-        tie_embeddings=True,
+        tie_embeddings=True, bos_token=False,  # Evo 2 reads raw bytes: no BOS
     )
     if hyena:
         fields.update(featurizer_len=int(_value(evo, "short_filter_length")),
@@ -668,7 +668,7 @@ def register(sub) -> None:
         description="Read an Evo 2 checkpoint as released (one torch.save file, or its .part0, .part1, ... pieces, "
         "joined byte for byte next to OUT_DIR and removed after) with the model's published Vortex YAML config, map "
         "every key, layout and the vocabulary (Evo 2 id = byte; hyena-glt id = byte + 4), and write config.json + "
-        "model.safetensors. Feed the imported model byte + 4 ids without BOS to reproduce Evo 2. Anything the "
+        "model.safetensors, with bos_token false (every command then feeds it raw bytes, as Evo 2). Anything the "
         "mapping cannot express is refused with the field or key named, and nothing is written. See docs/evo2.md.")
     p.add_argument("checkpoint", metavar="CHECKPOINT.pt",
                    help="the .pt file, or its name when it comes as .partN pieces")
@@ -696,7 +696,7 @@ def _import_cmd(args) -> int:
     cfg, n = import_evo2(args.checkpoint, args.config, args.out, progress=sys.stderr.isatty())
     counts = {c: cfg.layers.count(c) for c in "SDH*"}
     print(f"imported {args.checkpoint} ({n} tensors; {cfg.num_layers} layers {counts}, d_model {cfg.d_model}) "
-          f"-> {args.out}; feed ids byte + 4 without BOS")
+          f"-> {args.out} (bos_token false: the commands feed it raw bytes, as Evo 2)")
     return 0
 
 

@@ -88,7 +88,7 @@ class Case:
         self.imported = root / "imported"
         rc, out, err = run("import-evo2", self.pt, "--config", self.yml, self.imported)
         assert rc == 0, err
-        assert "feed ids byte + 4 without BOS" in out
+        assert "bos_token false" in out
 
 
 @pytest.fixture(scope="module", params=oracle.CONFIG_NAMES)
@@ -114,6 +114,17 @@ def test_import_matches_vortex_logits(case, evo_ids):
     err = rel_error(ours, case.ref)
     print(f"{case.name}: max |ours - vortex| / max |vortex| = {err:.2e} (max |vortex| {case.ref.abs().max():.3f})")
     assert err <= TOLERANCE, f"{case.name}: relative logit error {err:.2e} > {TOLERANCE:g}"
+
+
+def test_score_command_feeds_an_imported_model_raw_bytes(case, evo_ids, dna, tmp_path):
+    """`hyena-glt score` (no BOS for bos_token false) gives Vortex's log-likelihood of bases 1..L-1."""
+    fa = tmp_path / "x.fa"
+    fa.write_text(">x\n" + dna.decode() + "\n")
+    rc, _, err = run("score", "--model", case.imported, "--input", fa, "--out", tmp_path / "s.tsv", "--chunk-size", "64")
+    assert rc == 0, err
+    ours = float((tmp_path / "s.tsv").read_text().splitlines()[1].split("\t")[2])
+    logp = torch.log_softmax(case.ref.double(), -1)[0, :-1].gather(-1, evo_ids[0, 1:, None]).sum()
+    assert abs(ours - float(logp)) <= 1e-4 * abs(float(logp))
 
 
 def test_import_from_part_pieces_is_the_same(case, tmp_path):
