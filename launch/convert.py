@@ -5,6 +5,10 @@ gathered at save time), every key and shape checked against the config, written 
 `config.json` + `model.safetensors` for `HyenaGLTForCausalLM.from_pretrained`. With
 `--verify` the checkpoint is also loaded into its own parallel layout (torchrun, as many
 processes as wrote it) and the logits of a probe batch are compared.
+
+Both verify the files they read against the sizes and sha256 recorded in meta.json first: a
+checkpoint.dir falls back to its newest intact checkpoint (said in one line on stderr), one
+named step_* folder that is damaged is refused naming the file.
 """
 
 from __future__ import annotations
@@ -19,26 +23,45 @@ import torch
 PROBE_SEED, PROBE_LEN, PROBE_BATCH = 1234, 256, 2
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    from .checkpoint import META, latest_checkpoint
+def resolve_checkpoint(path: str | Path, kinds: tuple[str, ...] = ("model",), log=None) -> Path:
+    """The checkpoint to read: `path` itself if it is one step_* folder (refused if damaged),
+    else the newest intact checkpoint of the checkpoint.dir `path` (by step number; `log` says
+    which damaged ones were passed over and why). Only files whose names start with `kinds`
+    are verified (what the caller reads)."""
+    from .checkpoint import (META, CheckpointError, check_checkpoint, damage_report, describe, find_intact, step_dirs,
+                             step_of)
 
     path = Path(path)
-    if (path / META).is_file():
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint or checkpoint.dir")
+    if (path / META).is_file() or step_of(path) is not None:
+        problems = check_checkpoint(path, kinds)
+        if problems:
+            raise CheckpointError(f"{describe(problems)}; the checkpoint {path} cannot be used")
         return path
-    found = latest_checkpoint(path) if path.is_dir() else None
-    if found is None:
+    candidates = list(reversed(step_dirs(path)))
+    if not candidates:
         raise FileNotFoundError(f"{path}: no checkpoint here (expected a step_* folder with meta.json, or a checkpoint.dir)")
+    found, damaged = find_intact(candidates, lambda p: check_checkpoint(p, kinds))
+    if found is None:
+        raise CheckpointError(f"no intact checkpoint in {path}: {damage_report(damaged)}")
+    if damaged and log is not None:
+        log(f"{damage_report(damaged)}: using {found.name}, the newest intact checkpoint")
     return found
 
 
-def convert(ckpt: str | Path, out_dir: str | Path):
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def convert(ckpt: str | Path, out_dir: str | Path, log=_warn):
     from hyena_glt import HyenaGLTConfig
     from hyena_glt import build_causal_lm
     from hyena_glt.model import check_state_dict
 
     from .checkpoint import full_model_state, read_meta
 
-    path = resolve_checkpoint(ckpt)
+    path = resolve_checkpoint(ckpt, ("model",), log)
     meta = read_meta(path)
     cfg = HyenaGLTConfig.from_dict(meta["model_config"])
     state = full_model_state(path)
@@ -116,18 +139,21 @@ def _probe_worker(ckpt: str, result: str) -> None:
     destroy_parallel()
 
 
-def reshard(ckpt: str | Path, out_dir: str | Path, overrides: list[str]) -> Path:
+def reshard(ckpt: str | Path, out_dir: str | Path, overrides: list[str], log=_warn) -> Path:
     """Rewrite a checkpoint's model and optimizer shards for another tp/pp (cp, dp and the
     ZeRO stage need no rewrite: any checkpoint loads under them as it is). Written with
-    launch/checkpoint.py's writer (shards, meta.json, `latest`), as a training run would."""
+    launch/checkpoint.py's writer (shards, meta.json with every file's size and sha256,
+    `latest`), as a training run would, into an OUT_DIR that holds no checkpoint yet."""
+    import shutil
+
     from hyena_glt import HyenaGLTConfig
     from megatron_adapters.parallel_config import ParallelConfig, make_layout
     from megatron_adapters.state_dict import shard_state_dict
 
-    from .checkpoint import ShardReader, commit, new_folder, read_meta, write_meta, write_shards
+    from .checkpoint import CheckpointError, ShardReader, commit, new_folder, read_meta, step_dirs, write_meta, write_shards
     from .train_config import TrainConfig, apply_override
 
-    path = resolve_checkpoint(ckpt)
+    path = resolve_checkpoint(ckpt, ("model", "optim"), log)
     meta = read_meta(path)
     train = meta["train_config"]
     for item in overrides:
@@ -141,7 +167,9 @@ def reshard(ckpt: str | Path, out_dir: str | Path, overrides: list[str]) -> Path
     mp = p.tp * p.cp * p.pp
     layout = make_layout(pcfg, cfg, mp, seq_length=new.train.seq_len)
     root = Path(out_dir)
-    tmp = new_folder(root, meta["step"])
+    held = step_dirs(root)
+    if held:
+        raise CheckpointError(f"{root} already holds checkpoints ({held[-1].name}); reshard into a new directory")
     model = ShardReader(path, "model")
     full = {n: model.full(n) for n in model.keys()}
     states = {}
@@ -149,19 +177,24 @@ def reshard(ckpt: str | Path, out_dir: str | Path, overrides: list[str]) -> Path
         optim = ShardReader(path, "optim")
         states = {k: {n: optim.full(f"{k}/{n}", n) for n in model.keys() if f"{k}/{n}" in optim.where}
                   for k in ("exp_avg", "exp_avg_sq")}
-    for rank in range(mp):  # dp = 1 here: one writer per (tp, pp)
-        c = layout.coords(rank)
-        if c.cp != 0:
-            continue
-        shard = {}
-        for k, st in states.items():
-            shard.update({f"{k}/{n}": t for n, t in _shard_partial(st, layout, rank).items()})
-        write_shards(tmp, c.tp, c.pp, shard_state_dict(full, layout, rank), shard)
-    meta["train_config"] = new.model_dump(mode="json")
-    meta["layout"] = {"tp": p.tp, "cp": p.cp, "pp": p.pp, "sp": p.sp, "dp": None, "world_size": None,
-                      "zero_stage": new.zero.stage}
-    write_meta(tmp, {k: v for k, v in meta.items() if k not in ("format", "version")})
-    return commit(tmp, root, meta["step"])
+    tmp = new_folder(root, meta["step"])
+    try:
+        files: dict[str, dict] = {}
+        for rank in range(mp):  # dp = 1 here: one writer per (tp, pp)
+            c = layout.coords(rank)
+            if c.cp != 0:
+                continue
+            shard = {}
+            for k, st in states.items():
+                shard.update({f"{k}/{n}": t for n, t in _shard_partial(st, layout, rank).items()})
+            files.update(write_shards(tmp, c.tp, c.pp, shard_state_dict(full, layout, rank), shard))
+        meta["train_config"] = new.model_dump(mode="json")
+        meta["layout"] = {"tp": p.tp, "cp": p.cp, "pp": p.pp, "sp": p.sp, "dp": None, "world_size": None,
+                          "zero_stage": new.zero.stage}
+        write_meta(tmp, meta, files=files)
+        return commit(tmp, root, meta["step"])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already once committed
 
 
 def _shard_partial(states: dict[str, torch.Tensor], layout, rank: int) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -67,6 +68,9 @@ def run_demo(out: str = "runs/demo", steps: int | None = None, nproc: int = 2) -
     out_dir = Path(out).resolve()
     packed, held_out = out_dir / "packed", out_dir / "packed_heldout"
     ckpt, model_dir = out_dir / "checkpoints", out_dir / "model"
+    # The demo trains from scratch every time: its own previous checkpoints go first (the
+    # trainer refuses resume=false into a dir that holds checkpoints, to protect real runs).
+    shutil.rmtree(ckpt, ignore_errors=True)
     exe = [sys.executable, "-m", "launch.cli"]
     times = {}
     times["pack"] = _run(

@@ -5,7 +5,7 @@
     zero:       stage (0 = plain optimizer, 1/2/3 = DeepSpeed ZeRO)
     train:      steps, micro_batch_size, global_batch_size, seq_len, lr, ...
     data:       train / val: packed directories (or {dir: weight} to mix)
-    checkpoint: dir, every, keep, resume
+    checkpoint: dir, every, keep, resume, fresh_optimizer
     out_dir:    where metrics.jsonl and the final model go
 """
 
@@ -82,8 +82,10 @@ class DataSection(_Section):
 class CheckpointSection(_Section):
     dir: str | None = None
     every: int = Field(0, ge=0, description="save every N steps (0: only at the end)")
-    keep: int = Field(2, ge=1)
-    resume: bool = True
+    keep: int = Field(2, ge=1, description="keep the newest N checkpoints (by step number)")
+    resume: bool = Field(True, description="continue from the newest intact checkpoint in dir; false: dir must hold none")
+    fresh_optimizer: bool = Field(False, description="on resume, start the optimizer state fresh (Adam moments "
+                                  "from zero) instead of loading it; needed when the optimizer-state files are gone")
 
 
 class TrainConfig(_Section):

@@ -5,6 +5,13 @@ Per step: the loader hands this data-parallel rank its micro-batches of the glob
 the global token-weighted (loss_sum, weight_sum); the optimizer (plain AdamW or DeepSpeed
 ZeRO) steps. The logged loss is loss_sum / weight_sum over the whole global batch, so the
 same data and seed give the same per-step losses under every layout.
+
+Before any process group is made, check_start checks what the run will need (the packs, the
+output and checkpoint dirs, the free disk for one checkpoint). Rank 0 then locks
+checkpoint.dir (launch/checkpoint.py DirLock) until the run ends, removes what interrupted
+saves left there and resumes from the newest intact checkpoint (verified; damaged newer ones
+are set aside and reported). The final checkpoint is saved before the final evaluation.
+Problems every rank agrees on are reported by rank 0 alone (one line); the others exit 2.
 """
 
 from __future__ import annotations
@@ -13,9 +20,11 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -38,8 +47,12 @@ class _PreemptionFlag:
 
     def __init__(self):
         self.signum = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
+        self._previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     def _handler(self, signum, frame):
         self.signum = signum
@@ -62,6 +75,7 @@ class Trainer:
         from megatron_adapters.groups import RankContext, initialize_parallel
         from megatron_adapters.parallel_config import ParallelConfig
 
+        from .checkpoint import DirLock
         from .optimizer_step import build_optimizer
 
         self.cfg = cfg
@@ -75,19 +89,72 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_logger = self.rank == 0
         self._log = log or print
-        torch.manual_seed(t.seed + self.rank)
-        self.pm = build_model(cfg.model, self.layout)
-        self.pm.set_activation_checkpointing(t.activation_checkpointing)
-        self.opt = build_optimizer(self.pm, cfg)
-        self.autocast = _autocast_factory(t.precision, self.pm.device)
-        self.loader = self._loader(cfg.data.train, "train")
+        self.lock = None
+        self.preempt = None
         self.step = 0
+        self.saved_step = None  # the step of the newest checkpoint of this run (saved or resumed from)
+        if cfg.checkpoint.dir:  # first, before minutes of model building: a second run is refused at once
+            self.lock = self._on_rank0(lambda: DirLock(cfg.checkpoint.dir).acquire(self.log), share=False)
+        try:
+            torch.manual_seed(t.seed + self.rank)
+            self.pm = build_model(cfg.model, self.layout)
+            self.pm.set_activation_checkpointing(t.activation_checkpointing)
+            self.opt = build_optimizer(self.pm, cfg)
+            self.autocast = _autocast_factory(t.precision, self.pm.device)
+            self.loader = self._loader(cfg.data.train, "train")
+        except BaseException:
+            self.close()
+            raise
         self.tokens = 0
         self.nonfinite_in_a_row = 0
 
     def log(self, msg: str) -> None:
         if self.is_logger:
             self._log(msg)
+
+    def close(self) -> None:
+        """Release the checkpoint dir and the signal handlers (idempotent; every exit path)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        if self.preempt is not None:
+            self.preempt.restore()
+            self.preempt = None
+
+    def _fail(self, error: Exception):
+        """An error every rank has reached the same way. One process: raised (the CLI prints one
+        line). Several: rank 0 prints the one line itself, and only then (a barrier) every rank
+        exits 2, so that the launcher stopping the others cannot swallow the message."""
+        if self.world == 1 or (self.rank == 0 and os.environ.get("HYENA_GLT_DEBUG")):
+            raise error
+        if self.rank == 0:
+            print(f"hyena-glt train: error: {_oneline(error)}", file=sys.stderr, flush=True)
+        self.close()  # the lock goes now: the launcher may SIGTERM this rank once another one exits
+        with contextlib.suppress(Exception):
+            dist.barrier()
+        raise SystemExit(2)
+
+    def _on_rank0(self, fn, share: bool = True):
+        """fn() on rank 0 (file-system work on checkpoint.dir); its result on every rank (None on
+        the others unless `share`), or its error reported once (see _fail)."""
+        result, error = None, None
+        if self.rank == 0:
+            try:
+                result = fn()
+            except Exception as e:  # noqa: BLE001 - reported through _fail below
+                error = e
+        if self.world > 1:
+            shared = [None if error is None else _oneline(error), result if share else None]
+            dist.broadcast_object_list(shared, src=0)
+            if shared[0] is not None:
+                from .checkpoint import CheckpointError
+
+                self._fail(error if error is not None else CheckpointError(shared[0]))
+            if self.rank != 0:
+                result = shared[1]
+        elif error is not None:
+            raise error
+        return result
 
     def _loader(self, data, split):
         from data_tools.loader import GlobalBatchLoader
@@ -113,32 +180,105 @@ class Trainer:
         }
 
     def save(self) -> Path | None:
-        from .checkpoint import save_checkpoint
+        """Save a checkpoint of this step (once: a second call at the same step does nothing)."""
+        from .checkpoint import CheckpointError, save_checkpoint
 
         c = self.cfg.checkpoint
-        if not c.dir:
+        if not c.dir or self.saved_step == self.step:
             return None
-        path = save_checkpoint(c.dir, self.step, self.pm, self.opt, self._meta(), c.keep)
+        try:
+            path = save_checkpoint(c.dir, self.step, self.pm, self.opt, self._meta(), c.keep)
+        except CheckpointError as e:  # every rank raises the same one
+            self._fail(e)
+        self.saved_step = self.step
         self.log(f"saved checkpoint {path}")
         return path
 
-    def maybe_resume(self) -> None:
-        from .checkpoint import latest_checkpoint, load_checkpoint
+    def _tidy_checkpoint_dir(self) -> list[str]:
+        """Rank 0, under the lock: remove what interrupted saves left; refuse resume=false into a
+        dir that holds checkpoints. Returns the checkpoint folder names, newest first."""
+        from .checkpoint import CheckpointError, remove_stale_temporaries, step_dirs
 
         c = self.cfg.checkpoint
-        if not c.dir or not c.resume:
+        root = Path(c.dir)
+        removed = remove_stale_temporaries(root)
+        if removed:
+            self.log(f"removed what interrupted saves left in {root}: {', '.join(removed)}")
+        dirs = step_dirs(root)
+        pointer = root / "latest"
+        if c.resume and not dirs and pointer.is_file():
+            self.log(f"{pointer} names {pointer.read_text().strip()}, but {root} holds no step_* folder: starting from "
+                     "step 0")
+        if not c.resume:
+            held = [p.name for p in dirs] or sorted(p.name for p in root.glob("step_*"))
+            if held:
+                raise CheckpointError(
+                    f"checkpoint.resume=false, but checkpoint.dir {root} already holds checkpoints ({held[0]}"
+                    f"{f' .. {held[-1]}' if len(held) > 1 else ''}); nothing was changed: use another checkpoint.dir, "
+                    "or checkpoint.resume=true to continue from them")
+        return [p.name for p in reversed(dirs)]
+
+    def maybe_resume(self) -> None:
+        """Resume from the newest intact checkpoint of checkpoint.dir (collective). Checkpoints
+        are verified (sizes and sha256 recorded in meta.json; the hashing is shared by the
+        ranks); newer damaged ones are set aside as step_N.damaged and reported in one line."""
+        from .checkpoint import (CheckpointError, Problem, check_checkpoint, damage_report, find_intact,
+                                 load_checkpoint, missing_optimizer_files, set_aside)
+
+        c = self.cfg.checkpoint
+        if not c.dir:
             return
-        path = latest_checkpoint(c.dir)
+        root = Path(c.dir)
+        names = self._on_rank0(self._tidy_checkpoint_dir)
+        if not c.resume or not names:
+            return
+
+        def check(path: Path):
+            problems = [q for q in check_checkpoint(path, part=(self.rank, self.world))
+                        # optimizer states: not read with fresh_optimizer; a missing one is its own error below
+                        if not (q.file.name.startswith("optim-") and (c.fresh_optimizer or q.kind == "missing"))]
+            if self.world > 1:
+                every = [None] * self.world
+                dist.all_gather_object(every, [(str(q.file), q.reason, q.kind) for q in problems])
+                seen = {}
+                for part in every:
+                    for f, reason, kind in part:
+                        seen.setdefault((f, reason), kind)
+                problems = [Problem(Path(f), r, k) for (f, r), k in seen.items()]
+            return problems
+
+        path, damaged = find_intact([root / n for n in names], check)
         if path is None:
-            return
-        meta = load_checkpoint(path, self.pm, self.opt)
+            self._fail(CheckpointError(
+                f"no intact checkpoint to resume from in checkpoint.dir {root}: {damage_report(damaged)}; nothing was "
+                "changed: move the damaged step_* folders elsewhere to start again, or use another checkpoint.dir"))
+        if damaged:
+            moved = self._on_rank0(lambda: [set_aside(p).name for p, _ in damaged])
+            self.log(f"{damage_report(damaged)}: resuming from {path.name}, the newest intact checkpoint (the damaged "
+                     f"one{'s' if len(damaged) > 1 else ''} set aside as {', '.join(moved)})")
+        elif self.is_logger:
+            pointer = root / "latest"
+            named = pointer.read_text().strip() if pointer.is_file() else None
+            if named != path.name:
+                self.log(f"{pointer} {f'names {named}' if named else 'is missing'}: resuming from {path.name}, the "
+                         "newest intact checkpoint")
+        missing = missing_optimizer_files(path)
+        if missing and not c.fresh_optimizer:
+            self._fail(CheckpointError(
+                f"{missing[0]}: missing, so the optimizer state of {path.name} cannot be restored; set "
+                "checkpoint.fresh_optimizer=true to resume from its weights with fresh optimizer state"))
+        meta = load_checkpoint(path, self.pm, self.opt, optimizer=not c.fresh_optimizer, verified=True)
         if meta["model_config"] != self.cfg.model.to_dict():
-            raise ValueError(f"{path}: the checkpoint's model config differs from this run's model section")
+            self._fail(ValueError(f"{path}: the checkpoint's model config differs from this run's model section"))
         self.loader.load_state_dict(meta["loader"])
         self.step, self.tokens = meta["step"], meta["tokens"]
+        self.saved_step = self.step
         old = meta["layout"]
         self.log(f"resumed from {path} at step {self.step} (written by tp={old['tp']} cp={old['cp']} pp={old['pp']} "
                  f"dp={old['dp']} zero={old['zero_stage']})")
+        if c.fresh_optimizer:
+            self.log("checkpoint.fresh_optimizer=true: the optimizer state starts fresh (Adam moments from zero); "
+                     "set it back to false for later resumes")
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -178,10 +318,15 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         self.maybe_resume()
         out_dir = Path(cfg.out_dir)
-        metrics = MetricsLog(out_dir, enabled=self.is_logger, append=self.step > 0, tensorboard=t.tensorboard)
+        # A resumed run redoes the steps after its checkpoint (and a final evaluation at its step).
+        metrics = MetricsLog(out_dir, enabled=self.is_logger, tensorboard=t.tensorboard,
+                             resume_step=self.step if self.step > 0 else None, keep_evals_at_step=self.step < t.steps)
+        if metrics.dropped:
+            self.log(f"{metrics.path}: dropped {metrics.dropped} line(s) logged after the checkpoint of step {self.step} "
+                     "(the resumed run redoes them)")
         if self.is_logger:
             (out_dir / "config.yaml").write_text(json.dumps(cfg.dump(), indent=2))
-        preempt = _PreemptionFlag()
+        preempt = self.preempt = _PreemptionFlag()
         if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
             self.log("warning: torchrun --max-restarts with a shared rendezvous store: a restart can fail to rebuild the "
                      "process groups; export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun")
@@ -246,11 +391,11 @@ class Trainer:
                 return {**last, "preempted": True}
         if bar is not None:
             bar.close()
+        self.save()  # before the final evaluation: an evaluation that fails loses no steps
         final = self.evaluate()
         if final:
             metrics.write({"step": self.step, **final})
             self.log(f"final: val_loss {final['val_loss']:.4f}  val bits/base {final['val_bits_per_base']:.3f}")
-        self.save()
         metrics.close()
         return {**last, **final}
 
@@ -263,17 +408,89 @@ def build_model(model_cfg, layout):
     return build_parallel_model(model_cfg, layout, dtype=torch.float32)
 
 
-def run_train(config_path: str, overrides: list[str]) -> int:
-    cfg = TrainConfig.load(config_path, overrides)
-    trainer = Trainer(cfg)
+def _oneline(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _check_packs(data, key: str, split: str) -> None:
+    """Every pack of `key` exists, is a finished pack with `split` samples, and its first and
+    last samples read back."""
+    from data_tools.dataset import PackedDataset
+    from data_tools.loader import normalize_data
+
+    for name in normalize_data(data):
+        path = Path(name)
+        if not path.exists():
+            raise FileNotFoundError(f"{key}: {path} does not exist (expected a directory written by `hyena-glt pack`)")
+        if not path.is_dir():
+            raise NotADirectoryError(f"{key}: {path} is not a directory (expected one written by `hyena-glt pack`)")
+        try:
+            ds = PackedDataset(path, split)
+            try:
+                if len(ds) == 0:
+                    raise ValueError(f"the pack has no '{split}' samples")
+                ds.read(0)
+                ds.read(len(ds) - 1)
+            finally:
+                ds.close()
+        except (OSError, ValueError, KeyError, IndexError) as e:
+            raise ValueError(f"{key}: {path} is not a usable pack: {_oneline(e)}") from None
+
+
+def _check_writable(path: str, key: str) -> Path:
+    p = Path(path)
+    probe = p / f".write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{key}: {p} is not writable ({_oneline(e)})") from None
+    return p
+
+
+def checkpoint_bytes(model_cfg) -> tuple[int, int]:
+    """(parameters, estimated bytes of one checkpoint): fp32 weights + two Adam states each."""
+    from megatron_adapters.sharding import canonical_state
+
+    n = sum(t.numel() for t in canonical_state(model_cfg).values())
+    return n, n * 4 * 3
+
+
+def check_start(cfg: TrainConfig) -> None:
+    """What the run will need, checked before any process group or training step (every rank,
+    the same result): the train and val packs, writable out_dir and checkpoint.dir, and the
+    free disk for one checkpoint. Each problem is one line naming the file or option."""
+    t = cfg.train
+    _check_packs(cfg.data.train, "data.train", "train")
+    if cfg.data.val is not None and t.eval_batches:
+        _check_packs(cfg.data.val, "data.val", "val")
+    _check_writable(cfg.out_dir, "out_dir")
+    if cfg.checkpoint.dir:
+        root = _check_writable(cfg.checkpoint.dir, "checkpoint.dir")
+        n, need = checkpoint_bytes(cfg.model)
+        free = shutil.disk_usage(root).free
+        if free < need:
+            raise ValueError(f"checkpoint.dir: {root} has {free / 2**30:.2f} GiB free, one checkpoint needs about "
+                             f"{need / 2**30:.2f} GiB ({n:,} parameters x 4 bytes x (1 + 2 Adam states)); free some "
+                             "space or use another checkpoint.dir")
+
+
+def run_train(config_path: str, overrides: list[str]) -> int:
+    from megatron_adapters.groups import destroy_parallel
+
+    cfg = TrainConfig.load(config_path, overrides)
+    check_start(cfg)
+    trainer = None
+    try:
+        trainer = Trainer(cfg)
         trainer.train()
     except TrainingStopped as e:
         print(f"hyena-glt train: {e}", file=sys.stderr)
         return 3
     finally:
-        from megatron_adapters.groups import destroy_parallel
-
+        if trainer is not None:
+            trainer.close()
         destroy_parallel()
     return 0
 
