@@ -3,7 +3,7 @@
     model:      the HyenaGLTConfig fields
     parallel:   tp, cp, pp, sp
     zero:       stage (0 = plain optimizer, 1/2/3 = DeepSpeed ZeRO)
-    train:      steps, micro_batch_size, global_batch_size, seq_len, lr, ...
+    train:      steps, micro_batch_size, global_batch_size, seq_len, lr, init_from, ...
     data:       train / val: packed directories (or {dir: weight} to mix)
     checkpoint: dir, every, keep, resume, fresh_optimizer
     out_dir:    where metrics.jsonl and the final model go
@@ -58,6 +58,9 @@ class TrainSection(_Section):
     eval_every: int = Field(0, ge=0, description="validate every N steps (0: only at the end)")
     eval_batches: int = Field(8, ge=0, description="micro-batches of validation windows (0: no validation)")
     exit_after_steps: int = Field(0, ge=0, description="save and exit after this many steps in this run (0: run to the end); for wall-time-limited jobs")
+    init_from: str | None = Field(
+        None, description="start from this saved model directory's weights (convert, save_pretrained, import-evo2) "
+        "with a fresh optimizer; the model section defaults to its config.json (see launch/warm_start.py)")
     max_nonfinite_steps: int = Field(5, ge=1, description="stop after this many NaN/inf losses in a row")
     tensorboard: bool = False
     curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig, description="sequence-length warm-up")
@@ -122,6 +125,12 @@ class TrainConfig(_Section):
         data = yaml.safe_load(path.read_text()) or {}
         for item in overrides or []:
             apply_override(data, item)
+        init_from = (data.get("train") or {}).get("init_from")
+        if init_from:  # a warm start: the saved model's config, under whatever model.* the run sets
+            from hyena_glt.model import read_config
+
+            saved = read_config(init_from, need_weights=True).to_dict()
+            data["model"] = {**saved, **(data.get("model") or {})}
         return cls.model_validate(data)
 
     def dump(self) -> dict:

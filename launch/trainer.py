@@ -317,6 +317,12 @@ class Trainer:
     def train(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         self.maybe_resume()
+        if t.init_from and self.step == 0:  # a warm start (a resumed run continues its own checkpoint)
+            from .warm_start import load_initial_weights
+
+            changed = load_initial_weights(t.init_from, self.pm, self.opt, cfg.model)
+            self.log(f"initialised from {t.init_from} (fresh optimizer state)"
+                     + (f"; changed: {', '.join(f'{k} {v}' for k, v in changed.items())}" if changed else ""))
         out_dir = Path(cfg.out_dir)
         # A resumed run redoes the steps after its checkpoint (and a final evaluation at its step).
         metrics = MetricsLog(out_dir, enabled=self.is_logger, tensorboard=t.tensorboard,
