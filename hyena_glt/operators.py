@@ -180,10 +180,13 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: 
                       scores_per_block: int = 1 << 24) -> torch.Tensor:
     """Attention of queries at global positions q_pos (B, T) over keys at k_pos (B, Lk), a key
     visible when k_pos <= q_pos, in blocks of keys with a running softmax, so memory is
-    O(B h T block) however long the cache (no (T, Lk) mask or score matrix). A decode step
-    (T = 1) reads the whole cache in one block."""
-    scale = q.shape[-1] ** -0.5
+    O(B h T block) however long the cache (no (T, Lk) mask or score matrix). When the mask is
+    small (a decode step, T = 1), PyTorch's SDPA kernel reads the whole cache at once."""
     B, h, T, _ = q.shape
+    if B * T * k.shape[2] <= scores_per_block:  # the mask is small: PyTorch's fused kernel (a decode step)
+        visible = k_pos[:, None, :] <= q_pos[:, :, None]  # (B, T, Lk)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None])
+    scale = q.shape[-1] ** -0.5
     block = max(1024, scores_per_block // (B * h * T))
     m = q.new_full((B, h, T), float("-inf"))
     denom = q.new_zeros((B, h, T))

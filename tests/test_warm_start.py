@@ -112,6 +112,18 @@ def test_import_train_in_parallel_convert_export_to_vortex(imported):
     assert vortex_matches(d, d / "cp2-model", dna_ids) <= 1e-5
 
 
+def test_init_from_under_zero3_loads_the_partitioned_weights(imported):
+    """DP=2 with ZeRO-3: parameters live partitioned in DeepSpeed; lr ~ 0 keeps them as loaded."""
+    from hyena_glt import load_causal_lm
+
+    d = imported
+    torchrun(2, *train_args(d, "z3", "zero.stage=3", "train.lr=1e-12"))
+    cli("convert", d / "z3" / "ckpt", d / "z3-model")
+    got, start = load_causal_lm(d / "z3-model").state_dict(), load_causal_lm(d / "imported").state_dict()
+    for k, v in start.items():
+        assert torch.allclose(got[k].float(), v.float(), rtol=1e-6, atol=1e-8), k
+
+
 def test_init_from_refuses_a_different_architecture(imported):
     d = imported
     proc = cli(*train_args(d, "bad", "model.num_filter_groups=8"), check=False)
