@@ -48,3 +48,22 @@ def _torch_threads(monkeypatch, tmp_path):
     # Keep DeepSpeed's JIT builds and caches out of the user's home.
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch_extensions"))
     yield
+
+
+def run_cli(*args) -> tuple[int, str, str]:
+    """`hyena-glt ARGS` in this process: (exit status, stdout, stderr). Warnings (library
+    deprecations) are kept off stderr, as pytest does; argparse's exit is an exit status."""
+    import contextlib
+    import io
+    import warnings
+
+    from launch.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            rc = main([str(a) for a in args])
+        except SystemExit as e:
+            rc = e.code
+    return rc, out.getvalue(), err.getvalue()

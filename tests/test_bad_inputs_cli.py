@@ -9,7 +9,6 @@ command runs in this process (no interpreter start-up per row).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import gzip
 import hashlib
@@ -17,13 +16,12 @@ import io
 import json
 import os
 import shutil
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import pytest
-from conftest import genome_path
+from conftest import genome_path, run_cli
 from test_data_support import read_fasta, write_fasta
 
 from launch.cli import main as cli_main
@@ -32,17 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny.yaml"
 
 
-def run(*args) -> tuple[int, str, str]:
-    """`hyena-glt ARGS` in this process: (exit status, stdout, stderr). Warnings (library
-    deprecations) are kept off stderr, as pytest does; argparse's exit is an exit status."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            rc = cli_main([str(a) for a in args])
-        except SystemExit as e:
-            rc = e.code
-    return rc, out.getvalue(), err.getvalue()
+run = run_cli  # `hyena-glt ARGS` in this process: (exit status, stdout, stderr)
 
 
 def visible_lines(err: str) -> list[str]:

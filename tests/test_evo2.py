@@ -13,34 +13,21 @@ own export) run without it; the others are skipped, with the reason, when vtx ca
 
 from __future__ import annotations
 
-import contextlib
-import io
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import genome_path
+from conftest import genome_path, run_cli
 
 import evo2_oracle as oracle
 from launch import evo2
-from launch.cli import main as cli_main
 
 L_LOGITS, L_PROMPT, N_NEW = 256, 128, 24
 TOLERANCE = 1e-5  # max |ours - vortex| <= TOLERANCE * max |vortex|
 
 
-def run(*args) -> tuple[int, str, str]:
-    """`hyena-glt ARGS` in this process: (exit status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            rc = cli_main([str(a) for a in args])
-        except SystemExit as e:
-            rc = e.code
-    return rc, out.getvalue(), err.getvalue()
+run = run_cli  # `hyena-glt ARGS` in this process: (exit status, stdout, stderr)
 
 
 def to_evo_logits(logits: torch.Tensor) -> torch.Tensor:
