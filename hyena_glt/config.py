@@ -276,7 +276,7 @@ class HyenaGLTConfig(BaseModel):
             data = yaml.safe_load(f) or {}
         if "model" in data and isinstance(data["model"], dict):  # a full training config
             data = data["model"]
-        return cls.from_dict(data)
+        return cls._validated(data, path)
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -286,4 +286,16 @@ class HyenaGLTConfig(BaseModel):
 
     @classmethod
     def from_json(cls, path: str | Path) -> "HyenaGLTConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls._validated(json.loads(Path(path).read_text()), path)
+
+    @classmethod
+    def _validated(cls, data, path) -> "HyenaGLTConfig":
+        """from_dict, with a ValueError that names the file and the first bad field."""
+        from pydantic import ValidationError
+
+        try:
+            return cls.from_dict(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err["loc"]) or "(top level)"
+            raise ValueError(f"{path}: {where}: {err['msg']}") from None
