@@ -663,6 +663,21 @@ class ShardReader:
 
 
 @torch.no_grad()
+def set_model_weights(pm, opt, local: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], source: str) -> None:
+    """Put this rank's slices `local` (name -> tensor) and the persistent `buffers` into the
+    model and the optimizer's master copy (a resume, or a warm start from a model directory)."""
+    for name, p in pm.named_parameters():
+        if tuple(local[name].shape) != tuple(p.shape) and not is_zero3_partitioned(p):
+            raise ValueError(f"{source}: {name} resharded to {tuple(local[name].shape)}, model holds {tuple(p.shape)}")
+    for name, p in pm.named_parameters():
+        if not is_zero3_partitioned(p):  # ZeRO-3 partitions are set through the optimizer below
+            p.copy_(local[name].to(p.dtype))
+    for name, b in pm.named_persistent_buffers():
+        b.copy_(buffers[name].to(b.dtype))
+    opt.load_master_params(local)
+
+
+@torch.no_grad()
 def load_checkpoint(path: str | Path, pm, opt, *, optimizer: bool = True, verified: bool = False) -> dict:
     """Load into this rank's model shard and optimizer, whatever layout wrote `path`; this
     rank's RNG states too when the checkpoint was written by as many processes. Returns meta.
@@ -688,16 +703,12 @@ def load_checkpoint(path: str | Path, pm, opt, *, optimizer: bool = True, verifi
         if name not in model.where:
             raise CheckpointError(f"{path}: no tensor for parameter {name}")
         local[name] = model.local(name, name, tp_rank, tp)
-        if tuple(local[name].shape) != tuple(p.shape) and not is_zero3_partitioned(p):
-            raise ValueError(f"{path}: {name} resharded to {tuple(local[name].shape)}, model holds {tuple(p.shape)}")
-    for name, p in pm.named_parameters():
-        if not is_zero3_partitioned(p):  # ZeRO-3 partitions are set through the optimizer below
-            p.copy_(local[name].to(p.dtype))
+    buffers = {}
     for name, b in pm.named_persistent_buffers():
         if name not in model.where:
             raise CheckpointError(f"{path}: no tensor for buffer {name}")
-        b.copy_(model.full(name).to(b.dtype))
-    opt.load_master_params(local)
+        buffers[name] = model.full(name)
+    set_model_weights(pm, opt, local, buffers, str(path))
     if optimizer:
         optim = ShardReader(path, "optim")
         tensors = {}

@@ -42,7 +42,8 @@ def load_initial_weights(model_dir: str | Path, pm, opt, run_config) -> dict[str
 
     from hyena_glt.model import WEIGHTS_NAME, read_config
     from megatron_adapters.sharding import tp_split_dim
-    from megatron_adapters.zero import is_zero3_partitioned
+
+    from .checkpoint import set_model_weights
 
     model_dir = Path(model_dir)
     saved = read_config(model_dir, need_weights=True)
@@ -64,17 +65,9 @@ def load_initial_weights(model_dir: str | Path, pm, opt, run_config) -> dict[str
             index[dim] = slice(tp_rank * n, (tp_rank + 1) * n)
             return sl[tuple(index)]
 
-        for name, p in pm.named_parameters():
+        for name, _ in pm.named_parameters():
             local[name] = read(name)
-            if tuple(local[name].shape) != tuple(p.shape) and not is_zero3_partitioned(p):
-                raise ValueError(f"train.init_from {model_dir}: {name} has shape {tuple(local[name].shape)} on this "
-                                 f"rank, the model holds {tuple(p.shape)}")
         buffers = {name: read(name) for name, _ in pm.named_persistent_buffers()}
-    for name, p in pm.named_parameters():
-        if not is_zero3_partitioned(p):  # ZeRO-3 partitions are set through the optimizer below
-            p.copy_(local[name].to(p.dtype))
-    for name, b in pm.named_persistent_buffers():
-        b.copy_(buffers[name].to(b.dtype))
-    opt.load_master_params(local)
+    set_model_weights(pm, opt, local, buffers, f"train.init_from {model_dir}")
     return {k: f"{getattr(saved, k)!r} -> {getattr(run_config, k)!r}" for k in CHANGEABLE
             if getattr(saved, k) != getattr(run_config, k)}
