@@ -1,7 +1,8 @@
 """Causal depthwise convolution y[c, t] = sum_{j<=t} h[c, j] * z[c, t - j] (+ skip[c] * z[c, t]).
 
-Two exact paths, chosen by filter length:
+Three exact paths, chosen by filter and sequence length:
 * direct (`F.conv1d`, depthwise) for short filters, where it is faster than any FFT;
+* blocked (two Toeplitz GEMMs per block of K positions) for medium filters at long L;
 * FFT, computed in at least fp32 whatever the input dtype (bf16 FFTs lose the tail of
   long filters). Taps beyond L can never reach an output < L, so the filter is cut to
   K' = min(K, L) and the transform length is the next 5-smooth n >= L + K' - 1, which is
@@ -21,6 +22,11 @@ import torch.nn.functional as F
 # direct wins for the 7-tap S filter at every L; for 128 taps the FFT of size ~L+K wins
 # (conv1d's weight gradient is slow for long depthwise kernels).
 DIRECT_MAX_TAPS = 64
+# Longer finite filters (`D`, 128 taps) at long L use the two-stage blocked form: measured
+# fwd+bwd on CPU (C=256, 128 taps), it is 1.3-1.6x faster than the FFT from 16K on, slower
+# below (its (C, K, 2K) Toeplitz costs the same at every L).
+BLOCKED_MAX_TAPS = 256
+BLOCKED_MIN_LEN = 16384
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,10 +65,36 @@ def causal_conv_fft(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return y.to(z.dtype)
 
 
+def toeplitz(h: torch.Tensor, T: int, width: int) -> torch.Tensor:
+    """(C, T, width) matrices M[c, t, j] = h[c, t + width - T - j] (zero outside 0..K-1): the
+    taps that carry input j of a window of `width` positions to output t of its last T.
+    Built as sliding windows of the zero-padded, flipped filter, so autograd's backward is a
+    strided sum rather than a scatter over C x T x width indices."""
+    q = F.pad(h, (T - 1, width - h.shape[-1])).flip(-1)
+    return q.unfold(-1, width, 1).flip(-2)
+
+
+def causal_conv_blocked(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """z: (B, C, L); h: (C, K). Two GEMMs per block of T = K positions (StripedHyena 2's
+    two-stage form): block k's outputs are Lower(h) z_k + Upper(h) z_{k-1}, written as one
+    (C, T, 2T) Toeplitz product over the block and the one before it."""
+    B, C, L = z.shape
+    T = h.shape[-1]
+    compute = torch.promote_types(z.dtype, torch.float32)
+    pad = (-L) % T  # leading zeros change nothing in a causal FIR convolution
+    zb = F.pad(z.to(compute), (pad + T, 0)).reshape(B, C, -1, T)
+    pairs = torch.cat([zb[:, :, :-1], zb[:, :, 1:]], dim=-1)  # (B, C, n, 2T): block before, block
+    y = torch.einsum("ctj,bcnj->bcnt", toeplitz(h.to(compute), T, 2 * T), pairs).reshape(B, C, -1)
+    return y[..., pad:].to(z.dtype)
+
+
 def causal_conv(z: torch.Tensor, h: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
-    """Dispatch on filter length; add the per-channel skip term skip[c] * z."""
-    if h.shape[-1] <= DIRECT_MAX_TAPS:
+    """Dispatch on filter and sequence length; add the per-channel skip term skip[c] * z."""
+    K, L = h.shape[-1], z.shape[-1]
+    if K <= DIRECT_MAX_TAPS:
         y = causal_conv_direct(z, h)
+    elif K <= BLOCKED_MAX_TAPS and L >= BLOCKED_MIN_LEN:
+        y = causal_conv_blocked(z, h)
     else:
         y = causal_conv_fft(z, h)
     if skip is not None:

@@ -23,6 +23,7 @@ from torch import nn
 
 from . import params
 from .fftconv import causal_conv
+from .modal import modal_conv, modal_path
 
 
 def _channel_slice(t: torch.Tensor, channels: slice | None) -> torch.Tensor:
@@ -84,6 +85,10 @@ class DecayedMediumFilter(nn.Module):
         decay = torch.exp(-_channel_slice(self.rates.float(), channels)[:, None] * t)
         return w * decay.to(w.dtype)
 
+    def conv(self, z: torch.Tensor, channels: slice | None = None) -> torch.Tensor:
+        """The layer's causal convolution (with skip) of z (B, C, L) over its own channels."""
+        return causal_conv(z, self.filter(channels=channels), _channel_slice(self.skip, channels))
+
 
 class _ModalTaps(torch.autograd.Function):
     """h[c, t] = sum_o R[c, o] exp(-rate[c, o] t), one pole at a time.
@@ -138,31 +143,18 @@ class ModalFilter(nn.Module):
     def filter(self, length: int, channels: slice | None = None) -> torch.Tensor:
         return _ModalTaps.apply(_channel_slice(self.residues, channels), _channel_slice(self.log_rates, channels), length)
 
+    def conv(self, z: torch.Tensor, channels: slice | None = None) -> torch.Tensor:
+        """The layer's causal convolution (with skip) of z (B, C, L) over its own channels,
+        through the blocked modal form or the FFT, whichever `modal_path` picks."""
+        skip = _channel_slice(self.skip, channels)
+        if modal_path(z.shape[-1], z.device) == "fft":
+            return causal_conv(z, self.filter(z.shape[-1], channels), skip)
+        y, _ = modal_conv(z, _channel_slice(self.residues, channels), _channel_slice(self.log_rates, channels))
+        return y + skip.to(z.dtype)[:, None] * z
+
     @torch.no_grad()
     def extend(self, z: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The causal convolution (without skip) of z (B, C, T), continuing a sequence whose
-        past is summarised by `state` (B, C, order): s[c, o] = sum_j exp(-rate[c, o] j) z[c, -1-j]
-        over every earlier position (None: nothing before). Since h[t] = sum_o R_o exp(-rate_o t),
-        y[t] = (h * z)[t] + sum_o R_o exp(-rate_o (t + 1)) s_o, and the state after the chunk is
-        exp(-rate T) s + sum_j exp(-rate (T-1-j)) z[j]: exact, O(C order) per new position."""
-        T = z.shape[-1]
-        dtype = torch.promote_types(z.dtype, torch.float32)
-        rates = self.log_rates.to(dtype).exp()  # (C, O)
-        residues = self.residues.to(dtype)
-        zd = z.to(dtype)
-        prev = state.to(dtype) if state is not None else zd.new_zeros(*z.shape[:-1], rates.shape[1])
-        if T == 1:  # one step of the recurrence, every pole at once
-            new = torch.exp(-rates) * prev + zd
-            return (new * residues).sum(-1, keepdim=True).to(z.dtype), new
-        t = torch.arange(T, device=z.device, dtype=dtype)
-        h = zd.new_zeros(rates.shape[0], T)
-        carry = torch.zeros_like(zd)
-        new = torch.empty_like(prev)
-        for o in range(rates.shape[1]):  # one pole at a time: O(C T) memory, as the taps' own evaluation
-            e = torch.exp(-rates[:, o : o + 1] * t)  # (C, T): decay after t steps
-            h.addcmul_(residues[:, o : o + 1], e)
-            decay = torch.exp(-rates[:, o])  # (C,)
-            carry += (residues[:, o] * decay)[:, None] * e * prev[..., o : o + 1]
-            new[..., o] = (zd * e.flip(-1)).sum(-1) + decay * e[:, -1] * prev[..., o]
-        y = causal_conv(zd, h) + carry
-        return y.to(z.dtype), new
+        past is summarised by `state` (B, C, order; None: nothing before); returns the new
+        state. The modal form (modal.py): exact, O(C order) per new position."""
+        return modal_conv(z, self.residues, self.log_rates, state)

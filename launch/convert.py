@@ -163,7 +163,7 @@ def reshard(ckpt: str | Path, out_dir: str | Path, overrides: list[str], log=_wa
     new = TrainConfig.model_validate(train)
     cfg = HyenaGLTConfig.from_dict(meta["model_config"])
     p = new.parallel
-    pcfg = ParallelConfig(tp=p.tp, cp=p.cp, pp=p.pp, sp=p.sp)
+    pcfg = ParallelConfig(tp=p.tp, cp=p.cp, pp=p.pp, sp=p.sp, cp_long_conv=p.cp_long_conv)
     mp = p.tp * p.cp * p.pp
     layout = make_layout(pcfg, cfg, mp, seq_length=new.train.seq_len)
     root = Path(out_dir)

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import Literal, Union
 
 import yaml
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hyena_glt import HyenaGLTConfig
@@ -31,6 +32,8 @@ class ParallelSection(_Section):
     cp: int = Field(1, ge=1, description="context-parallel size")
     pp: int = Field(1, ge=1, description="pipeline-parallel size")
     sp: bool = Field(False, description="sequence parallel (needs tp > 1)")
+    cp_long_conv: Literal["state", "all2all"] = Field(
+        "state", description="D/H convolutions under cp > 1: halo + modal state (O(halo + state) traffic) or all-to-all")
 
 
 class ZeroSection(_Section):

@@ -80,7 +80,7 @@ class Trainer:
 
         self.cfg = cfg
         p, t = cfg.parallel, cfg.train
-        pcfg = ParallelConfig(tp=p.tp, cp=p.cp, pp=p.pp, sp=p.sp)
+        pcfg = ParallelConfig(tp=p.tp, cp=p.cp, pp=p.pp, sp=p.sp, cp_long_conv=p.cp_long_conv)
         if cfg.model.patching != "none":  # (the layout check below rejects cp, pp and sp)
             if cfg.zero.stage == 3:
                 raise ValueError("zero.stage=3 is not supported with token merging; use zero.stage 0, 1 or 2")

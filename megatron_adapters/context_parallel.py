@@ -3,13 +3,18 @@
 The sequence of length L is cut into 2*cp chunks; CP rank r holds chunks r and 2*cp-1-r
 (in that order), so every rank gets the same share of causal-attention work.
 
-* `D` and `H` (long) convolutions: all-to-all from sequence-sharded (B, C, L/cp) to
-  channel-sharded (B, C/cp, L), undo the zigzag, convolve with the filter evaluated only
-  for the local channels, and go back. Only z crosses the wire.
 * featurizer, `S` and motif (short) convolutions: each chunk needs the K-1 positions that
   precede it; they come from the neighbouring rank by point-to-point halo exchange (or
   from this rank's own first chunk, for the middle of the sequence), both chunks are then
   convolved as a batch of two.
+* `D` and `H` (long) convolutions, two exact paths (`parallel.cp_long_conv`):
+  - `state` (default): `D` is finite (K taps), so it is one more halo exchange of K-1
+    positions (when a chunk covers the halo; otherwise the all-to-all below). `H` runs its
+    modal form on each chunk from a zero state, all-gathers every chunk's end state (one
+    value per channel and pole), scans them in sequence order and adds what the states
+    before each chunk contribute (hyena_glt/modal.py). Traffic: O(halo + state), not O(L).
+  - `all2all`: from sequence-sharded (B, C, L/cp) to channel-sharded (B, C/cp, L), undo the
+    zigzag, convolve the local channels over the whole sequence, and go back.
 * attention: K and V are all-gathered over CP (backward: reduce-scatter); RoPE and the
   causal mask use the global zigzag positions.
 """
@@ -22,6 +27,17 @@ import torch.nn.functional as F
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
 from hyena_glt.fftconv import causal_conv
+from hyena_glt.filters import ModalFilter
+from hyena_glt.modal import modal_carry, modal_conv, state_scan
+
+LONG_CONV_PATHS = ("state", "all2all")
+
+# Payload bytes this process handed to CP collectives, by kind (what `bench cp` reports).
+traffic: dict[str, int] = {}
+
+
+def _count(kind: str, t: torch.Tensor, peers: float = 1) -> None:
+    traffic[kind] = traffic.get(kind, 0) + round(t.numel() * t.element_size() * peers)
 
 
 # ---------------------------------------------------------------- zigzag bookkeeping
@@ -68,6 +84,7 @@ class _AllToAll(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
         ctx.group = group
         x = x.contiguous()
+        _count("all2all", x, (group.size() - 1) / group.size())
         out = torch.empty_like(x)
         dist.all_to_all_single(out, x, group=group)
         return out
@@ -75,6 +92,7 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous()
+        _count("all2all", grad, (ctx.group.size() - 1) / ctx.group.size())
         out = torch.empty_like(grad)
         dist.all_to_all_single(out, grad, group=ctx.group)
         return out, None
@@ -106,15 +124,41 @@ def channel_to_seq(y: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return out.permute(1, 0, 2, 3, 4).reshape(B, cp * Cl, 2 * n)
 
 
-def long_conv(z: torch.Tensor, filt: torch.nn.Module, group: dist.ProcessGroup) -> torch.Tensor:
-    """`D` / `H` causal convolution of zigzag-local z (B, C, L/cp) over the full context."""
+def long_conv(z: torch.Tensor, filt: torch.nn.Module, group: dist.ProcessGroup, path: str = "state") -> torch.Tensor:
+    """`D` / `H` causal convolution (with skip) of zigzag-local z (B, C, 2n) over the full context."""
+    if path not in LONG_CONV_PATHS:
+        raise ValueError(f"cp_long_conv={path!r}: expected one of {LONG_CONV_PATHS}")
+    n = z.shape[-1] // 2
+    if path == "state" and isinstance(filt, ModalFilter):
+        return modal_state_conv(z, filt, group)
+    if path == "state" and filt.weight.shape[-1] - 1 <= n:
+        return short_conv(z, filt.filter(), group, filt.skip)
     cp, r = group.size(), group.rank()
     zc = seq_to_channel(z, group)
     c_local = zc.shape[1]
-    channels = slice(r * c_local, (r + 1) * c_local)
-    h = filt.filter(zc.shape[-1], channels=channels)  # only this rank's channels are evaluated
-    y = causal_conv(zc, h, filt.skip[channels])
-    return channel_to_seq(y, group)
+    return channel_to_seq(filt.conv(zc, channels=slice(r * c_local, (r + 1) * c_local)), group)
+
+
+def modal_state_conv(z: torch.Tensor, filt: ModalFilter, group: dist.ProcessGroup) -> torch.Tensor:
+    """`H` over CP by its modal state: chunk i's outputs are its own convolution from a zero
+    state plus what the state after chunk i-1 adds; that state is the scan
+    S_i = exp(-rate n) S_{i-1} + s_i over every chunk's own end state s_i."""
+    cp, r = group.size(), group.rank()
+    B, C, L2 = z.shape
+    n = L2 // 2
+    pair = torch.stack([z[..., :n], z[..., n:]])  # my chunks r and 2cp-1-r as a batch
+    y, ends = modal_conv(pair.reshape(2 * B, C, n), filt.residues, filt.log_rates)
+    ends = ends.reshape(2, B, C, -1)
+    gathered = all_gather_cp(ends, group).reshape(cp, 2, B, C, -1)  # backward: reduce-scatter
+    # Chunk order: rank q holds chunks q and 2cp-1-q.
+    chunks = torch.cat([gathered[:, 0], gathered[:, 1].flip(0)])  # (2cp, B, C, O)
+    decay = torch.exp(-filt.log_rates.to(chunks.dtype).exp() * n)
+    S = state_scan(chunks.permute(1, 2, 0, 3), decay)  # (B, C, 2cp, O): state after each chunk
+    zero = S.new_zeros(B, C, S.shape[-1])
+    before = torch.stack([S[:, :, r - 1] if r > 0 else zero, S[:, :, 2 * cp - 2 - r]])  # (2, B, C, O)
+    carry = modal_carry(before.reshape(2 * B, C, -1), filt.residues, filt.log_rates, n)
+    y = (y.to(carry.dtype) + carry).to(z.dtype).reshape(2, B, C, n)
+    return torch.cat([y[0], y[1]], dim=-1) + filt.skip.to(z.dtype)[:, None] * z
 
 
 # ---------------------------------------------------------------- halo exchange (short convolutions)
@@ -122,6 +166,9 @@ def _exchange(send_prev, send_next, recv_prev, recv_next, group):
     """Send to / receive from the CP neighbours (None = nothing). Global ranks from the group."""
     ranks = dist.get_process_group_ranks(group)
     r = group.rank()
+    for t in (send_prev, send_next):
+        if t is not None:
+            _count("halo", t)
     ops = []
     if send_prev is not None:
         ops.append(dist.P2POp(dist.isend, send_prev.contiguous(), ranks[r - 1], group))
@@ -201,9 +248,10 @@ def short_conv(x: torch.Tensor, h: torch.Tensor, group: dist.ProcessGroup, skip:
 
 
 # ---------------------------------------------------------------- attention
-def gather_kv(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """All-gather a sequence-first (Lc, ...) tensor over CP in CP-rank order; the backward
-    reduce-scatters, summing the gradient every rank's queries put on these keys/values."""
+def all_gather_cp(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """All-gather along dim 0 over CP in CP-rank order; the backward reduce-scatters, summing
+    the gradient every rank's use (queries on keys/values, chunks on states) put on it."""
+    _count("gather", t, group.size() - 1)
     return gather_from_sequence_parallel_region(t, tensor_parallel_output_grad=True, group=group)
 
 
@@ -214,7 +262,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torc
     Every query needs every earlier key: K and V (already rotated at their own global
     positions) are gathered from all CP ranks, and the mask compares global positions
     (`positions`: (B or 1, s)), not local indices."""
-    kv = gather_kv(torch.stack([k, v]).permute(3, 0, 1, 2, 4).contiguous(), group)  # (L, 2, B, h, hd)
+    kv = all_gather_cp(torch.stack([k, v]).permute(3, 0, 1, 2, 4).contiguous(), group)  # (L, 2, B, h, hd)
     k, v = kv.permute(1, 2, 3, 0, 4)  # (B, h, L, hd) each, CP-rank order
     key_pos = zigzag_order(kv.shape[0], group.size(), device=positions.device)
     mask = key_pos <= positions[..., None]  # (B or 1, s, L)

@@ -29,6 +29,7 @@ class ParallelConfig:
     pp: int = 1  # pipeline stages (physical)
     sp: bool = False  # sequence parallel inside each TP group (needs tp > 1)
     vpp: int | None = None  # virtual stages per pipeline rank (interleaved 1F1B); None = plain 1F1B
+    cp_long_conv: str = "state"  # D/H convolutions under CP: halo + modal state, or all-to-all
 
     @property
     def model_parallel_size(self) -> int:
@@ -45,7 +46,8 @@ class ParallelConfig:
     def describe(self, world_size: int | None = None) -> str:
         dp = f" dp={self.dp(world_size)}" if world_size else ""
         vpp = f" vpp={self.vpp}" if self.vpp else ""
-        return f"tp={self.tp} cp={self.cp} pp={self.pp}{vpp} sp={'on' if self.sp else 'off'}{dp}"
+        path = f" cp_long_conv={self.cp_long_conv}" if self.cp > 1 else ""
+        return f"tp={self.tp} cp={self.cp}{path} pp={self.pp}{vpp} sp={'on' if self.sp else 'off'}{dp}"
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,8 @@ def check_layout(
             errors.append(f"{name}={v} must be a positive integer")
     if errors:
         raise ParallelConfigError("invalid parallel layout: " + "; ".join(errors))
+    if pcfg.cp_long_conv not in ("state", "all2all"):
+        errors.append(f"cp_long_conv={pcfg.cp_long_conv!r} must be 'state' or 'all2all'")
     if vpp is not None and (vpp < 2 or pp < 2):
         errors.append(f"vpp={vpp} needs vpp >= 2 and pp >= 2 (got pp={pp}); use vpp=None for plain 1F1B")
     if pcfg.sp and tp < 2:

@@ -9,8 +9,9 @@ hyena_glt builds one `Block`, operator, attention, MLP and embedding from a `Mod
   parts by the modules themselves (spec.tp / spec.tp_rank);
 * sequence parallel: the embedding output is scattered along the sequence; norms and the
   conservation gate are tagged so their gradients are summed over TP (grads.py);
-* context parallel (zigzag): short convolutions exchange halos, D/H convolutions go
-  through the all-to-all, attention gathers K/V (context_parallel.py).
+* context parallel (zigzag): short convolutions exchange halos, D/H convolutions pass a
+  halo and the modal state (or go through the all-to-all, `cp_long_conv`), attention
+  gathers K/V (context_parallel.py).
 
 Activations are sequence-first (L, B, D) in the pipeline chunks, megatron-core's
 convention, so its SP mappings and pipeline p2p apply unchanged; the token-merging U-shape
@@ -52,7 +53,7 @@ def parallel_spec(ctx: RankContext, mcfg: ModelParallelConfig, *, seq_first: boo
         # Module attributes are looked up at call time: a test can swap cpar.long_conv for a mutant.
         spec = spec.with_(
             short_conv=lambda u, h, skip=None: cpar.short_conv(u, h, cp_group, skip),
-            long_conv=lambda z, filt: cpar.long_conv(z, filt, cp_group),
+            long_conv=lambda z, filt: cpar.long_conv(z, filt, cp_group, ctx.pcfg.cp_long_conv),
             attention=lambda q, k, v, positions: cpar.attention(q, k, v, positions, cp_group),
         )
     return spec

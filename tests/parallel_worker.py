@@ -43,6 +43,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--untied", action="store_true")
     ap.add_argument("--genomic", action="store_true", help="seq-type embedding, motif branch, conservation")
     ap.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    ap.add_argument("--cp-long-conv", default="state", choices=["state", "all2all"])
+    ap.add_argument("--medium-filter-len", type=int, default=16)
     ap.add_argument("--long-filter-check", action="store_true", help="CP: prove the H filter spans the sequence")
     ap.add_argument("--patching", default="none", help="token merging: the U-shape (static, entropy, learned)")
     ap.add_argument("--evo2", action="store_true", help="every Evo-2-shaped architecture option on (docs/evo2.md)")
@@ -106,7 +108,7 @@ def main() -> int:
         num_heads=4,
         num_filter_groups=4,
         max_seq_len=L,  # modal time constants reach the whole sequence
-        medium_filter_len=16,
+        medium_filter_len=args.medium_filter_len,
         modal_order=4,
         tie_embeddings=not args.untied,
         seq_type_embedding=args.genomic,
@@ -117,7 +119,8 @@ def main() -> int:
         **merging,
         **evo2,
     )
-    pcfg = ParallelConfig(tp=args.tp, cp=args.cp, pp=args.pp, sp=args.sp, vpp=args.vpp)
+    pcfg = ParallelConfig(tp=args.tp, cp=args.cp, pp=args.pp, sp=args.sp, vpp=args.vpp,
+                          cp_long_conv=args.cp_long_conv)
     layout = initialize_parallel(pcfg, cfg, seq_length=L)
     rank = dist.get_rank()
     coords = layout.coords(rank)
@@ -164,6 +167,13 @@ def main() -> int:
 
     logits: list[torch.Tensor] = []
     loss_sum, weight_sum = pm.forward_backward(mine, logits_out=logits)
+    if args.cp > 1:  # the path under test is the one that ran
+        from megatron_adapters.context_parallel import traffic
+
+        chunk_covers_d_halo = args.medium_filter_len - 1 <= L // (2 * args.cp)
+        used_all2all = traffic.get("all2all", 0) > 0
+        if used_all2all != (args.cp_long_conv == "all2all" or ("D" in cfg.layers and not chunk_covers_d_halo)):
+            errors.append(f"rank {rank}: cp_long_conv={args.cp_long_conv} but all-to-all bytes = {traffic.get('all2all', 0)}")
     # The U-shape reports its LM part; the backward also carries the patcher's terms (in out.loss_sum).
     check("loss_sum", loss_sum, out.lm_loss_sum if args.patching != "none" else out.loss_sum, "loss")
     check("weight_sum", weight_sum, out.weight_sum, "loss")
@@ -209,7 +219,7 @@ def main() -> int:
             errors.append(f"rank {rank}: H output at L-1 barely depends on the first chunk ({reach:.2e}): L too short")
 
         # (b) Mutation: convolving each rank's zigzag chunks separately must fail the logits check.
-        def shard_local(z, filt, group):
+        def shard_local(z, filt, group, path):
             n = z.shape[-1] // 2
             return torch.cat([causal_conv(p, filt.filter(n), filt.skip) for p in (z[..., :n], z[..., n:])], -1)
 

@@ -27,20 +27,30 @@ LAYOUTS = [
     pytest.param(2, ["--tp", "2", "--sp", "--dtype", "float32"], id="tp2-sp-fp32"),
     # L=128: the H filter carries the first chunk to the last position; the worker also checks a
     # CP that convolves its shards separately fails.
+    # Context parallel runs D/H by halo + modal state (the default) and by all-to-all: both here.
     pytest.param(2, ["--cp", "2", "--seq-len", "128", "--long-filter-check"], id="cp2-long-filter"),
+    pytest.param(2, ["--cp", "2", "--seq-len", "128", "--long-filter-check", "--cp-long-conv", "all2all"],
+                 id="cp2-long-filter-all2all"),
+    # A 32-tap D filter needs a 31-position halo; 16-position chunks send D through the all-to-all.
+    pytest.param(2, ["--cp", "2", "--medium-filter-len", "32"], id="cp2-state-short-chunks"),
     pytest.param(2, ["--pp", "2", "--micro-batches", "4"], id="pp2-1f1b"),
     pytest.param(2, ["--pp", "2", "--micro-batches", "4", "--pattern", "SDH*SD|H*"], id="pp2-uneven-6-2"),
     pytest.param(2, ["--pp", "2", "--vpp", "2", "--micro-batches", "4"], id="pp2-vpp2-interleaved"),
     pytest.param(2, ["--micro-batches", "2"], id="dp2"),
     pytest.param(4, ["--tp", "2", "--cp", "2", "--sp", "--genomic"], id="tp2-cp2-sp-genomic"),
+    pytest.param(4, ["--tp", "2", "--cp", "2", "--sp", "--genomic", "--cp-long-conv", "all2all"],
+                 id="tp2-cp2-sp-genomic-all2all"),
     pytest.param(4, ["--tp", "2", "--pp", "2", "--sp", "--micro-batches", "4"], id="tp2-pp2-sp"),
     pytest.param(4, ["--cp", "2", "--pp", "2", "--micro-batches", "4"], id="cp2-pp2"),
+    pytest.param(4, ["--cp", "2", "--pp", "2", "--micro-batches", "4", "--cp-long-conv", "all2all"], id="cp2-pp2-all2all"),
     # Every Evo-2-shaped option (eps outside the norm's sqrt, mixer output bias, GELU then
     # identity MLPs, raw D taps, S without skip, MLP width, RoPE position scale, vocab 512).
     pytest.param(2, ["--tp", "2", "--sp", "--evo2"], id="tp2-sp-evo2"),
     pytest.param(2, ["--cp", "2", "--seq-len", "128", "--evo2"], id="cp2-evo2"),
+    pytest.param(2, ["--cp", "2", "--seq-len", "128", "--evo2", "--cp-long-conv", "all2all"], id="cp2-evo2-all2all"),
     pytest.param(2, ["--pp", "2", "--micro-batches", "4", "--evo2"], id="pp2-evo2"),
     pytest.param(4, ["--tp", "2", "--cp", "2", "--sp", "--evo2"], id="tp2-cp2-sp-evo2"),
+    pytest.param(4, ["--tp", "2", "--cp", "2", "--sp", "--evo2", "--cp-long-conv", "all2all"], id="tp2-cp2-sp-evo2-all2all"),
     # Token merging (the U-shape, megatron_adapters/merging.py): every block sharded, the
     # patcher / position system / bridge replicated; each patcher, and DP x TP.
     pytest.param(2, ["--tp", "2", "--patching", "static"], id="tp2-merging-static"),
