@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: env demo test bench clean
+.PHONY: env demo test bench clean gpu-check gpu-wheels
 
 env: $(STAMP)
 
@@ -27,6 +27,16 @@ test: env
 
 bench: env
 	$(VENV)/bin/hyena-glt bench ops
+
+# The GPU check (docs/performance.md, "GPU check"): CUDA vs CPU forward, 1B bf16 training
+# tokens/s, MFU, peak memory, Hyena vs attention-only. Without CUDA: its CPU fallback, exit 0.
+gpu-check: env
+	$(VENV)/bin/hyena-glt bench gpu
+
+# Wheels for the GPU machine, which reaches no registry: carry gpu_wheels/ there and run
+# `bash launch/gpu_check.sh` (installs them and runs the check in one command).
+gpu-wheels: env
+	PYTHON=$(PY) DS_BUILD_OPS=0 bash launch/gpu_check.sh wheels
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -88,15 +88,19 @@ def causal_conv_blocked(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return y[..., pad:].to(z.dtype)
 
 
+def conv_path(taps: int, length: int) -> str:
+    """The path `causal_conv` takes for a filter of `taps` at sequence length `length`."""
+    if taps <= DIRECT_MAX_TAPS:
+        return "direct"
+    if taps <= BLOCKED_MAX_TAPS and length >= BLOCKED_MIN_LEN:
+        return "blocked"
+    return "fft"
+
+
 def causal_conv(z: torch.Tensor, h: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
     """Dispatch on filter and sequence length; add the per-channel skip term skip[c] * z."""
-    K, L = h.shape[-1], z.shape[-1]
-    if K <= DIRECT_MAX_TAPS:
-        y = causal_conv_direct(z, h)
-    elif K <= BLOCKED_MAX_TAPS and L >= BLOCKED_MIN_LEN:
-        y = causal_conv_blocked(z, h)
-    else:
-        y = causal_conv_fft(z, h)
+    path = conv_path(h.shape[-1], z.shape[-1])
+    y = {"direct": causal_conv_direct, "blocked": causal_conv_blocked, "fft": causal_conv_fft}[path](z, h)
     if skip is not None:
         y = y + skip.to(z.dtype)[:, None] * z
     return y

@@ -79,12 +79,10 @@ def probe_batch(vocab_bytes: int = 256) -> torch.Tensor:
 
 def _verify(path: Path, out_dir: Path, meta: dict) -> float:
     """Run the sharded model on the probe batch under torchrun and compare logits."""
-    import socket
+    from .net import free_port
 
     world = meta["layout"]["world_size"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     result = out_dir / "verify_logits.safetensors"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--rdzv-backend", "c10d",
            "--rdzv-endpoint", f"127.0.0.1:{port}", "-m", "launch.convert", "--probe", str(path), str(result)]

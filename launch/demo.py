@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from .net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 GENOME = REPO / "data" / "genomes" / "ecoli_k12_w3110.fasta.gz"
@@ -33,12 +34,6 @@ def _run(cmd: list[str], title: str, env: dict | None = None) -> float:
     if proc.returncode != 0:
         raise RuntimeError(f"demo step '{title}' failed with exit code {proc.returncode}")
     return time.perf_counter() - t0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def loss_curve_png(metrics: Path, out: Path) -> None:
@@ -88,7 +83,7 @@ def run_demo(out: str = "runs/demo", steps: int | None = None, nproc: int = 2) -
         overrides.append(f"train.steps={steps}")
     times["train"] = _run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--rdzv-backend", "c10d",
-         "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "-m", "launch.cli", "train", "--config", str(CONFIG),
+         "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "launch.cli", "train", "--config", str(CONFIG),
          *overrides],
         f"2/4 train a tiny model with {nproc} processes (context parallel x 2, DeepSpeed ZeRO-1)",
         env={"OMP_NUM_THREADS": "1"},

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Literal, Union
 
 import yaml
-
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hyena_glt import HyenaGLTConfig

@@ -21,6 +21,8 @@ The sequence of length L is cut into 2*cp chunks; CP rank r holds chunks r and 2
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -32,12 +34,39 @@ from hyena_glt.modal import modal_carry, modal_conv, state_scan
 
 LONG_CONV_PATHS = ("state", "all2all")
 
-# Payload bytes this process handed to CP collectives, by kind (what `bench cp` reports).
+# Payload bytes this process handed to CP collectives, forward and backward, keyed
+# "<operation>/<collective>" (e.g. "long_conv/halo"): what `bench cp` reports.
 traffic: dict[str, int] = {}
+_scope: list[str] = []
 
 
-def _count(kind: str, t: torch.Tensor, peers: float = 1) -> None:
-    traffic[kind] = traffic.get(kind, 0) + round(t.numel() * t.element_size() * peers)
+@contextlib.contextmanager
+def _operation(name: str):
+    """Attribute traffic to the outermost CP operation (a D halo inside long_conv is long_conv's)."""
+    _scope.append(_scope[0] if _scope else name)
+    try:
+        yield
+    finally:
+        _scope.pop()
+
+
+def _count(collective: str, t: torch.Tensor, peers: float = 1, op: str | None = None) -> None:
+    key = f"{op or (_scope[-1] if _scope else 'other')}/{collective}"
+    traffic[key] = traffic.get(key, 0) + round(t.numel() * t.element_size() * peers)
+
+
+class _CountBackward(torch.autograd.Function):
+    """Identity whose backward counts the reduce-scatter that megatron's all-gather runs."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, peers: float):
+        ctx.op, ctx.peers = (_scope[-1] if _scope else "other"), peers
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        _count("gather", grad, ctx.peers, ctx.op)
+        return grad, None
 
 
 # ---------------------------------------------------------------- zigzag bookkeeping
@@ -82,7 +111,7 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
+        ctx.group, ctx.op = group, (_scope[-1] if _scope else "other")
         x = x.contiguous()
         _count("all2all", x, (group.size() - 1) / group.size())
         out = torch.empty_like(x)
@@ -92,7 +121,7 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous()
-        _count("all2all", grad, (ctx.group.size() - 1) / ctx.group.size())
+        _count("all2all", grad, (ctx.group.size() - 1) / ctx.group.size(), ctx.op)
         out = torch.empty_like(grad)
         dist.all_to_all_single(out, grad, group=ctx.group)
         return out, None
@@ -128,6 +157,11 @@ def long_conv(z: torch.Tensor, filt: torch.nn.Module, group: dist.ProcessGroup, 
     """`D` / `H` causal convolution (with skip) of zigzag-local z (B, C, 2n) over the full context."""
     if path not in LONG_CONV_PATHS:
         raise ValueError(f"cp_long_conv={path!r}: expected one of {LONG_CONV_PATHS}")
+    with _operation("long_conv"):
+        return _long_conv(z, filt, group, path)
+
+
+def _long_conv(z: torch.Tensor, filt: torch.nn.Module, group: dist.ProcessGroup, path: str) -> torch.Tensor:
     n = z.shape[-1] // 2
     if path == "state" and isinstance(filt, ModalFilter):
         return modal_state_conv(z, filt, group)
@@ -162,13 +196,13 @@ def modal_state_conv(z: torch.Tensor, filt: ModalFilter, group: dist.ProcessGrou
 
 
 # ---------------------------------------------------------------- halo exchange (short convolutions)
-def _exchange(send_prev, send_next, recv_prev, recv_next, group):
+def _exchange(send_prev, send_next, recv_prev, recv_next, group, op=None):
     """Send to / receive from the CP neighbours (None = nothing). Global ranks from the group."""
     ranks = dist.get_process_group_ranks(group)
     r = group.rank()
     for t in (send_prev, send_next):
         if t is not None:
-            _count("halo", t)
+            _count("halo", t, op=op)
     ops = []
     if send_prev is not None:
         ops.append(dist.P2POp(dist.isend, send_prev.contiguous(), ranks[r - 1], group))
@@ -206,7 +240,7 @@ class _Halo(torch.autograd.Function):
             recv_next=halo_b if r < cp - 1 else None,
             group=group,
         )
-        ctx.k, ctx.group, ctx.shape = k, group, x.shape
+        ctx.k, ctx.group, ctx.shape, ctx.op = k, group, x.shape, (_scope[-1] if _scope else "other")
         return halo_a, halo_b
 
     @staticmethod
@@ -223,6 +257,7 @@ class _Halo(torch.autograd.Function):
             recv_prev=g_b_tail if r > 0 else None,
             recv_next=g_a_tail if r < cp - 1 else None,
             group=ctx.group,
+            op=ctx.op,
         )
         if r == cp - 1:
             g_a_tail = g_a_tail + g_halo_b
@@ -233,6 +268,11 @@ class _Halo(torch.autograd.Function):
 
 def short_conv(x: torch.Tensor, h: torch.Tensor, group: dist.ProcessGroup, skip: torch.Tensor | None = None) -> torch.Tensor:
     """Causal depthwise conv of zigzag-local x (B, C, 2n) with a short filter h (C, K) (+ skip * x)."""
+    with _operation("short_conv"):
+        return _short_conv(x, h, group, skip)
+
+
+def _short_conv(x: torch.Tensor, h: torch.Tensor, group: dist.ProcessGroup, skip: torch.Tensor | None) -> torch.Tensor:
     k = h.shape[-1] - 1
     conv = lambda u: causal_conv(u, h, skip)  # noqa: E731
     if k == 0:
@@ -251,8 +291,10 @@ def short_conv(x: torch.Tensor, h: torch.Tensor, group: dist.ProcessGroup, skip:
 def all_gather_cp(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """All-gather along dim 0 over CP in CP-rank order; the backward reduce-scatters, summing
     the gradient every rank's use (queries on keys/values, chunks on states) put on it."""
-    _count("gather", t, group.size() - 1)
-    return gather_from_sequence_parallel_region(t, tensor_parallel_output_grad=True, group=group)
+    cp = group.size()
+    _count("gather", t, cp - 1)
+    gathered = gather_from_sequence_parallel_region(t, tensor_parallel_output_grad=True, group=group)
+    return _CountBackward.apply(gathered, (cp - 1) / cp)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -262,7 +304,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torc
     Every query needs every earlier key: K and V (already rotated at their own global
     positions) are gathered from all CP ranks, and the mask compares global positions
     (`positions`: (B or 1, s)), not local indices."""
-    kv = all_gather_cp(torch.stack([k, v]).permute(3, 0, 1, 2, 4).contiguous(), group)  # (L, 2, B, h, hd)
+    with _operation("attention"):
+        kv = all_gather_cp(torch.stack([k, v]).permute(3, 0, 1, 2, 4).contiguous(), group)  # (L, 2, B, h, hd)
     k, v = kv.permute(1, 2, 3, 0, 4)  # (B, h, L, hd) each, CP-rank order
     key_pos = zigzag_order(kv.shape[0], group.size(), device=positions.device)
     mask = key_pos <= positions[..., None]  # (B or 1, s, L)

@@ -1,8 +1,9 @@
 import os
-import socket
 from pathlib import Path
 
 import pytest
+
+from launch.net import free_port  # noqa: F401  (the tests' one port helper)
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED_GENOMES = REPO / "data" / "genomes"
@@ -37,10 +38,6 @@ def diphtheriae() -> Path:
     return genome_path("c_diphtheriae_nctc11397.fasta.gz")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)

@@ -171,9 +171,9 @@ def main() -> int:
         from megatron_adapters.context_parallel import traffic
 
         chunk_covers_d_halo = args.medium_filter_len - 1 <= L // (2 * args.cp)
-        used_all2all = traffic.get("all2all", 0) > 0
+        used_all2all = traffic.get("long_conv/all2all", 0) > 0
         if used_all2all != (args.cp_long_conv == "all2all" or ("D" in cfg.layers and not chunk_covers_d_halo)):
-            errors.append(f"rank {rank}: cp_long_conv={args.cp_long_conv} but all-to-all bytes = {traffic.get('all2all', 0)}")
+            errors.append(f"rank {rank}: cp_long_conv={args.cp_long_conv} but all-to-all bytes = {traffic.get('long_conv/all2all', 0)}")
     # The U-shape reports its LM part; the backward also carries the patcher's terms (in out.loss_sum).
     check("loss_sum", loss_sum, out.lm_loss_sum if args.patching != "none" else out.loss_sum, "loss")
     check("weight_sum", weight_sum, out.weight_sum, "loss")

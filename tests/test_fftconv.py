@@ -1,7 +1,16 @@
 import pytest
 import torch
 
-from hyena_glt.fftconv import causal_conv, causal_conv_direct, causal_conv_fft, causal_conv_reference, fft_size
+from hyena_glt.fftconv import (
+    BLOCKED_MIN_LEN,
+    causal_conv,
+    causal_conv_blocked,
+    causal_conv_direct,
+    causal_conv_fft,
+    causal_conv_reference,
+    fft_size,
+)
+from hyena_glt.modal import modal_conv, state_scan
 from hyena_glt.filters import DecayedMediumFilter, ModalFilter
 from hyena_glt.params import initialize
 
@@ -90,3 +99,76 @@ def test_medium_filter_decays_per_channel_over_global_channels():
     assert f.rates.shape == (16,)
     assert f.rates[0].item() == pytest.approx(0.01) and f.rates[-1].item() == pytest.approx(1.0)
     assert (f.rates.diff() > 0).all()
+
+
+# ---- the blocked forms: exact against the definition, values and gradients
+@pytest.mark.parametrize("L,K", [(37, 128), (128, 128), (129, 128), (1000, 128), (300, 100), (20, 64)])
+def test_blocked_fir_conv_equals_direct_fp64(L, K):
+    g = torch.Generator().manual_seed(L + K)
+    z = torch.randn(2, 5, L, generator=g, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(5, K, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 5, L, generator=g, dtype=torch.float64)
+    y = causal_conv_blocked(z, h)
+    torch.testing.assert_close(y, direct_loops(z, h), atol=1e-10, rtol=1e-10)
+    got = torch.autograd.grad((y * w).sum(), (z, h))
+    want = torch.autograd.grad((direct_loops(z, h) * w).sum(), (z, h))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_long_inputs_take_the_blocked_path_for_medium_filters():
+    z = torch.randn(1, 2, BLOCKED_MIN_LEN, dtype=torch.float64)
+    h = torch.randn(2, 128, dtype=torch.float64)
+    torch.testing.assert_close(causal_conv(z, h), causal_conv_blocked(z, h), atol=0, rtol=0)
+    torch.testing.assert_close(causal_conv(z, h), causal_conv_fft(z, h), atol=1e-9, rtol=1e-9)
+
+
+def _modal(C=6, order=4, max_len=2048, seed=3):
+    f = ModalFilter(C, order=order, max_seq_len=max_len)
+    initialize(f, seed)
+    return f.double()
+
+
+@pytest.mark.parametrize("L,block", [(1, 64), (5, 64), (64, 64), (65, 64), (1000, 64), (1000, 7), (2048, 128)])
+def test_modal_conv_equals_fft_conv_fp64(L, block):
+    f = _modal()
+    g = torch.Generator().manual_seed(L)
+    z = torch.randn(2, 6, L, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 6, L, generator=g, dtype=torch.float64)
+    y, _ = modal_conv(z, f.residues, f.log_rates, block=block)
+    ref = causal_conv_fft(z, f.filter(L))
+    torch.testing.assert_close(y, ref, atol=1e-10, rtol=1e-10)
+    params = (z, f.residues, f.log_rates)
+    got = torch.autograd.grad((y * w).sum(), params)
+    want = torch.autograd.grad((ref * w).sum(), params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
+def test_modal_state_carries_a_split_sequence_exactly():
+    """Any cut: the state after the first part continues the convolution exactly (the
+    inference cache and context parallelism both rely on it), and equals its definition."""
+    f = _modal()
+    z = torch.randn(1, 6, 777, dtype=torch.float64)
+    whole, s_whole = modal_conv(z, f.residues, f.log_rates)
+    for cut in (1, 63, 64, 300):
+        a, s = modal_conv(z[..., :cut], f.residues, f.log_rates)
+        b, s_end = modal_conv(z[..., cut:], f.residues, f.log_rates, s, block=32)
+        torch.testing.assert_close(torch.cat([a, b], -1), whole, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(s_end, s_whole, atol=1e-10, rtol=1e-10)
+    rates = f.log_rates.detach().exp()
+    j = torch.arange(777, dtype=torch.float64)
+    defined = (z[0].flip(-1)[:, None, :] * torch.exp(-rates[..., None] * j)).sum(-1)  # sum_j e^{-rate j} z[-1-j]
+    torch.testing.assert_close(s_whole[0], defined, atol=1e-10, rtol=1e-10)
+
+
+def test_state_scan_gradcheck():
+    g = torch.Generator().manual_seed(0)
+    local = torch.randn(2, 3, 9, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    decay = torch.rand(3, 4, generator=g, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(state_scan, (local, decay))
+    S, expect, run = state_scan(local, decay), [], torch.zeros(2, 3, 4, dtype=torch.float64)
+    for k in range(9):
+        run = decay * run + local[:, :, k]
+        expect.append(run)
+    torch.testing.assert_close(S, torch.stack(expect, 2))

@@ -3,11 +3,13 @@
 Every benchmark lives in this package, one module per target, so the model package
 (hyena_glt), the data tools and the trainer hold no benchmark code:
 
-    ops     ops.py     fwd+bwd time and peak memory of the S/D/H/* layers; FFT conv vs reference
+    ops     ops.py     fwd+bwd time and peak memory of the S/D/H/* layers; each convolution path
+    cp      cp.py      context parallel: bytes sent by D/H layers, halo + modal state vs all-to-all
     pack    pack.py    Mbp/s of `hyena-glt pack` vs only reading the FASTA
     train   train.py   training tokens/s (real `hyena-glt train` runs), Hyena vs attention-only
     merge   merge.py   the byte-level model with vs without token merging
     generate generate.py cached decoding vs recompute; streaming vs one-pass scoring memory
+    gpu     gpu.py     the CUDA check (make gpu-check)
 
 Each module exposes `add_arguments(parser)` and `run(args) -> int`. Results print as a
 table and as JSON (`--json FILE` to keep them). Benchmarks read FASTA input only through
@@ -20,11 +22,13 @@ from __future__ import annotations
 import importlib
 
 BENCH_TARGETS = {
-    "ops": ("launch.bench.ops", "fwd+bwd time and peak memory of S/D/H/* layers; FFT conv vs plain reference"),
+    "ops": ("launch.bench.ops", "fwd+bwd time and peak memory of S/D/H/* layers; every convolution path"),
     "pack": ("launch.bench.pack", "Mbp/s of `pack` (1 and 2 workers) vs just reading the FASTA"),
+    "cp": ("launch.bench.cp", "context parallel: bytes sent and step time of D/H layers, halo + state vs all-to-all"),
     "train": ("launch.bench.train", "training tokens/s: tiny/small, 1 vs 2 processes (DP, TP), Hyena vs attention-only"),
     "merge": ("launch.bench.merge", "byte-level model with vs without token merging; position-system cost"),
     "generate": ("launch.bench.generate", "cached decoding vs recompute tokens/s; streaming vs one-pass scoring memory"),
+    "gpu": ("launch.bench.gpu", "the CUDA check (make gpu-check): CUDA vs CPU forward, 1B bf16 tokens/s, MFU, memory"),
 }
 
 

@@ -1,4 +1,6 @@
-"""`hyena-glt bench ops`: per-layer fwd+bwd time and peak memory, and FFT conv vs reference.
+"""`hyena-glt bench ops`: per-layer fwd+bwd time and peak memory, the H/S and attention/H
+ratios, and each long convolution by every exact path (FFT, blocked, the plain reference)
+with the one the dispatch picks.
 
 Every measurement runs in a forked child process so the peak resident-memory increase
 (ru_maxrss after minus before) belongs to that measurement alone. CPU torch has no
@@ -16,11 +18,14 @@ import time
 import torch
 
 from hyena_glt.config import HyenaGLTConfig
-from hyena_glt.fftconv import causal_conv, causal_conv_reference
+from hyena_glt.fftconv import causal_conv, causal_conv_blocked, conv_path, causal_conv_fft, causal_conv_reference
+from hyena_glt.filters import ModalFilter
 from hyena_glt.layers import Block
 from hyena_glt.params import initialize
 
-OPS = {"H": "long implicit (FFT)", "D": "medium regularized", "S": "short explicit", "*": "attention (SDPA)"}
+from hyena_glt.modal import modal_conv, modal_path
+
+OPS = {"H": "long implicit (modal)", "D": "medium regularized", "S": "short explicit", "*": "attention (SDPA)"}
 
 
 def add_arguments(p) -> None:
@@ -74,15 +79,27 @@ def _layer_job(code: str, d_model: int, L: int, device: str, dtype: torch.dtype,
     return _measure(step, device, repeats)
 
 
-def _conv_job(kind: str, d_model: int, L: int, taps: int, device: str, repeats: int, threads: int) -> dict:
+def _conv_job(filt: str, path: str, d_model: int, L: int, device: str, repeats: int, threads: int) -> dict:
+    """One causal convolution by one path, fwd+bwd: the `H` filter (modal, order 16) or a
+    128-tap `D`-shaped filter; `dispatch` is what the model itself runs."""
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     z = torch.randn(1, d_model, L, generator=g).to(device).requires_grad_()
-    h = (torch.randn(d_model, taps, generator=g) * 0.02).to(device).requires_grad_()
-    fn = causal_conv if kind == "ours" else causal_conv_reference
+    if filt == "H":
+        f = ModalFilter(d_model, 16, L).to(device)
+        initialize(f, 0)
+        fns = {"fft": lambda: causal_conv_fft(z, f.filter(L)),
+               "blocked": lambda: modal_conv(z, f.residues, f.log_rates)[0],
+               "reference": lambda: causal_conv_reference(z, f.filter(L))}
+        fns["dispatch"] = fns[modal_path(L, z.device)]
+    else:
+        h = (torch.randn(d_model, 128, generator=g) * 0.02).to(device).requires_grad_()
+        fns = {"fft": lambda: causal_conv_fft(z, h), "blocked": lambda: causal_conv_blocked(z, h),
+               "reference": lambda: causal_conv_reference(z, h), "dispatch": lambda: causal_conv(z, h)}
+    fn = fns[path]
 
     def step():
-        fn(z, h).square().mean().backward()
+        fn().square().mean().backward()
 
     return _measure(step, device, repeats)
 
@@ -106,17 +123,32 @@ def run(args) -> int:
             r = _in_child(_layer_job, code, args.d_model, L, args.device, dtype, args.repeats, args.threads)
             rows.append({"layer": code, "name": OPS[code], "L": L, **r})
             print(f"{code + ' ' + OPS[code]:<26}{L:>8}{r['seconds'] * 1e3:>12.1f}{r['peak_mib']:>10.0f}", flush=True)
-    print(f"\n{'causal conv vs plain FFT reference':<36}{'L':>8}{'ours ms':>10}{'ref ms':>10}{'speedup':>9}{'ours MiB':>10}{'ref MiB':>9}")
+    by = {(r["layer"], r["L"]): r["seconds"] for r in rows}
+    ratios = []
     for L in lengths:
-        for label, taps in (("full-length filter (H)", L), (f"{128}-tap filter (D)", 128)):
-            ours = _in_child(_conv_job, "ours", args.d_model, L, taps, args.device, args.repeats, args.threads)
-            ref = _in_child(_conv_job, "ref", args.d_model, L, taps, args.device, args.repeats, args.threads)
-            speedup = ref["seconds"] / ours["seconds"]
-            convs.append({"L": L, "filter": label, "taps": taps, "ours": ours, "reference": ref, "speedup": speedup})
-            print(f"{label:<36}{L:>8}{ours['seconds'] * 1e3:>10.1f}{ref['seconds'] * 1e3:>10.1f}"
-                  f"{speedup:>8.2f}x{ours['peak_mib']:>10.0f}{ref['peak_mib']:>9.0f}", flush=True)
+        entry = {"L": L}
+        if ("H", L) in by and ("S", L) in by:
+            entry["H_over_S"] = by["H", L] / by["S", L]
+        if ("*", L) in by and ("H", L) in by:
+            entry["attention_over_H"] = by["*", L] / by["H", L]
+        ratios.append(entry)
+    print(f"\n{'L':>8}{'H / S':>10}{'attention / H':>16}")
+    for e in ratios:
+        hs, ah = e.get("H_over_S"), e.get("attention_over_H")
+        print(f"{e['L']:>8}{(f'{hs:.2f}x' if hs else '-'):>10}{(f'{ah:.2f}x' if ah else '-'):>16}")
+    print(f"\n{'convolution (fwd+bwd ms)':<26}{'L':>8}{'fft':>9}{'blocked':>9}{'reference':>11}{'picks':>9}{'picked':>9}"
+          f"{'vs ref':>8}")
+    for L in lengths:
+        for filt, label in (("H", "H modal, order 16"), ("D", "D 128 taps")):
+            r = {path: _in_child(_conv_job, filt, path, args.d_model, L, args.device, args.repeats, args.threads)
+                 for path in ("fft", "blocked", "reference", "dispatch")}
+            pick = modal_path(L, torch.device(args.device)) if filt == "H" else conv_path(128, L)
+            ms = {k: v["seconds"] * 1e3 for k, v in r.items()}
+            convs.append({"L": L, "filter": filt, "picks": pick, **{k: {"ms": ms[k], "peak_mib": r[k]["peak_mib"]} for k in r}})
+            print(f"{label:<26}{L:>8}{ms['fft']:>9.1f}{ms['blocked']:>9.1f}{ms['reference']:>11.1f}{pick:>9}"
+                  f"{ms['dispatch']:>9.1f}{ms['reference'] / ms['dispatch']:>7.2f}x", flush=True)
     result = {"bench": "ops", "d_model": args.d_model, "dtype": args.dtype, "device": args.device,
-              "device_name": device_name, "threads": args.threads, "layers": rows, "fft_conv": convs}
+              "device_name": device_name, "threads": args.threads, "layers": rows, "ratios": ratios, "convolutions": convs}
     print("\n" + json.dumps(result))
     if args.json:
         with open(args.json, "w") as f:
