@@ -20,7 +20,7 @@ from .tokenizer import BYTE_VOCAB_SIZE
 OPERATORS = {
     "S": "hyena_se",  # short explicit filter, shared within channel groups
     "D": "hyena_mr",  # medium explicit filter x fixed per-channel exponential decay
-    "H": "hyena_li",  # long implicit (modal) filter, FFT convolution
+    "H": "hyena_li",  # long implicit (modal) filter, blocked modal scan
     "*": "attention",  # causal multi-head attention with RoPE
 }
 STAGE_SEPARATOR = "|"

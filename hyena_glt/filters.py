@@ -1,8 +1,9 @@
 """The convolution filters of the striped-Hyena operators.
 
 Each filter module owns its parameters and produces the filter taps `h` (channels, taps)
-for a sequence length; the operator convolves with them through its spec's convolution
-backend (local, or context-parallel). Every tensor is laid out channel-first, and a filter
+for a sequence length; the long ones (`D`, `H`) also convolve (`conv`) by their fastest
+exact path. The operator reaches them through its spec's convolution backend (local, or
+context-parallel). Every tensor is laid out channel-first, and a filter
 built with `tp > 1` holds the contiguous channel slice `tp_rank` of it (whole groups).
 
 * `ShortConv`: explicit taps per channel (the featurizer over x1/x2/v, length 3).
@@ -11,7 +12,8 @@ built with `tp > 1` holds the contiguous channel slice `tp_rank` of it (whole gr
   exponential decay exp(-r_c t), r log-spaced over the *global* channel index.
 * `ModalFilter` (`H`): h[c, t] = sum_o R[c, o] exp(-exp(a[c, o]) t); the parameters do
   not depend on the sequence length, so h is evaluated for any L (context extension
-  needs no checkpoint surgery).
+  needs no checkpoint surgery). It convolves in modal form (modal.py), never
+  materialising h beyond one block.
 """
 
 from __future__ import annotations
