@@ -82,9 +82,10 @@ def causal_conv_blocked(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     T = h.shape[-1]
     compute = torch.promote_types(z.dtype, torch.float32)
     pad = (-L) % T  # leading zeros change nothing in a causal FIR convolution
-    zb = F.pad(z.to(compute), (pad + T, 0)).reshape(B, C, -1, T)
-    pairs = torch.cat([zb[:, :, :-1], zb[:, :, 1:]], dim=-1)  # (B, C, n, 2T): block before, block
-    y = torch.einsum("ctj,bcnj->bcnt", toeplitz(h.to(compute), T, 2 * T), pairs).reshape(B, C, -1)
+    with torch.autocast(z.device.type, enabled=False):  # at least fp32, as the FFT path: paths agree
+        zb = F.pad(z.to(compute), (pad + T, 0)).reshape(B, C, -1, T)
+        pairs = torch.cat([zb[:, :, :-1], zb[:, :, 1:]], dim=-1)  # (B, C, n, 2T): block before, block
+        y = torch.einsum("ctj,bcnj->bcnt", toeplitz(h.to(compute), T, 2 * T), pairs).reshape(B, C, -1)
     return y[..., pad:].to(z.dtype)
 
 

@@ -59,8 +59,9 @@ def modal_kernels(residues: torch.Tensor, log_rates: torch.Tensor, T: int):
 def modal_carry(state: torch.Tensor, residues: torch.Tensor, log_rates: torch.Tensor, T: int) -> torch.Tensor:
     """What a past summarised by `state` (B, C, O) adds to the next T outputs: (B, C, T)."""
     dtype = _compute_dtype(state.dtype)
-    _, read, _, _ = modal_kernels(residues.to(dtype), log_rates.to(dtype), T)
-    return torch.einsum("cot,bco->bct", read, state.to(dtype))
+    with torch.autocast(state.device.type, enabled=False):
+        _, read, _, _ = modal_kernels(residues.to(dtype), log_rates.to(dtype), T)
+        return torch.einsum("cot,bco->bct", read, state.to(dtype))
 
 
 class _StateScan(torch.autograd.Function):
@@ -95,7 +96,14 @@ def state_scan(local: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
 def modal_conv(z: torch.Tensor, residues: torch.Tensor, log_rates: torch.Tensor,
                state: torch.Tensor | None = None, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """y = h * z (no skip) for z (B, C, L), continuing the past in `state` (B, C, O; None:
-    the sequence starts here). Returns (y, the state after the last position)."""
+    the sequence starts here). Returns (y, the state after the last position). Computed in
+    at least fp32 also under autocast: the state carries the whole past, as the FFT path's
+    transform does, and neither survives bf16."""
+    with torch.autocast(z.device.type, enabled=False):
+        return _modal_conv(z, residues, log_rates, state, block)
+
+
+def _modal_conv(z, residues, log_rates, state, block):
     B, C, L = z.shape
     dtype = _compute_dtype(z.dtype)
     R, a = residues.to(dtype), log_rates.to(dtype)
@@ -106,8 +114,8 @@ def modal_conv(z: torch.Tensor, residues: torch.Tensor, log_rates: torch.Tensor,
     T = min(block, L)
     m = L - L % T
     if m < L:  # the ragged tail is one more, shorter block, started from the main part's state
-        y, s = modal_conv(z[..., :m], residues, log_rates, state, block)
-        y_tail, s = modal_conv(z[..., m:], residues, log_rates, s, L - m)
+        y, s = _modal_conv(z[..., :m], residues, log_rates, state, block)
+        y_tail, s = _modal_conv(z[..., m:], residues, log_rates, s, L - m)
         return torch.cat([y, y_tail], dim=-1), s
     n = L // T
     taps, read, write, decay = modal_kernels(R, a, T)
