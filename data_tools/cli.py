@@ -4,6 +4,7 @@ handlers so `hyena-glt --help` stays instant."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from launch.args import nonnegative_int, positive_float, positive_int
@@ -17,7 +18,9 @@ for *.fa/*.fasta/*.fna/...[.gz]), a glob, or a .txt/.list/.lst/.fofn file listin
 
 Exit codes: 0 all done; 1 done but some inputs were skipped (--skip-bad-files);
 2 an error (a bad input without --skip-bad-files, bad options).
-Under `mpiexec -n N` each rank packs its share (rank/size from MPI).
+Under `mpiexec -n N` each rank packs its share (rank/size from MPI); in a SLURM array
+(`sbatch --array=0-N`, launch/slurm_pack.sbatch) each task packs its share (index/count from
+SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT). --num-jobs/--job-index override both.
 """
 
 
@@ -46,7 +49,7 @@ def register(sub) -> None:
     p.add_argument("--skip-bad-files", action="store_true",
                    help="skip (and record in the manifest) input files that cannot be read; exit code 1")
     p.add_argument("--workers", type=positive_int, default=1, help="processes writing shards on this machine (default 1)")
-    p.add_argument("--num-jobs", type=positive_int, default=None, help="number of jobs sharing the inputs (SLURM-array style)")
+    p.add_argument("--num-jobs", type=positive_int, default=None, help="number of jobs sharing the inputs (default: from MPI or the SLURM array, else 1)")
     p.add_argument("--job-index", type=nonnegative_int, default=None, help="this job's index in [0, --num-jobs)")
     p.add_argument("--progress", choices=("auto", "bar", "log", "none"), default="auto",
                    help="auto: a bar on a terminal, log lines otherwise")
@@ -65,14 +68,46 @@ def register(sub) -> None:
 
 
 def _resolve_job(args) -> tuple[int, int]:
+    """(job index, number of jobs): the flags, else MPI's rank/size, else the SLURM array task."""
     if args.num_jobs is not None or args.job_index is not None:
         if args.num_jobs is None or args.job_index is None:
             raise ValueError("--num-jobs and --job-index go together")
         return args.job_index, args.num_jobs
     from .pack import job_from_environment
 
-    env = job_from_environment()
-    return env if env else (0, 1)
+    mpi = job_from_environment()
+    array = slurm_array_job()
+    if mpi and mpi[1] > 1:
+        if array and array[1] > 1:
+            raise ValueError(f"both MPI ({mpi[1]} ranks) and a SLURM array ({array[1]} tasks) would split the work; "
+                             "pass --num-jobs and --job-index")
+        return mpi
+    if array:
+        print(f"pack: job {array[0]} of {array[1]} from SLURM_ARRAY_TASK_ID={os.environ['SLURM_ARRAY_TASK_ID']} "
+              f"(SLURM_ARRAY_TASK_COUNT={array[1]})", file=sys.stderr, flush=True)
+        return array
+    return mpi or (0, 1)
+
+
+def slurm_array_job() -> tuple[int, int] | None:
+    """(index, count) of this SLURM array task, or None outside an array. Task ids need not
+    start at 0 (`--array=1-64`) and may step (`--array=0-126:2`), but must be one evenly spaced
+    range, since every index in [0, count) must be some task's share."""
+    env = os.environ
+    if "SLURM_ARRAY_TASK_ID" not in env or "SLURM_ARRAY_TASK_COUNT" not in env:
+        return None
+    try:
+        task, count = int(env["SLURM_ARRAY_TASK_ID"]), int(env["SLURM_ARRAY_TASK_COUNT"])
+        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        last = int(env.get("SLURM_ARRAY_TASK_MAX", str(first + count - 1)))
+        step = int(env.get("SLURM_ARRAY_TASK_STEP", "1")) or 1
+    except ValueError:
+        raise ValueError("unreadable SLURM_ARRAY_TASK_* variables; pass --num-jobs and --job-index") from None
+    index, off_grid = divmod(task - first, step)
+    if off_grid or not 0 <= index < count or last != first + (count - 1) * step:
+        raise ValueError(f"SLURM array task {task} (ids {first}-{last}:{step}, {count} tasks) is not one evenly spaced "
+                         "range; submit --array=0-N, or pass --num-jobs and --job-index")
+    return index, count
 
 
 def _pack(args) -> int:
