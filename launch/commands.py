@@ -20,6 +20,10 @@ def register(sub) -> None:
     )
     p.add_argument("--config", required=True, help="YAML training config (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=50 parallel.tp=2")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config for --world-size processes (every layout and batch rule) and print the "
+                   "estimated memory per rank; starts no process and reads no data")
+    p.add_argument("--world-size", type=positive_int, default=None, help="the world size --dry-run checks for")
     p.set_defaults(func=_train)
 
     p = sub.add_parser(
@@ -56,6 +60,14 @@ def _demo(args) -> int:
 
 
 def _train(args) -> int:
+    if args.dry_run:
+        if args.world_size is None:
+            raise ValueError("--dry-run needs --world-size N, the number of processes to check the config for")
+        from .dry_run import run_dry_run
+
+        return run_dry_run(args.config, args.overrides, args.world_size)
+    if args.world_size is not None:
+        raise ValueError("--world-size goes with --dry-run; a real run takes its world size from the launcher")
     from .trainer import run_train
 
     return run_train(args.config, args.overrides)

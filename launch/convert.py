@@ -115,8 +115,9 @@ def _probe_worker(ckpt: str, result: str) -> None:
     meta = read_meta(ckpt)
     lay = meta["layout"]
     cfg = HyenaGLTConfig.from_dict(meta["model_config"])
-    layout = initialize_parallel(ParallelConfig(tp=lay["tp"], cp=lay["cp"], pp=lay["pp"], sp=lay["sp"]), cfg,
-                                 seq_length=PROBE_LEN)
+    vpp = lay.get("vpp", 1)  # checkpoints written before vpp was recorded: plain 1F1B
+    pcfg = ParallelConfig(tp=lay["tp"], cp=lay["cp"], pp=lay["pp"], sp=lay["sp"], vpp=vpp if vpp > 1 else None)
+    layout = initialize_parallel(pcfg, cfg, seq_length=PROBE_LEN)
     pm = build_model(cfg, layout)
     reader = ShardReader(ckpt, "model")
     tp, tp_rank = pm.ctx.tp, pm.ctx.coords.tp
@@ -138,14 +139,14 @@ def _probe_worker(ckpt: str, result: str) -> None:
 
 
 def reshard(ckpt: str | Path, out_dir: str | Path, overrides: list[str], log=_warn) -> Path:
-    """Rewrite a checkpoint's model and optimizer shards for another tp/pp (cp, dp and the
+    """Rewrite a checkpoint's model and optimizer shards for another tp/pp/vpp (cp, dp and the
     ZeRO stage need no rewrite: any checkpoint loads under them as it is). Written with
     launch/checkpoint.py's writer (shards, meta.json with every file's size and sha256,
     `latest`), as a training run would, into an OUT_DIR that holds no checkpoint yet."""
     import shutil
 
     from hyena_glt import HyenaGLTConfig
-    from megatron_adapters.parallel_config import ParallelConfig, make_layout
+    from megatron_adapters.parallel_config import make_layout
     from megatron_adapters.state_dict import shard_state_dict
 
     from .checkpoint import CheckpointError, ShardReader, commit, new_folder, read_meta, step_dirs, write_meta, write_shards
@@ -161,9 +162,8 @@ def reshard(ckpt: str | Path, out_dir: str | Path, overrides: list[str], log=_wa
     new = TrainConfig.model_validate(train)
     cfg = HyenaGLTConfig.from_dict(meta["model_config"])
     p = new.parallel
-    pcfg = ParallelConfig(tp=p.tp, cp=p.cp, pp=p.pp, sp=p.sp, cp_long_conv=p.cp_long_conv)
     mp = p.tp * p.cp * p.pp
-    layout = make_layout(pcfg, cfg, mp, seq_length=new.train.seq_len)
+    layout = make_layout(new.parallel_config(), cfg, mp, seq_length=new.train.seq_len)
     root = Path(out_dir)
     held = step_dirs(root)
     if held:
@@ -187,8 +187,7 @@ def reshard(ckpt: str | Path, out_dir: str | Path, overrides: list[str], log=_wa
                 shard.update({f"{k}/{n}": t for n, t in _shard_partial(st, layout, rank).items()})
             files.update(write_shards(tmp, c.tp, c.pp, shard_state_dict(full, layout, rank), shard))
         meta["train_config"] = new.model_dump(mode="json")
-        meta["layout"] = {"tp": p.tp, "cp": p.cp, "pp": p.pp, "sp": p.sp, "dp": None, "world_size": None,
-                          "zero_stage": new.zero.stage}
+        meta["layout"] = new.layout_record(None, None)
         write_meta(tmp, meta, files=files)
         return commit(tmp, root, meta["step"])
     finally:
@@ -217,14 +216,15 @@ def register(sub) -> None:
     p = sub.add_parser("reshard", help="rewrite a distributed checkpoint for another parallel layout")
     p.add_argument("ckpt", metavar="CKPT_DIR")
     p.add_argument("out", metavar="OUT_DIR", help="a new checkpoint.dir to continue training from")
-    p.add_argument("overrides", nargs="+", help="parallel.tp=.. parallel.pp=.. parallel.cp=.. zero.stage=..")
+    p.add_argument("overrides", nargs="+", help="parallel.tp=.. parallel.pp=.. parallel.vpp=.. parallel.cp=.. zero.stage=..")
     p.set_defaults(func=_reshard_cmd)
 
 
 def _convert_cmd(args) -> int:
     model, meta, path = convert(args.ckpt, args.out)
-    print(f"converted {path} (step {meta['step']}, layout tp={meta['layout']['tp']} cp={meta['layout']['cp']} "
-          f"pp={meta['layout']['pp']}) -> {args.out}: {model.num_parameters():,} parameters")
+    lay = meta["layout"]
+    print(f"converted {path} (step {meta['step']}, layout tp={lay['tp']} cp={lay['cp']} pp={lay['pp']} "
+          f"vpp={lay.get('vpp', 1)}) -> {args.out}: {model.num_parameters():,} parameters")
     if args.verify:
         diff = _verify(path, Path(args.out), meta)
         ok = diff <= args.tolerance

@@ -167,9 +167,6 @@ class ZeroOptimizer(PlainOptimizer):
     @torch.no_grad()
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], adam_step: int,
                            adam_steps: dict[str, int] | None = None) -> None:
-        if self.zero_stage == 3:
-            raise ValueError("resuming optimizer states under zero.stage=3 is not supported; resume with stage 1 or 2 "
-                             "(checkpoints are stage-independent) or set checkpoint.resume=false")
         if adam_steps:
             raise ValueError(f"this checkpoint's parameters have different Adam step counts ({len(adam_steps)} "
                              "differ); ZeRO keeps one per partition: resume it with zero.stage=0")
@@ -184,10 +181,8 @@ class ZeroOptimizer(PlainOptimizer):
     @torch.no_grad()
     def load_master_params(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, p in self.pm.named_parameters():
-            if self.zero_stage == 3:
-                zero.set_zero3_param(p, tensors[name].to(self.pm.device))
-            else:
-                zero.set_partition(self.optimizer, p, tensors[name], None)
+            zero.set_partition(self.optimizer, p, tensors[name], None)
+        zero.publish_master_params(self.optimizer)
 
 
 def build_optimizer(pm: nn.Module, cfg):

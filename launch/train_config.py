@@ -1,7 +1,7 @@
 """The training config: one YAML file, one validated object, dotted overrides.
 
     model:      the HyenaGLTConfig fields
-    parallel:   tp, cp, pp, sp
+    parallel:   tp, cp, pp, vpp, sp, cp_long_conv
     zero:       stage (0 = plain optimizer, 1/2/3 = DeepSpeed ZeRO)
     train:      steps, micro_batch_size, global_batch_size, seq_len, lr, init_from, ...
     data:       train / val: packed directories (or {dir: weight} to mix)
@@ -30,6 +30,7 @@ class ParallelSection(_Section):
     tp: int = Field(1, ge=1, description="tensor-parallel size")
     cp: int = Field(1, ge=1, description="context-parallel size")
     pp: int = Field(1, ge=1, description="pipeline-parallel size")
+    vpp: int = Field(1, ge=1, description="virtual pipeline stages per pipeline rank (interleaved 1F1B); 1: plain 1F1B")
     sp: bool = Field(False, description="sequence parallel (needs tp > 1)")
     cp_long_conv: Literal["state", "all2all"] = Field(
         "state", description="D/H convolutions under cp > 1: halo + modal state (O(halo + state) traffic) or all-to-all")
@@ -114,6 +115,8 @@ class TrainConfig(_Section):
             raise ValueError("parallel.sp=true needs parallel.tp > 1")
         if self.zero.stage == 3 and p.pp > 1:
             raise ValueError(f"zero.stage=3 shards parameters and cannot run with pipeline parallelism (parallel.pp={p.pp}); use stage 1 or 2")
+        if self.zero.stage == 3 and self.model.patching != "none":
+            raise ValueError("zero.stage=3 is not supported with token merging; use zero.stage 0, 1 or 2")
         validate_curriculum(t.curriculum, t.seq_len, p.cp)
         if t.seq_len % (2 * p.cp):
             raise ValueError(f"train.seq_len={t.seq_len} must be divisible by 2*parallel.cp={2 * p.cp} (zigzag context split)")
@@ -121,6 +124,8 @@ class TrainConfig(_Section):
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] | None = None) -> "TrainConfig":
+        from pydantic import ValidationError
+
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
@@ -133,10 +138,58 @@ class TrainConfig(_Section):
 
             saved = read_config(init_from, need_weights=True).to_dict()
             data["model"] = {**saved, **(data.get("model") or {})}
-        return cls.model_validate(data)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:  # pydantic's report spans lines and repeats the whole input
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            raise ValueError(f"{path}: {where + ': ' if where else ''}{msg}") from None
 
     def dump(self) -> dict:
         return self.model_dump(mode="json")
+
+    # ---- the layout of a run: the same checks for `train` and `train --dry-run` ----
+    def parallel_config(self):
+        from megatron_adapters.parallel_config import ParallelConfig
+
+        p = self.parallel
+        return ParallelConfig(tp=p.tp, cp=p.cp, pp=p.pp, sp=p.sp, vpp=p.vpp if p.vpp > 1 else None,
+                              cp_long_conv=p.cp_long_conv)
+
+    def micro_batches_per_rank(self, dp: int) -> int:
+        """Micro-batches each data-parallel rank runs per step; ValueError (one line naming the
+        rule) when the global batch does not split into them."""
+        from megatron_adapters.pipeline import check_num_microbatches
+
+        t, p = self.train, self.parallel
+        per_step = t.micro_batch_size * dp
+        if t.global_batch_size % per_step:
+            raise ValueError(f"train.global_batch_size={t.global_batch_size} must be a multiple of "
+                             f"train.micro_batch_size x dp = {t.micro_batch_size} x {dp} = {per_step}")
+        n = t.global_batch_size // per_step
+        try:
+            check_num_microbatches(n, p.pp, p.vpp if p.vpp > 1 else None)
+        except ValueError as e:
+            raise ValueError(f"train.global_batch_size / (train.micro_batch_size x dp) = {t.global_batch_size} / "
+                             f"({t.micro_batch_size} x {dp}) = {n} micro-batches per data-parallel rank: {e}") from None
+        return n
+
+    def layout_for(self, world_size: int):
+        """The validated Layout of this run on `world_size` processes (every layout rule of
+        megatron_adapters.parallel_config.check_layout, then the batch rules), without any
+        process group."""
+        from megatron_adapters.parallel_config import make_layout
+
+        layout = make_layout(self.parallel_config(), self.model, world_size, self.train.seq_len)
+        self.micro_batches_per_rank(layout.dp)
+        return layout
+
+    def layout_record(self, dp: int | None, world_size: int | None) -> dict:
+        """The `layout` a checkpoint's meta.json records."""
+        p = self.parallel
+        return {"tp": p.tp, "cp": p.cp, "pp": p.pp, "vpp": p.vpp, "sp": p.sp, "dp": dp, "world_size": world_size,
+                "zero_stage": self.zero.stage}
 
 
 def apply_override(data: dict, item: str) -> None:

@@ -73,18 +73,15 @@ def _autocast_factory(precision: str, device: torch.device):
 class Trainer:
     def __init__(self, cfg: TrainConfig, log=None):
         from megatron_adapters.groups import RankContext, initialize_parallel
-        from megatron_adapters.parallel_config import ParallelConfig
 
         from .checkpoint import DirLock
         from .optimizer_step import build_optimizer
 
         self.cfg = cfg
-        p, t = cfg.parallel, cfg.train
-        pcfg = ParallelConfig(tp=p.tp, cp=p.cp, pp=p.pp, sp=p.sp, cp_long_conv=p.cp_long_conv)
-        if cfg.model.patching != "none":  # (the layout check below rejects cp, pp and sp)
-            if cfg.zero.stage == 3:
-                raise ValueError("zero.stage=3 is not supported with token merging; use zero.stage 0, 1 or 2")
-        self.layout = initialize_parallel(pcfg, cfg.model, seq_length=t.seq_len)
+        t = cfg.train
+        # Every layout and batch rule before any process group: the check `train --dry-run` runs.
+        cfg.layout_for(dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1")))
+        self.layout = initialize_parallel(cfg.parallel_config(), cfg.model, seq_length=t.seq_len)
         self.ctx = RankContext.current(self.layout)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_logger = self.rank == 0
@@ -169,10 +166,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def _meta(self) -> dict:
-        p = self.cfg.parallel
         return {
-            "layout": {"tp": p.tp, "cp": p.cp, "pp": p.pp, "sp": p.sp, "dp": self.layout.dp, "world_size": self.world,
-                       "zero_stage": self.cfg.zero.stage},
+            "layout": self.cfg.layout_record(self.layout.dp, self.world),
             "model_config": self.cfg.model.to_dict(),
             "train_config": self.cfg.dump(),
             "loader": self.loader.state_dict(),
@@ -275,7 +270,7 @@ class Trainer:
         self.saved_step = self.step
         old = meta["layout"]
         self.log(f"resumed from {path} at step {self.step} (written by tp={old['tp']} cp={old['cp']} pp={old['pp']} "
-                 f"dp={old['dp']} zero={old['zero_stage']})")
+                 f"vpp={old.get('vpp', 1)} dp={old['dp']} zero={old['zero_stage']})")
         if c.fresh_optimizer:
             self.log("checkpoint.fresh_optimizer=true: the optimizer state starts fresh (Adam moments from zero); "
                      "set it back to false for later resumes")

@@ -125,15 +125,23 @@ def adam_step(optimizer) -> int:
 
 
 def ensure_adam_states(optimizer, step: int) -> None:
-    """Create Adam states (zeros) on ZeRO-1/2's flat fp32 partitions and set their step:
-    they exist only after a first optimizer step, and a resume fills them before it."""
+    """Create Adam states (zeros) on ZeRO's flat fp32 partitions and set their step: they
+    exist only after a first optimizer step, and a resume fills them before it. ZeRO-1/2 keep
+    their partitions in the base optimizer's param groups; ZeRO-3 hands each sub-group's
+    partition to the base optimizer only while it steps, so they are read from its list."""
+    if getattr(optimizer, "swap_optimizer", False):
+        raise ValueError("resuming optimizer states into a ZeRO-3 optimizer offloaded to NVMe is not supported; resume "
+                         "without NVMe offload in zero.config, or with checkpoint.fresh_optimizer=true")
     base = optimizer.optimizer
-    for group in base.param_groups:
-        for flat in group["params"]:
-            st = base.state[flat]
-            for key in ADAM_STATES:
-                st.setdefault(key, torch.zeros_like(flat))
-            st["step"] = torch.tensor(float(step))
+    if hasattr(optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        flats = list(optimizer.fp32_partitioned_groups_flat)
+    else:
+        flats = [flat for group in base.param_groups for flat in group["params"]]
+    for flat in flats:
+        st = base.state[flat]
+        for key in ADAM_STATES:
+            st.setdefault(key, torch.zeros_like(flat))
+        st["step"] = torch.tensor(float(step))
 
 
 def _zero12_fragment(optimizer, p: torch.nn.Parameter, key: str | None) -> torch.Tensor | None:
@@ -168,19 +176,44 @@ def full_tensor(optimizer, p: torch.nn.Parameter, key: str | None) -> torch.Tens
 
 @torch.no_grad()
 def set_partition(optimizer, p: torch.nn.Parameter, full: torch.Tensor, key: str | None) -> None:
-    """ZeRO-1/2: write this rank's piece of a full master value (key None) or Adam state."""
+    """Write this rank's piece of a parameter's full fp32 master value (key None) or Adam state
+    into ZeRO's partition (not collective: each rank takes its own piece of `full`)."""
+    if is_zero3_partitioned(p):
+        _set_zero3_partition(p, full, key)
+        return
     frag = _zero12_fragment(optimizer, p, key)
     if frag is not None:
         addr = p._hp_mapping.lp_fragment_address
         frag.copy_(full.to(frag.device, torch.float32).flatten().narrow(0, addr.start, addr.numel))
 
 
-@torch.no_grad()
-def set_zero3_param(p: torch.nn.Parameter, full: torch.Tensor) -> None:
-    """ZeRO-3: set a partitioned parameter's full fp32 value."""
-    from deepspeed.utils import safe_set_full_fp32_param
+def _set_zero3_partition(p: torch.nn.Parameter, full: torch.Tensor, key: str | None) -> None:
+    """ZeRO-3: rank r of the parameter's partition group holds elements [r*n, (r+1)*n) of the
+    flattened parameter, the last one padded. DeepSpeed's own set_full_hp_param reads past
+    the end for that padded piece, so the piece is cut here (the padding stays zero)."""
+    z3 = p._z3_optimizer
+    if not p.requires_grad:
+        return
+    part, _ = z3._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
+    n, rank = part.numel(), z3._get_param_partition_rank(p)
+    flat = full.detach().to(part.device, torch.float32).flatten()
+    take = max(0, min(n, flat.numel() - n * rank))
+    part.narrow(0, 0, take).copy_(flat.narrow(0, n * rank, take))
+    part.narrow(0, take, n - take).zero_()
 
-    safe_set_full_fp32_param(p, full)
+
+@torch.no_grad()
+def publish_master_params(optimizer) -> None:
+    """After set_partition wrote master values (collective under ZeRO-3): what DeepSpeed does
+    after its own optimizer step. ZeRO-3 computes with the parameters' own partitions (copied
+    from the fp32 ones) and keeps small "persistent" parameters gathered whole on every rank;
+    without this the next forward would use the weights from before the load. Under ZeRO-1/2
+    every rank holds whole parameters, which the caller sets directly (set_model_weights)."""
+    if not hasattr(optimizer, "fp32_partitioned_groups_flat"):
+        return
+    for sub_group in range(len(optimizer.fp16_groups)):
+        optimizer._reassign_or_swap_out_partitioned_parameters(sub_group)
+    optimizer.checkpoint_event_epilogue()
 
 
 def _register_external_parameters(pm: nn.Module) -> None:

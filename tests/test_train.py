@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -133,13 +134,23 @@ def test_same_losses_in_every_layout(packs, reference, tmp_path, nproc, override
         assert key in row
 
 
-def test_stop_and_resume_is_exact_and_works_on_another_dp_size(packs, tmp_path):
-    straight, half = tmp_path / "straight", tmp_path / "half"
+@pytest.fixture(scope="module")
+def zero1_runs(packs, tmp_path_factory):
+    """ZeRO-1 on 2 ranks: STEPS steps straight, and the same run stopped after 2 (its step-2
+    checkpoint). Tests resume copies of the stopped run, never the run itself."""
+    root = tmp_path_factory.mktemp("zero1")
+    straight, half = root / "straight", root / "half"
     train(packs, straight, 2, "zero.stage=1")
     train(packs, half, 2, "zero.stage=1", "train.exit_after_steps=2")
-    assert len(losses(half)) == 2
+    assert len(losses(half)) == 2 and (half / "ckpt" / "step_00000002" / "meta.json").is_file()
+    return straight, half
+
+
+def test_stop_and_resume_is_exact_and_works_on_another_dp_size(packs, zero1_runs, tmp_path):
+    straight, stopped = zero1_runs
+    half = tmp_path / "half"
+    shutil.copytree(stopped, half)
     saved = half / "ckpt" / "step_00000002"
-    assert (saved / "meta.json").is_file()
     # same layout: bit-identical per-step losses
     proc = train(packs, half, 2, "zero.stage=1")
     assert "resumed from" in proc.stdout + proc.stderr
@@ -152,6 +163,22 @@ def test_stop_and_resume_is_exact_and_works_on_another_dp_size(packs, tmp_path):
     proc = train(packs, other, 1, "zero.stage=0", launcher="python")
     assert "resumed from" in proc.stdout + proc.stderr
     assert_close(losses(other), losses(straight)[2:])
+
+
+@pytest.mark.slow
+def test_zero1_checkpoint_resumes_under_zero3_with_its_optimizer_state(packs, zero1_runs, tmp_path):
+    # Step 3's loss is computed before any resumed update; step 4's follows the ZeRO-3 update of
+    # step 3, which uses the loaded Adam moments and step count, and the ZeRO-3 checkpoint it saved.
+    straight, stopped = zero1_runs
+    run = tmp_path / "run"
+    shutil.copytree(stopped, run)
+    proc = train(packs, run, 2, "zero.stage=3", "train.exit_after_steps=1")
+    assert "resumed from" in proc.stdout + proc.stderr
+    saved = json.loads((run / "ckpt" / "step_00000003" / "meta.json").read_text())
+    assert saved["adam_step"] == 3 and saved["layout"]["zero_stage"] == 3
+    proc = train(packs, run, 1, "zero.stage=0", launcher="python")  # ZeRO-3 -> no ZeRO
+    assert "resumed from" in proc.stdout + proc.stderr
+    assert_close(losses(run), losses(straight))
 
 
 def test_sigterm_saves_a_loadable_checkpoint(packs, tmp_path):
@@ -197,6 +224,35 @@ def test_convert_tp2_pp2_then_eval_matches_distributed_eval(packs, tmp_path):
     result = json.loads(ev.stdout.strip().splitlines()[-1])
     assert_close([result["loss"]], [dist_val])
     assert result["bits_per_base"] == pytest.approx(result["loss"] / 0.6931471805599453)
+
+
+@pytest.mark.slow
+def test_interleaved_pipeline_same_losses_as_plain_1f1b(packs, tmp_path):
+    plain, interleaved = tmp_path / "pp2", tmp_path / "pp2-vpp2"
+    train(packs, plain, 2, "parallel.pp=2")
+    train(packs, interleaved, 2, "parallel.pp=2", "parallel.vpp=2")  # 4 micro-batches: a multiple of pp
+    assert_close(losses(interleaved), losses(plain))
+    vals = [[r for r in metrics(run) if "val_loss" in r][-1]["val_loss"] for run in (interleaved, plain)]
+    assert_close(vals[:1], vals[1:])
+
+
+@pytest.mark.slow
+def test_interleaved_checkpoint_converts_and_reshards_to_plain_1f1b(packs, reference, tmp_path):
+    run = tmp_path / "vpp2"
+    train(packs, run, 2, "parallel.pp=2", "parallel.vpp=2", "train.exit_after_steps=2")
+    saved = run / "ckpt" / "step_00000002"
+    assert json.loads((saved / "meta.json").read_text())["layout"]["vpp"] == 2
+    proc = subprocess.run([*_cli(), "convert", str(saved), str(tmp_path / "model"), "--verify"], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "vpp=2" in proc.stdout and "OK" in proc.stdout  # the probe ran in the interleaved layout
+    resharded = tmp_path / "resharded"
+    subprocess.run([*_cli(), "reshard", str(run / "ckpt"), str(resharded / "ckpt"), "parallel.vpp=1"], check=True,
+                   cwd=REPO, env=_env(), capture_output=True)
+    assert json.loads((resharded / "ckpt" / "step_00000002" / "meta.json").read_text())["layout"]["vpp"] == 1
+    proc = train(packs, resharded, 2, "parallel.pp=2")
+    assert "resumed from" in proc.stdout + proc.stderr
+    assert_close(losses(resharded), losses(reference)[2:])
 
 
 def test_reshard_tp2_to_tp1_continues_with_identical_losses(packs, tmp_path):
