@@ -164,7 +164,7 @@ def check_layout(
     if pcfg.cp_long_conv not in ("state", "all2all"):
         errors.append(f"cp_long_conv={pcfg.cp_long_conv!r} must be 'state' or 'all2all'")
     if vpp is not None and (vpp < 2 or pp < 2):
-        errors.append(f"vpp={vpp} needs vpp >= 2 and pp >= 2 (got pp={pp}); use vpp=None for plain 1F1B")
+        errors.append(f"vpp={vpp} needs vpp >= 2 and pp >= 2 (got pp={pp}); use vpp=1 (parallel.vpp) for plain 1F1B")
     if pcfg.sp and tp < 2:
         errors.append(f"sequence parallel needs tp > 1, got tp={tp}")
     if world_size is not None and world_size % (tp * cp * pp):
