@@ -87,12 +87,14 @@ class Trainer:
         self.is_logger = self.rank == 0
         self._log = log or print
         self.lock = None
-        self.preempt = None
+        # Now, not when training starts: a scheduler's signal during minutes of start-up must
+        # save-and-exit at the first step, not kill the rank (SLURM's default action).
+        self.preempt = _PreemptionFlag()
         self.step = 0
         self.saved_step = None  # the step of the newest checkpoint of this run (saved or resumed from)
-        if cfg.checkpoint.dir:  # first, before minutes of model building: a second run is refused at once
-            self.lock = self._on_rank0(lambda: DirLock(cfg.checkpoint.dir).acquire(self.log), share=False)
         try:
+            if cfg.checkpoint.dir:  # first, before minutes of model building: a second run is refused at once
+                self.lock = self._on_rank0(lambda: DirLock(cfg.checkpoint.dir).acquire(self.log), share=False)
             torch.manual_seed(t.seed + self.rank)
             self.pm = build_model(cfg.model, self.layout)
             self.pm.set_activation_checkpointing(t.activation_checkpointing)
@@ -327,7 +329,7 @@ class Trainer:
                      "(the resumed run redoes them)")
         if self.is_logger:
             (out_dir / "config.yaml").write_text(json.dumps(cfg.dump(), indent=2))
-        preempt = self.preempt = _PreemptionFlag()
+        preempt = self.preempt = self.preempt or _PreemptionFlag()
         if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
             self.log("warning: torchrun --max-restarts with a shared rendezvous store: a restart can fail to rebuild the "
                      "process groups; export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun")
