@@ -26,8 +26,12 @@ OPERATORS = {
 STAGE_SEPARATOR = "|"
 
 # Token merging (hyena_glt/blt): how bytes are grouped into patches for the global model.
-PATCHING = ("none", "static", "entropy", "learned")
-ENTROPY_MODES = ("threshold", "monotonic", "topk")
+PATCHING = ("none", "static", "entropy", "learned", "dual", "optimal")
+ENTROPY_MODES = ("threshold", "monotonic", "topk", "dual", "optimal")
+# Entropy patching modes that may also be named as `patching` (shorthand for patching
+# 'entropy' + that entropy_mode; the config stores the long form, so every consumer that
+# handles entropy patching, e.g. the tensor-parallel layout check, handles these too).
+PATCHING_ALIASES = ("dual", "optimal")
 MERGE_RELAXATIONS = ("ste", "soft")
 
 
@@ -76,7 +80,8 @@ class HyenaGLTConfig(BaseModel):
     conservation: bool = Field(False, description="per-position conservation scores weight the operator output")
     seed: int = Field(0, ge=0)
     # Token merging (BLT U-shape, hyena_glt/blt). 'none' = the plain byte-level model.
-    patching: str = Field("none", description="'none', 'static', 'entropy' or 'learned'")
+    patching: str = Field(
+        "none", description="'none', 'static', 'entropy', 'learned', or 'dual' / 'optimal' (= 'entropy' with that entropy_mode)")
     patch_size: float = Field(4.0, ge=1, description="target mean patch length in bytes (static: the fixed length)")
     min_patch: int = Field(1, ge=1, description="shortest complete patch (bytes)")
     max_patch: int = Field(16, ge=1, description="longest patch (bytes); a boundary is forced after this many")
@@ -91,8 +96,21 @@ class HyenaGLTConfig(BaseModel):
     position_periods: list[int] = Field(
         default_factory=list, description="genomic periodic position features, e.g. [3, 8, 10, 21, 147]; [] = off"
     )
-    entropy_mode: str = Field("threshold", description="entropy patcher: 'threshold', 'monotonic' or 'topk'")
-    entropy_threshold: float = Field(1.0, description="entropy (nats) or entropy jump above which a patch starts")
+    entropy_mode: str = Field(
+        "threshold", description="entropy patcher: 'threshold', 'monotonic', 'topk', 'dual' (H > t or H jump > "
+        "entropy_jump_threshold) or 'optimal' (receding-horizon DP, docs/token-merging.md)")
+    entropy_threshold: float = Field(
+        1.0, description="entropy (nats) or entropy jump above which a patch starts; 'optimal': the cost of a patch (nats)")
+    entropy_jump_threshold: float = Field(1.0, description="dual mode: entropy jump H[j] - H[j-1] (nats) above which a patch starts")
+    patch_lookahead: int = Field(
+        2, ge=0, description="optimal mode: the boundary at byte p is decided from bytes <= p + patch_lookahead; "
+        "bytes then read only patches closed at least that many bytes before them")
+    patch_length_weight: float = Field(
+        0.1, ge=0, description="optimal mode: weight of a patch's squared length deviation from its target length")
+    patch_adapt: bool = Field(
+        False, description="complexity-adaptive merge ratio: the target patch length follows the trailing mean "
+        "entropy (entropy patching only; min/max_patch still bound it)")
+    complexity_window: int = Field(64, ge=2, description="patch_adapt: trailing window (bytes) of the mean entropy")
     entropy_window: int = Field(32, ge=2, description="topk mode: trailing window in which the top entropies start patches")
     entropy_pattern: str = Field("SS", description="layers of the small causal byte LM of the entropy patcher")
     entropy_joint: bool = Field(True, description="train the entropy model jointly (its CE joins the training loss)")
@@ -147,6 +165,22 @@ class HyenaGLTConfig(BaseModel):
             raise ValueError(f"patching: must be one of {', '.join(PATCHING)}, got {v!r}")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _patching_alias(cls, data):
+        # Rewritten before field validation so the stored config is always the long form.
+        if isinstance(data, dict) and data.get("patching") in PATCHING_ALIASES:
+            mode = data["patching"]
+            given = data.get("entropy_mode", mode)
+            # An assignment (cfg.patching = 'dual') arrives with every field filled in: the
+            # alias then replaces the old mode; only an explicit contradiction is an error.
+            assignment = set(cls.model_fields) <= set(data)
+            if given != mode and not assignment:
+                raise ValueError(f"patching: {mode!r} means entropy patching with entropy_mode {mode!r}, "
+                                 f"but entropy_mode is {given!r}")
+            data = {**data, "patching": "entropy", "entropy_mode": mode}
+        return data
+
     @field_validator("entropy_mode")
     @classmethod
     def _entropy_mode(cls, v: str) -> str:
@@ -178,6 +212,8 @@ class HyenaGLTConfig(BaseModel):
 
     @model_validator(mode="after")
     def _patching_combinations(self) -> "HyenaGLTConfig":
+        if self.patching in PATCHING_ALIASES:  # an assignment keeps the alias: store the long form
+            self.__dict__.update(patching="entropy", entropy_mode=self.patching)
         if self.patching == "none":
             return self
         if self.min_patch > self.max_patch:
@@ -193,6 +229,9 @@ class HyenaGLTConfig(BaseModel):
                 f"patch_budget: {self.patch_budget} leaves fewer slots than even max_patch={self.max_patch}-byte "
                 f"patches need; use >= {1 / self.max_patch:.4g} (or 0 for automatic)"
             )
+        if self.patch_adapt and self.patching != "entropy":
+            raise ValueError(f"patch_adapt: needs entropy patching (the complexity estimate is the entropy model's "
+                             f"trailing mean entropy), got patching={self.patching!r}")
         if self.patching == "entropy" and self.entropy_d_model % self.num_filter_groups:
             raise ValueError(
                 f"entropy_d_model: {self.entropy_d_model} must be divisible by num_filter_groups={self.num_filter_groups}"

@@ -57,6 +57,8 @@ LAYOUTS = [
     pytest.param(2, ["--tp", "2", "--patching", "entropy"], id="tp2-merging-entropy"),
     pytest.param(2, ["--tp", "2", "--patching", "learned", "--untied", "--genomic"], id="tp2-merging-learned-untied-genomic"),
     pytest.param(4, ["--tp", "2", "--patching", "learned"], id="tp2-dp2-merging-learned"),
+    # The lookahead (optimal, DP) entropy patcher: its lagged bridge read under TP.
+    pytest.param(2, ["--tp", "2", "--patching", "optimal"], id="tp2-merging-optimal"),
 ]
 
 

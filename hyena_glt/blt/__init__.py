@@ -13,9 +13,11 @@ from .patchers import (
     StaticPatcher,
     entropy_config,
     make_patcher,
+    optimal_boundaries,
+    target_patch_length,
 )
 from .position import BLTPositionManager, sinusoid
-from .segments import PatchInfo, enforce_patch_lengths, patch_info
+from .segments import PatchInfo, enforce_patch_lengths, patch_info, scan_boundaries
 from .ushape import BLTCausalLMOutput, BLTForCausalLM, BLTModel
 
 __all__ = [
@@ -32,6 +34,9 @@ __all__ = [
     "enforce_patch_lengths",
     "entropy_config",
     "make_patcher",
+    "optimal_boundaries",
     "patch_info",
+    "scan_boundaries",
     "sinusoid",
+    "target_patch_length",
 ]

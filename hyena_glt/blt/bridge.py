@@ -6,7 +6,10 @@
 * `ByteFromPatchAttention` (patches -> bytes): each byte attends to the `window` patches
   *before its own patch* (patch ids pid-1, ..., pid-window). Those patches are complete
   before the byte, so the causal LM never sees the future; the global model's output at
-  patch pid-1 already summarises every earlier patch.
+  patch pid-1 already summarises every earlier patch. Under a lookahead patcher (the
+  boundary at p depends on bytes up to p + lag) "its own patch" is the one holding byte
+  i - lag (`PatchInfo.read_ids`): every boundary that decides what byte i reads is then
+  settled by bytes <= i.
 
 Both are multi-head with small key dimension (`KEY_DIM` per head) and keep the D x D
 projections on the patch side (P = L / patch size rows): per byte the work is O(D + window * D),
@@ -70,7 +73,8 @@ class ByteFromPatchAttention(nn.Module):
         B, L, D = byte_hidden.shape
         P, H, kd, W = patch_hidden.shape[1], self.num_heads, self.key_dim, self.window
         v = self.v_proj(patch_hidden)  # (B, P, D), head h = channel slice h
-        src = info.patch_ids[:, :, None] - 1 - torch.arange(W, device=v.device)  # (B, L, W): earlier patches only
+        # (B, L, W): patches before the byte's own (before the one it can vouch for, under a lag) only
+        src = info.read_ids[:, :, None] - 1 - torch.arange(W, device=v.device)
         valid = src >= 0
         src = src.clamp_min(0)
         if W == 1:  # one candidate: its weight is 1 where it exists (bytes of patch 0 get nothing)

@@ -160,7 +160,9 @@ class BLTPositionManager(nn.Module):
         B, L, _ = hidden.shape
         dev = hidden.device
         if info is not None:
-            positions, pip = info.byte_positions, info.pos_in_patch
+            # Under a lookahead patcher the byte's own boundaries are not settled yet: count from
+            # the latest patch start it may use (read_pos == pos_in_patch without a lag).
+            positions, pip = info.byte_positions, (info.read_pos if causal else info.pos_in_patch)
         else:
             positions = torch.arange(L, device=dev).expand(B, L) if original_positions is None else original_positions.to(dev).expand(B, L)
             if patch_boundaries is None:
@@ -185,12 +187,13 @@ class BLTPositionManager(nn.Module):
         patch_boundaries: torch.Tensor,
         num_slots: int | None = None,
         original_positions: torch.Tensor | None = None,
+        lag: int = 0,
     ) -> tuple[torch.Tensor, PatchInfo]:
         """(B, L, D) bytes -> ((B, P, D) patches, info). Each patch = mean of its bytes + its
         position encoding (start position, full length) + cross-attention of that query over
         its own bytes. Padding slots are exactly zero."""
         B, L, _ = byte_hidden.shape
-        info = patch_info(patch_boundaries, num_slots or L, original_positions)
+        info = patch_info(patch_boundaries, num_slots or L, original_positions, lag)
         P = info.num_slots
         mean = segment_sum(byte_hidden, info.patch_ids, P) / info.lengths.clamp_min(1)[..., None].to(byte_hidden.dtype)
         seg = self.segment.index(torch.zeros_like(info.lengths), info.lengths)

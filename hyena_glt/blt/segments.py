@@ -21,33 +21,26 @@ from dataclasses import dataclass
 import torch
 
 
-def enforce_patch_lengths(candidates: torch.Tensor, min_patch: int, max_patch: int) -> torch.Tensor:
-    """Greedy left-to-right boundary selection, computed without a loop over positions.
+def _bound(x: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A scalar or (B, L) length bound as a (B, L, 1) tensor that broadcasts over the states."""
+    return torch.as_tensor(x, device=like.device).long().expand(like.shape)[..., None]
 
-    candidates: (B, L) bool, True where a patcher would like a patch to start. Returns (B, L)
-    bool boundaries such that byte 0 starts a patch, a candidate is accepted only if the
-    current patch already has >= min_patch bytes, and a boundary is forced once it has
-    max_patch bytes. Exactly the sequential rule, as a parallel prefix scan over the small
-    state machine "length of the current patch so far" (states 1..max_patch): log2(L) steps
-    of composing (B, L, max_patch) transition tables.
+
+def scan_boundaries(boundary_if: torch.Tensor) -> torch.Tensor:
+    """Run the patch-length state machine given its decision table, without a loop over positions.
+
+    boundary_if: (B, L, S) bool, entry [b, i, s] = "byte i starts a patch when the current
+    patch already holds s + 1 bytes" (S = the longest patch; the entry for s = S - 1 must be
+    True). Returns (B, L) boundaries, byte 0 always one. The states follow deterministically
+    from the table, so the whole run is a composition of per-byte transition functions: a
+    parallel prefix scan in log2(L) steps of composing (B, L, S) tables. Whatever a table
+    entry at byte i depends on, the boundary at i depends on that and on the entries before i.
     """
-    B, L = candidates.shape
-    dev = candidates.device
+    B, L, S = boundary_if.shape
+    dev = boundary_if.device
     if L == 0:
-        return candidates.clone()
-    cand = candidates.clone()
-    cand[:, 0] = True
-    if min_patch <= 1:
-        # No minimum: only the max rule, which has a closed form. A forced boundary falls every
-        # max_patch bytes after the last candidate.
-        pos = torch.arange(L, device=dev).expand(B, L)
-        last = torch.where(cand, pos, torch.zeros_like(pos)).cummax(dim=1).values
-        dist = pos - last
-        return cand | ((dist > 0) & (dist % max_patch == 0))
-    S = max_patch
+        return boundary_if.new_zeros(B, 0)
     state = torch.arange(S, device=dev)  # state s = current patch holds s + 1 bytes
-    # Transition at byte i from state s (before byte i): boundary -> state 0, else s + 1.
-    boundary_if = (cand[:, :, None] & (state + 1 >= min_patch)) | (state + 1 >= max_patch)  # (B, L, S)
     table = torch.where(boundary_if, torch.zeros((), dtype=torch.long, device=dev), (state + 1).clamp(max=S - 1))
     # Inclusive prefix composition: comp[i] = t_i o t_{i-1} o ... o t_1 (byte 0 fixes the start state 0).
     comp = table.clone()
@@ -66,6 +59,45 @@ def enforce_patch_lengths(candidates: torch.Tensor, min_patch: int, max_patch: i
     return b
 
 
+def enforce_patch_lengths(
+    candidates: torch.Tensor, min_patch: int | torch.Tensor, max_patch: int | torch.Tensor, longest: int | None = None
+) -> torch.Tensor:
+    """Greedy left-to-right boundary selection, computed without a loop over positions.
+
+    candidates: (B, L) bool, True where a patcher would like a patch to start. Returns (B, L)
+    bool boundaries such that byte 0 starts a patch, a candidate is accepted only if the
+    current patch already has >= min_patch bytes, and a boundary is forced once it has
+    max_patch bytes. Exactly the sequential rule, as a parallel prefix scan over the small
+    state machine "length of the current patch so far" (`scan_boundaries`).
+
+    min_patch / max_patch may be (B, L) tensors: the bounds in force at each byte (the
+    complexity-adaptive patchers). `longest` is then an upper bound of max_patch (the number
+    of states); with tensor bounds it is required.
+    """
+    B, L = candidates.shape
+    dev = candidates.device
+    if L == 0:
+        return candidates.clone()
+    cand = candidates.clone()
+    cand[:, 0] = True
+    scalar = not torch.is_tensor(min_patch) and not torch.is_tensor(max_patch)
+    if scalar and min_patch <= 1:
+        # No minimum: only the max rule, which has a closed form. A forced boundary falls every
+        # max_patch bytes after the last candidate.
+        pos = torch.arange(L, device=dev).expand(B, L)
+        last = torch.where(cand, pos, torch.zeros_like(pos)).cummax(dim=1).values
+        dist = pos - last
+        return cand | ((dist > 0) & (dist % max_patch == 0))
+    if longest is None:
+        if not scalar:
+            raise ValueError("enforce_patch_lengths: tensor bounds need `longest` (the largest max_patch)")
+        longest = int(max_patch)
+    state = torch.arange(longest, device=dev)
+    lo, hi = _bound(min_patch, cand), _bound(max_patch, cand).clamp(max=longest)
+    boundary_if = (cand[:, :, None] & (state + 1 >= lo)) | (state + 1 >= hi)  # (B, L, S)
+    return scan_boundaries(boundary_if)
+
+
 @dataclass
 class PatchInfo:
     """Everything the position system needs about one batch's patching. Shapes: B batch, L bytes, P slots."""
@@ -80,14 +112,30 @@ class PatchInfo:
     overflow: torch.Tensor  # (B,) long, boundaries dropped because the sequence had more patches than slots
     byte_positions: torch.Tensor  # (B, L) long, original (global) byte positions
     patch_positions: torch.Tensor  # (B, P) long, original position of each slot's first byte
+    # What a byte may use at its own position when boundaries are decided with lookahead (lag
+    # > 0): the patch holding byte i - lag stands in for byte i's own patch, so byte i reads
+    # only slots < read_ids[i] (closed at least `lag` bytes before it) and its position
+    # feature counts from that patch's start. With lag 0 they are patch_ids and pos_in_patch.
+    read_ids: torch.Tensor | None = None  # (B, L) long
+    read_pos: torch.Tensor | None = None  # (B, L) long
+    lag: int = 0
+
+    def __post_init__(self):
+        if self.read_ids is None:
+            self.read_ids, self.read_pos = self.patch_ids, self.pos_in_patch
 
     @property
     def num_slots(self) -> int:
         return self.starts.shape[1]
 
 
-def patch_info(boundaries: torch.Tensor, num_slots: int, original_positions: torch.Tensor | None = None) -> PatchInfo:
-    """Vectorized patch bookkeeping from (B, L) boundaries; no loop over samples or patches."""
+def patch_info(
+    boundaries: torch.Tensor, num_slots: int, original_positions: torch.Tensor | None = None, lag: int = 0
+) -> PatchInfo:
+    """Vectorized patch bookkeeping from (B, L) boundaries; no loop over samples or patches.
+
+    lag: the boundary at byte p depends on bytes up to p + lag (a lookahead patcher), so byte
+    i may only use boundaries at bytes <= i - lag (`read_ids`, `read_pos`)."""
     B, L = boundaries.shape
     dev = boundaries.device
     b = boundaries.clone()
@@ -115,7 +163,13 @@ def patch_info(boundaries: torch.Tensor, num_slots: int, original_positions: tor
         torch.gather(byte_positions, 1, starts.clamp(max=L - 1)),
         last_pos + 1 + torch.arange(P, device=dev) - num_patches[:, None],
     )
-    return PatchInfo(b, pid, pos_in_patch, starts, lengths, mask, num_patches, overflow, byte_positions, patch_positions)
+    read_ids = read_pos = None
+    if lag > 0:
+        # Byte i < lag has seen no decided boundary but byte 0's: it reads nothing (id 0).
+        read_ids = torch.nn.functional.pad(pid[:, : max(L - lag, 0)], (min(lag, L), 0))
+        read_pos = pos - torch.gather(starts, 1, read_ids)
+    return PatchInfo(b, pid, pos_in_patch, starts, lengths, mask, num_patches, overflow, byte_positions, patch_positions,
+                     read_ids, read_pos, lag)
 
 
 def _row_offsets(batch: int, slots: int, index: torch.Tensor) -> torch.Tensor:

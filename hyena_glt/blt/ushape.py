@@ -9,7 +9,9 @@
 
 Causality: boundaries at byte i depend on bytes <= i; patch k is read only by bytes of
 patches > k, all of whose bytes (and k's length) are known by then; every block is causal.
-So the logits at byte i never depend on bytes > i.
+So the logits at byte i never depend on bytes > i. A lookahead patcher (entropy_mode
+'optimal', boundary at p from bytes <= p + lag) is read `lag` bytes late: byte i treats the
+patch holding byte i - lag as its own (`PatchInfo.read_ids`), so again only bytes <= i count.
 
 Static shapes: P = config.patch_slots(L) slots per sequence, padded and masked (padding
 slots come after every real patch, so the causal global model never lets them reach a real
@@ -56,7 +58,8 @@ class BLTModel(ByteBackbone, nn.Module):
     def __init__(self, config: HyenaGLTConfig, spec: ModelSpec = LOCAL):
         super().__init__()
         if config.patching == "none":
-            raise ValueError("patching: BLTModel needs patching 'static', 'entropy' or 'learned' (use HyenaGLTModel for 'none')")
+            raise ValueError("patching: BLTModel needs patching 'static', 'entropy', 'learned', 'dual' or 'optimal' "
+                             "(use HyenaGLTModel for 'none')")
         if spec.seq_first:
             raise ValueError("the token-merging U-shape runs batch-first: build it with a spec whose seq_first is False")
         self.config, self.spec = config, spec
@@ -90,7 +93,8 @@ class BLTModel(ByteBackbone, nn.Module):
         x, h = self.encode(input_ids, seq_type, conservation, position_ids)
         patcher_out = self.patcher(input_ids, x, h, labels, loss_weights)
         slots = self.config.patch_slots(input_ids.shape[1])
-        patches, info = self.positions.create_patch_representations(h, patcher_out.boundaries, slots, position_ids)
+        patches, info = self.positions.create_patch_representations(h, patcher_out.boundaries, slots, position_ids,
+                                                                     patcher_out.lag)
         g = patches
         for layer in self.layers:
             g = self.run_block(layer, g, info.patch_positions)  # RoPE over the patches' original start positions

@@ -43,8 +43,11 @@ def add_arguments(p) -> None:
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--pattern", default="SDHSDH", help="global layers (the unmerged model uses them over bytes)")
     p.add_argument("--local", default="S", help="local encoder and decoder layers of the U-shape")
-    p.add_argument("--lengths", default="16384,65536", help="comma-separated byte lengths for throughput")
-    p.add_argument("--patchers", default="none,static,entropy,learned")
+    p.add_argument("--lengths", default="16384,32768",
+                   help="comma-separated byte lengths for throughput (the default keeps a run of every mode near 10 min on 2 cores)")
+    p.add_argument("--patchers", default="none,static,entropy,learned,dual,optimal,optimal-adapt",
+                   help="patching modes; dual and optimal are entropy modes, '-adapt' adds the complexity-adaptive "
+                   "merge ratio (patch_adapt)")
     p.add_argument("--patch-size", type=float, default=4.0, help="mean patch length for every patcher")
     p.add_argument("--slack", type=float, default=1.25, help="patch slots = slack * L / patch size (entropy, learned)")
     p.add_argument("--repeats", type=int, default=2, help="rounds over all models (each a warm-up + a timed step); the fastest round is reported")
@@ -74,12 +77,16 @@ def read_genome(path: str | Path) -> np.ndarray:
 
 def model_config(patching: str, d_model: int, pattern: str, local: str, patch_size: float, slack: float, L: int) -> HyenaGLTConfig:
     kw = dict(pattern=pattern, d_model=d_model, num_heads=max(2, d_model // 32), num_filter_groups=16, max_seq_len=L)
+    adapt = patching.endswith("-adapt")
+    patching = patching.removesuffix("-adapt")
     if patching != "none":
         static = patching == "static"
         kw.update(patching=patching, patch_size=patch_size, local_encoder_pattern=local, local_decoder_pattern=local,
                   min_patch=1, max_patch=max(8, int(2 * patch_size)),
                   patch_budget=0 if static else min(1.0, slack / patch_size),
-                  entropy_adapt=patching == "entropy")  # the threshold follows the jointly trained entropy model
+                  patch_adapt=adapt,
+                  # the thresholds follow the jointly trained entropy model
+                  entropy_adapt=patching in ("entropy", "dual", "optimal"))
     return HyenaGLTConfig(**kw)
 
 
@@ -236,7 +243,7 @@ def run(args) -> int:
               "patch_size": args.patch_size, "threads": threads, "device": "cpu", "device_name": device_name}
 
     rows = []
-    print(f"{'model':<12}{'L':>8}{'bytes/s':>11}{'speedup':>9}{'ms':>10}{'peak MiB':>10}{'slots':>8}{'mean patch':>12}", flush=True)
+    print(f"{'model':<14}{'L':>8}{'bytes/s':>11}{'speedup':>9}{'ms':>10}{'peak MiB':>10}{'slots':>8}{'mean patch':>12}", flush=True)
     rng = np.random.default_rng(0)
     for L in lengths:
         ids = _windows(genome, 1, L, rng, 0, len(genome))
@@ -255,7 +262,7 @@ def run(args) -> int:
             r.update(model=name, L=L, bytes_per_s=L / r["seconds"], speedup=(base / r["seconds"]) if base else None)
             rows.append(r)
             sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
-            print(f"{name:<12}{L:>8}{r['bytes_per_s']:>11.0f}{sp:>9}{r['seconds'] * 1e3:>10.0f}{r['peak_mib']:>10.0f}"
+            print(f"{name:<14}{L:>8}{r['bytes_per_s']:>11.0f}{sp:>9}{r['seconds'] * 1e3:>10.0f}{r['peak_mib']:>10.0f}"
                   f"{r.get('slots', L):>8}{r.get('mean_patch', 1.0):>12.2f}", flush=True)
     result["throughput"] = rows
 
@@ -289,6 +296,18 @@ def run(args) -> int:
                   f"{r['val_bits_per_base']:>15.4f}{r['val_mean_patch']:>12.2f}", flush=True)
         result["training"] = {"threads": args.train_threads, "d_model": args.train_d_model, "seq_len": args.train_len, "batch": args.train_batch,
                               "seconds_each": args.train_seconds, "runs": train}
+        # Every mode on one line: what it buys in speed next to what it costs in bits.
+        head = "".join(f"{f'speedup {L // 1024}K':>14}" for L in lengths)
+        print(f"\n{'patching mode':<16}{head}{'val bits/base':>15}{'val mean patch':>16}", flush=True)
+        by = {(r["model"], r["L"]): r for r in rows}
+
+        def speedup(model: str, L: int) -> str:
+            x = by.get((model, L), {}).get("speedup")
+            return f"{x:.2f}x" if x else "-"
+
+        for r in train:
+            sp = "".join(f"{speedup(r['model'], L):>14}" for L in lengths)
+            print(f"{r['model']:<16}{sp}{r['val_bits_per_base']:>15.4f}{r['val_mean_patch']:>16.2f}", flush=True)
     print("\n" + json.dumps(result))
     if getattr(args, "json", None):
         with open(args.json, "w") as f:
