@@ -23,8 +23,8 @@ import torch.nn.functional as F
 # (conv1d's weight gradient is slow for long depthwise kernels).
 DIRECT_MAX_TAPS = 64
 # Longer finite filters (`D`, 128 taps) at long L use the two-stage blocked form: measured
-# fwd+bwd on CPU (C=256, 128 taps), it is 1.3-1.6x faster than the FFT from 16K on, slower
-# below (its (C, K, 2K) Toeplitz costs the same at every L).
+# fwd+bwd on CPU (`bench ops`, C=256, 128 taps), it is about even with the FFT at 16K, 1.6x
+# faster at 64K, and slower below 16K (its (C, K, 2K) Toeplitz costs the same at every L).
 BLOCKED_MAX_TAPS = 256
 BLOCKED_MIN_LEN = 16384
 

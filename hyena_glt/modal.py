@@ -56,12 +56,20 @@ def modal_kernels(residues: torch.Tensor, log_rates: torch.Tensor, T: int):
     return taps, read, write, (e[..., -1:] * step).squeeze(-1)
 
 
-def modal_carry(state: torch.Tensor, residues: torch.Tensor, log_rates: torch.Tensor, T: int) -> torch.Tensor:
-    """What a past summarised by `state` (B, C, O) adds to the next T outputs: (B, C, T)."""
+def modal_carry(state: torch.Tensor, residues: torch.Tensor, log_rates: torch.Tensor, T: int,
+                block: int = BLOCK) -> torch.Tensor:
+    """What a past summarised by `state` (B, C, O) adds to the next T outputs: (B, C, T).
+    By blocks, like modal_conv: the state decayed to each block's start, then the block's
+    (C, O, block) read-out, so no C x O x T table of exponentials is ever built."""
     dtype = _compute_dtype(state.dtype)
     with torch.autocast(state.device.type, enabled=False):
-        _, read, _, _ = modal_kernels(residues.to(dtype), log_rates.to(dtype), T)
-        return torch.einsum("cot,bco->bct", read, state.to(dtype))
+        R, a = residues.to(dtype), log_rates.to(dtype)
+        n = -(-T // block)
+        _, read, _, _ = modal_kernels(R, a, min(block, T))
+        starts = torch.arange(n, device=state.device, dtype=dtype) * min(block, T)
+        decayed = torch.exp(-a.exp()[:, None, :] * starts[:, None]) * state.to(dtype)[:, :, None]  # (B, C, n, O)
+        y = torch.einsum("cot,bcno->bcnt", read, decayed)
+        return y.reshape(*state.shape[:2], -1)[..., :T]
 
 
 class _StateScan(torch.autograd.Function):
