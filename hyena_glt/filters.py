@@ -149,7 +149,7 @@ class ModalFilter(nn.Module):
         """The layer's causal convolution (with skip) of z (B, C, L) over its own channels,
         through the blocked modal form or the FFT, whichever `modal_path` picks."""
         skip = _channel_slice(self.skip, channels)
-        if modal_path(z.shape[-1], z.device) == "fft":
+        if modal_path(z.shape[-1]) == "fft":
             return causal_conv(z, self.filter(z.shape[-1], channels), skip)
         y, _ = modal_conv(z, _channel_slice(self.residues, channels), _channel_slice(self.log_rates, channels))
         return y + skip.to(z.dtype)[:, None] * z

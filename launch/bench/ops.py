@@ -91,7 +91,7 @@ def _conv_job(filt: str, path: str, d_model: int, L: int, device: str, repeats: 
         fns = {"fft": lambda: causal_conv_fft(z, f.filter(L)),
                "blocked": lambda: modal_conv(z, f.residues, f.log_rates)[0],
                "reference": lambda: causal_conv_reference(z, f.filter(L))}
-        fns["dispatch"] = fns[modal_path(L, z.device)]
+        fns["dispatch"] = fns[modal_path(L)]
     else:
         h = (torch.randn(d_model, 128, generator=g) * 0.02).to(device).requires_grad_()
         fns = {"fft": lambda: causal_conv_fft(z, h), "blocked": lambda: causal_conv_blocked(z, h),
@@ -142,7 +142,7 @@ def run(args) -> int:
         for filt, label in (("H", "H modal, order 16"), ("D", "D 128 taps")):
             r = {path: _in_child(_conv_job, filt, path, args.d_model, L, args.device, args.repeats, args.threads)
                  for path in ("fft", "blocked", "reference", "dispatch")}
-            pick = modal_path(L, torch.device(args.device)) if filt == "H" else conv_path(128, L)
+            pick = modal_path(L) if filt == "H" else conv_path(128, L)
             ms = {k: v["seconds"] * 1e3 for k, v in r.items()}
             convs.append({"L": L, "filter": filt, "picks": pick, **{k: {"ms": ms[k], "peak_mib": r[k]["peak_mib"]} for k in r}})
             print(f"{label:<26}{L:>8}{ms['fft']:>9.1f}{ms['blocked']:>9.1f}{ms['reference']:>11.1f}{pick:>9}"
