@@ -48,7 +48,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the record -> split assignment (default 0)")
     p.add_argument("--skip-bad-files", action="store_true",
                    help="skip (and record in the manifest) input files that cannot be read; exit code 1")
-    p.add_argument("--workers", type=positive_int, default=1, help="processes writing shards on this machine (default 1)")
+    p.add_argument("--workers", type=positive_int, default=1, help="processes packing whole files on this machine (default 1; the output does not depend on it)")
     p.add_argument("--num-jobs", type=positive_int, default=None, help="number of jobs sharing the inputs (default: from MPI or the SLURM array, else 1)")
     p.add_argument("--job-index", type=nonnegative_int, default=None, help="this job's index in [0, --num-jobs)")
     p.add_argument("--progress", choices=("auto", "bar", "log", "none"), default="auto",

@@ -1,12 +1,15 @@
 """Finding FASTA inputs, checking them, and reading their records.
 
 pyfastx parses fast, but it silently returns a shortened last record for a truncated gzip
-file and reports nothing useful about where a file is broken. So every file gets one
-checking pass of our own first (`check_file`: sha256, gzip integrity, text/FASTA
-structure, the sequence alphabet, with line numbers), and `read_records` streams it with
-pyfastx and cross-checks record and base counts against that pass. The two run side by
-side; `pack` writes nothing from a file before its check has passed, which is what lets
-`--skip-bad-files` skip whole files instead of leaving half of a file in the output.
+file and reports nothing useful about where a file is broken. So every file is checked
+by a pass of our own (sha256, gzip integrity, text/FASTA structure, the sequence
+alphabet). `pack` reads with `FastaReader`, whose one decompression both checks the file
+and returns its records, with bytes operations only; at the first problem it runs
+`check_file`, the same checks with line numbers for the message. `read_records` (used by
+the commands that read a few records) streams with pyfastx and cross-checks its record
+and base counts against a `check_file` pass. `pack` puts nothing of a file in place before
+its check has passed, which is what lets `--skip-bad-files` skip whole files instead of
+leaving half of a file in the output.
 """
 
 from __future__ import annotations
@@ -14,10 +17,13 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
+
+import numpy as np
 
 from hyena_glt.tokenizer import SeqType, detect_seq_type
 
@@ -45,6 +51,9 @@ class BadInputError(ValueError):
     def __init__(self, path: str | os.PathLike, reason: str):
         self.path, self.reason = str(path), reason
         super().__init__(f"{path}: {reason}")
+
+    def __reduce__(self):  # crosses from a pack worker to the job
+        return BadInputError, (self.path, self.reason)
 
 
 # ---------------------------------------------------------------------------- discovery
@@ -235,15 +244,16 @@ class _Scanner:
             raise ValueError("empty file (no FASTA records)")
 
 
-def _decompressed(f, check: FileCheck, hasher, scanner: _Scanner) -> Iterator[bytes]:
+def _decompressed(f, check: FileCheck, hasher, scanner: _Scanner, read_chunk: int = _READ_CHUNK,
+                  out_chunk: int = _OUT_CHUNK) -> Iterator[bytes]:
     if check.compression == "none":
-        while chunk := f.read(_READ_CHUNK):
+        while chunk := f.read(read_chunk):
             hasher.update(chunk)
             yield chunk
         return
     # Several gzip members in a row (bgzip blocks, `cat a.gz b.gz`) form one stream.
     d, members, started, padding = zlib.decompressobj(31), 0, False, False
-    while raw := f.read(_READ_CHUNK):
+    while raw := f.read(read_chunk):
         hasher.update(raw)
         data = raw
         while data:
@@ -254,7 +264,7 @@ def _decompressed(f, check: FileCheck, hasher, scanner: _Scanner) -> Iterator[by
                 break
             started = True
             try:
-                out = d.decompress(data, _OUT_CHUNK)
+                out = d.decompress(data, out_chunk)
             except zlib.error as e:
                 raise ValueError(f"corrupt gzip data ({e}) near line {scanner.line}") from None
             if out:
@@ -357,3 +367,158 @@ def read_records(path: Path, wait_check: Callable[[], FileCheck]) -> Iterator[Re
         raise BadInputError(
             path, f"reader returned {n} records / {bases} bases but the file holds {check.records} / {check.bases}"
         )
+
+
+# What `FastaReader` deletes from every stretch of sequence before looking at what is left:
+# the letters of plain nucleotide sequence, so that for DNA the rest (IUPAC codes, U) is a
+# few bytes and checking the alphabet and classifying cost one pass.
+_COMMON_BASES = b"ACGTNacgtn"
+_SEQ_LETTERS = _SEQ_BYTES.replace(b"\n", b"").replace(b"\r", b"")
+# pyfastx (kseq) ends a record's name at the first of these.
+_NAME_END = re.compile(rb"[ \t\r\v\f]")
+# Small steps keep each decompressed piece in the CPU cache for the passes over it.
+_FAST_READ_CHUNK, _FAST_OUT_CHUNK = 64 << 10, 1 << 20
+
+
+class _Unreadable(Exception):
+    """Raised inside `FastaReader` at the first sign of a bad file; the message for the
+    user comes from `check_file`, which keeps line numbers."""
+
+
+class FastaReader:
+    """The records of one FASTA file in a single pass that is also the file's check: one
+    decompression gives the sha256, the gzip integrity, the FASTA structure, the alphabet,
+    each record's bases and its seq type, with bytes operations only (no per-base Python).
+    It returns the records pyfastx returns (name up to the first blank, case kept, line
+    ends removed) and counts the records and bases `check_file` counts.
+
+    Records are yielded before the end of the file is reached, so a consumer must not
+    publish anything of the file before the iteration ended without an error. A bad file
+    raises BadInputError with `check_file`'s message (line numbers are only counted then, by
+    a second pass); `check` then holds that FileCheck, and after a good file the file's."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.check: FileCheck | None = None
+
+    def __iter__(self) -> Iterator[Record]:
+        return (rec for rec in self.read(ticks=False))
+
+    def read(self, ticks: bool) -> Iterator[Record | None]:
+        """The records; with `ticks`, also None after every decompressed piece (~1 ms of
+        work), so that a caller can pause reading at short notice."""
+        path = self.path
+        try:
+            check = FileCheck(path=path, size=path.stat().st_size, compression=sniff_compression(path))
+            if check.compression not in ("none", "gzip", "bgzip"):
+                raise _Unreadable("unsupported compression")
+            hasher = hashlib.sha256()
+            parser = _Parser()
+            with open(path, "rb") as f:
+                chunk_size = _FAST_READ_CHUNK if check.compression != "none" else 4 * _FAST_READ_CHUNK
+                for chunk in _decompressed(f, check, hasher, _Scanner(), chunk_size, _FAST_OUT_CHUNK):
+                    yield from parser.feed(chunk)
+                    if ticks:
+                        yield None
+            yield from parser.finish()
+        except (_Unreadable, ValueError, OSError) as e:
+            self.check = check_file(path)
+            if not self.check.error:  # only a file that changed while it was read gets here
+                self.check.error = f"the file could not be read the same way twice ({e})"
+            raise BadInputError(path, self.check.error) from None
+        check.sha256, check.records, check.bases = hasher.hexdigest(), parser.records, parser.bases
+        self.check = check
+
+
+class _Parser:
+    """FASTA text -> records, chunk by chunk; raises _Unreadable on anything `_Scanner`
+    would reject."""
+
+    def __init__(self) -> None:
+        self.records = self.bases = 0
+        self.in_header, self.at_line_start = False, True
+        self.header = bytearray()
+        self.name = ""
+        self.pieces: list[bytes] = []
+        self.letters: set[int] = set()  # letters other than _COMMON_BASES seen in the record
+        self.has_t = False
+
+    def feed(self, buf: bytes) -> Iterator[Record]:
+        pos, n = 0, len(buf)
+        while pos < n:
+            if self.in_header:
+                nl = buf.find(b"\n", pos)
+                end = n if nl < 0 else nl
+                part = buf[pos:end]
+                if part.translate(None, _TEXT_BYTES):
+                    raise _Unreadable("binary content in a header")
+                self.header += part
+                if nl < 0:
+                    return
+                self._end_header()
+                self.at_line_start, pos = True, nl + 1
+                continue
+            if self.at_line_start and buf[pos] == 0x3E:  # '>'
+                yield from self._end_record()
+                self.records += 1
+                self.in_header, self.at_line_start, pos = True, False, pos + 1
+                continue
+            # '>' is no sequence letter, so the first one is either the next record's start
+            # or an error; memchr finds it at memory speed.
+            j = buf.find(b">", pos)
+            if j < 0:
+                end = n
+            elif j > pos and buf[j - 1] == 0x0A:
+                end = j
+            else:
+                raise _Unreadable("'>' inside a line")
+            region = buf if (pos, end) == (0, n) else buf[pos:end]
+            self.at_line_start = region.endswith(b"\n")
+            pos = end
+            if self.records == 0:
+                if region.strip(b" \t\r\n"):
+                    raise _Unreadable("text before the first record")
+                continue
+            seq = region.replace(b"\n", b"")
+            if b"\r" in seq:
+                seq = seq.replace(b"\r", b"")
+            rest = seq.translate(None, _COMMON_BASES)
+            if rest:
+                if rest.translate(None, _SEQ_LETTERS):
+                    raise _Unreadable("invalid character in a sequence")
+                if len(rest) < 4096:
+                    self.letters.update(rest)
+                else:  # protein: a count per byte value instead of a set of every letter
+                    self.letters.update(np.flatnonzero(np.bincount(np.frombuffer(rest, np.uint8))).tolist())
+            if not self.has_t:
+                self.has_t = seq.find(b"T") >= 0 or seq.find(b"t") >= 0
+            self.pieces.append(seq)
+            self.bases += len(seq)
+
+    def _end_header(self) -> None:
+        header = bytes(self.header)
+        words = header[:4096].split(None, 1)
+        try:
+            if words:
+                words[0].decode("utf-8")
+            cut = _NAME_END.search(header)
+            self.name = (header if cut is None else header[: cut.start()]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Unreadable("a record id that is not UTF-8") from None
+        self.header = bytearray()
+        self.in_header = False
+
+    def _end_record(self) -> Iterator[Record]:
+        if self.records == 0:
+            return
+        seq = self.pieces[0] if len(self.pieces) == 1 else b"".join(self.pieces)
+        present = bytes(sorted(self.letters)) + (b"T" if self.has_t else b"")
+        yield Record(self.records - 1, self.name, seq, detect_seq_type(present))
+        self.pieces, self.letters, self.has_t = [], set(), False
+
+    def finish(self) -> Iterator[Record]:
+        if self.in_header:
+            self._end_header()
+        if self.records == 0:
+            raise _Unreadable("no records")
+        yield from self._end_record()

@@ -1,15 +1,27 @@
 """`hyena-glt pack`: FASTA files -> webdataset tar shards + manifest, for one job.
 
-One job = one process (an MPI rank, a SLURM array task, or the only one). A thread checks
-each file (fasta.check_file) while the main process streams its records with pyfastx,
-decides every window's fate and cuts shards (`ShardCutter`); a pool of `--workers`
-processes only writes the shards it is handed, and only once the files in them passed their
-check. Nothing the workers do changes what goes where, so the output bytes do not depend
-on --workers.
+One job = one process (an MPI rank, a SLURM array task, or the only one) and its
+`--workers`. A file is packed in one pass (`_FilePass`): a single decompression checks it
+and yields its records (`fasta.FastaReader`), each window's fate and place are planned,
+and the samples go into the shards' temporary files. Shards are cut in source order over
+all the job's files, so planning a file starts from the shards as the file before it
+left them (a `Handover`). Planning is cheap; reading and writing are the work. So with
+several workers each takes whole files: it reads (and checks) its file while the files
+before it are still being read, plans as soon as their handover comes, passes its own
+handover on, and only then writes, while the next worker already plans. What goes where
+never depends on the workers, so neither do the output bytes.
+
+No shard holding any of a file's windows is renamed into place (or recorded) before the
+whole file passed its check. A file that fails it under --skip-bad-files is left out: if
+nothing of it was planned yet (it failed while read ahead), the plan goes on without it;
+otherwise the job plans again from the start without it, keeping what it completed
+before, as on resume.
 
 Resume: every finished shard leaves a completion record (written after the shard and its
-index were renamed into place). A restarted job recomputes the same plan, skips the shards
-whose record matches, and rewrites the rest.
+index were renamed into place). A restarted job hashes its input files, plans everything
+again and does not write a shard whose record names inputs with the same sha256 and whose
+files still hash to it; once planned, such a shard must have the record's samples, bases,
+size, first and last sample and inputs, else the job starts over without resuming.
 """
 
 from __future__ import annotations
@@ -18,17 +30,20 @@ import json
 import os
 import sys
 import time
-from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
+from multiprocessing.connection import wait
 from pathlib import Path
 
-from .fasta import BadInputError, FileCheck, check_file, discover_inputs, estimate_bases, read_records
+from hyena_glt.tokenizer import SeqType, reverse_complement
+
+from .fasta import BadInputError, FastaReader, FileCheck, discover_inputs, estimate_bases
 from .manifest import dumps, state_dir, try_finalize, write_job_manifest
 from .progress import Progress
-from .shards import Segment, ShardCutter, atomic_write, completed, write_shard
-from .windows import SPLITS, JobAssigner, ambiguous_count, assign_files, split_of, strands_for, units, window
+from .shards import (ResumeMismatch, ShardFile, ShardIO, atomic_write, completion_record, kept_record,
+                     sample_key_format, sha256_file, shard_name)
+from .windows import SEQ_TYPE_NAMES, SPLITS, JobAssigner, assign_files, split_of, strands_for, units, unknown_residue
 
 DROP_REASONS = ("short", "n_fraction", "empty_record")
 
@@ -108,55 +123,6 @@ def job_from_environment() -> tuple[int, int] | None:
     return None
 
 
-class _Writer:
-    """Runs write_shard inline (1 worker) or in a process pool, with a bounded number of
-    shards in flight so memory stays at a few shards' worth."""
-
-    def __init__(self, workers: int, out: Path, done: Path):
-        self.out, self.done = out, done
-        self.pool = None
-        self.pending: list = []
-        self.entries: dict[str, dict] = {}
-        self.resumed = 0
-        self.written: set[str] = set()
-        if workers > 1:
-            self.pool = ProcessPoolExecutor(workers, mp_context=get_context("fork"))
-            # With fork, the pool forks all its processes in the first submit: do it now,
-            # before the checking thread and tqdm's monitor thread exist.
-            self.pool.submit(int)
-        # One shard in progress per worker plus one queued; with the shards being filled
-        # (one per split) and at most two waiting for a file's check, a job holds about
-        # workers + 6 shards' worth of bases.
-        self.max_pending = workers + 1
-
-    def submit(self, task) -> None:
-        entry = completed(task, self.out, self.done)
-        if entry is not None:
-            self.entries[task.name] = entry
-            self.resumed += task.name not in self.written
-        elif self.pool is None:
-            self.entries[task.name] = write_shard(task, str(self.out), str(self.done))
-            self.written.add(task.name)
-        else:
-            self.written.add(task.name)
-            self.pending.append((task.name, self.pool.submit(write_shard, task, str(self.out), str(self.done))))
-            while len(self.pending) > self.max_pending:
-                self._collect_one()
-
-    def _collect_one(self) -> None:
-        name, fut = self.pending.pop(0)
-        self.entries[name] = fut.result()
-
-    def finish(self) -> dict[str, dict]:
-        while self.pending:
-            self._collect_one()
-        return self.entries
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-
-
 def _check_options_file(out: Path, opts: PackOptions) -> None:
     path = state_dir(out) / "options.json"
     want = dumps({"options": opts.recorded(), "num_jobs": opts.num_jobs})
@@ -190,180 +156,624 @@ def _remove_stale(out: Path, done: Path, job: int, keep: set[str]) -> None:
         p.unlink()
 
 
+def _ahead_bases(opts: PackOptions) -> int:
+    """Bases of its file a worker may read (and check) before the files ahead of it are
+    planned: whole typical genome files, and never more than a few shards' worth."""
+    return max(64_000_000, 2 * int(opts.shard_size_mb * 1e6))
+
+
+@dataclass
+class Handover:
+    """The job's shard plan between two files: what planning the next file starts from.
+    It crosses processes when workers pack consecutive files."""
+
+    begun: dict[str, int]  # per split: shards begun so far (the next shard's number)
+    open: dict[str, ShardFile | None]  # per split: the shard being filled
+    loads: dict[int, int]  # JobAssigner's bases per job so far (shared files)
+
+    @classmethod
+    def start(cls, num_jobs: int) -> Handover:
+        return cls({s: 0 for s in SPLITS}, {s: None for s in SPLITS}, {j: 0 for j in range(num_jobs)})
+
+
+@dataclass
+class _Context:
+    """What packing any of the job's files needs; workers get it when they are forked."""
+
+    opts: PackOptions
+    files: list[Path]
+    shared: bool  # every job reads every file and takes its share of records
+    out: Path
+    done: Path
+    input_sha: dict[str, str] | None  # when resuming: sha256 of every input, hashed first
+    bad: dict[int, FileCheck] = field(default_factory=dict)  # files that failed their check (--skip-bad-files)
+
+
+@dataclass
+class FilePlan:
+    """One file's part of the plan, for the job's books."""
+
+    index: int
+    check: FileCheck
+    ok: bool  # False: the file failed its check and is left out (--skip-bad-files)
+    counters: dict = field(default_factory=dict)
+    touched: list[str] = field(default_factory=list)  # shards holding windows of this file
+    closed: list[ShardFile] = field(default_factory=list)  # shards this file's planning filled up
+    warnings: list[str] = field(default_factory=list)
+
+
+class _SkipFile(Exception):
+    """A file failed its check under --skip-bad-files after some of it was written: plan
+    again without it (the shards completed before it are kept, as on resume)."""
+
+    def __init__(self, index: int, check: FileCheck):
+        super().__init__(index, check)
+        self.index, self.check = index, check
+
+
+def _new_counters() -> dict:
+    zero = lambda: {"windows": 0, "bases": 0}  # noqa: E731
+    return {
+        "windows": {"planned": zero(), "kept": zero(), "dropped": zero()},
+        "dropped": {r: ({"records": 0} if r == "empty_record" else zero()) for r in DROP_REASONS},
+        "kept_windows": {},
+        "records": {},
+    }
+
+
+def _add_counters(into: dict, part: dict) -> None:
+    for k, v in part.items():
+        if isinstance(v, dict):
+            _add_counters(into.setdefault(k, {}), v)
+        else:
+            into[k] = into.get(k, 0) + v
+
+
+class _FilePass:
+    """Packs one file in three steps. Read: one pass that checks the file and yields its
+    records. Plan (cheap, and the only step that must wait for the file before it): each
+    window's fate, shard and place, from the file before's `Handover`; the updated
+    handover is passed on at once. Write: the planned samples into the shards' temporary
+    files, then the shards begun and filled up by this file are completed.
+
+    A worker reads its file ahead (`read_ahead`, up to a budget of bases) while the files
+    before it are still being read, and plans as soon as their handover arrives, so that
+    no file waits for another's writing; a record beyond the budget is planned and written
+    as soon as it is read, as all records are with one process."""
+
+    def __init__(self, ctx: _Context, index: int, shard_io: ShardIO, progress):
+        self.ctx, self.o, self.index = ctx, ctx.opts, index
+        self.source = str(ctx.files[index])
+        self.io, self.progress = shard_io, progress
+        self.reader = FastaReader(ctx.files[index])
+        self.records = self.reader.read(ticks=True)
+        self.held: list = []  # records read before this file could be planned
+        self.held_bases = 0
+        # A file already known to fail its check (a job planning again without it) is not read.
+        self.failed = self.read_done = index in ctx.bad  # failed: its check, under --skip-bad-files
+        self.limit = max(1, int(self.o.shard_size_mb * 1e6))
+        self.unit_bases = max(1, int(self.o.unit_mb * 1e6))
+        self.plan = FilePlan(index, None, True, _new_counters())
+        self.touched: dict[str, None] = {}
+        self.begun: set[str] = set()
+        self.pending: list[tuple] = []  # planned, not yet written: (shard, offset, sample, rec, s, e, samples)
+        self.state: Handover | None = None
+
+    def read_ahead(self, budget: int, pause) -> None:
+        """Read records until the file ends, `budget` bases are held, or `pause()` says so
+        (it is asked every ~1 ms)."""
+        try:
+            for rec in self.records:
+                if rec is None:
+                    if pause():
+                        return
+                    continue
+                self.progress(len(rec.seq))
+                self.held.append(rec)
+                self.held_bases += len(rec.seq)
+                if self.held_bases >= budget:
+                    return
+        except BadInputError:
+            if not self.o.skip_bad_files:
+                raise
+            self.failed = True
+            self.held, self.held_bases = [], 0
+        self.read_done = True
+
+    def pack(self, state: Handover, emit) -> list[tuple[ShardFile, dict]]:
+        """Plan (from `state`, which it updates) and write the file, reading what is left
+        of it; `emit(state, plan)` as soon as the plan is complete. Returns the shards
+        completed here, with their manifest entries."""
+        self.state = state
+        self.assigner = JobAssigner([])
+        self.assigner.load = state.loads
+        if self.failed:
+            emit(state, FilePlan(self.index, self.ctx.bad.get(self.index) or self.reader.check, False))
+            return []
+        for rec in self.held:
+            self._plan_record(rec)
+        self.held = []
+        if not self.read_done:
+            self._write()
+            try:
+                for rec in self.records:
+                    if rec is not None:
+                        self.progress(len(rec.seq))
+                        self._plan_record(rec)
+                        self._write()
+            except BadInputError:
+                if not self.o.skip_bad_files:
+                    raise
+                raise _SkipFile(self.index, self.reader.check) from None  # partly written: plan again without it
+        self.plan.check, self.plan.touched = self.reader.check, list(self.touched)
+        emit(state, self.plan)
+        self._write()
+        # Shards begun and filled up here hold nothing of other files: complete them now,
+        # while their index entries are in memory and their sha256 is in hand.
+        return [(shard, self.io.commit(shard)) for shard in self.plan.closed if shard.name in self.begun]
+
+    def _plan_record(self, rec) -> None:
+        o, c = self.o, self.plan.counters
+        L = len(rec.seq)
+        if L == 0:
+            if not self.ctx.shared or self.assigner.take(0) == o.job_index:
+                c["dropped"]["empty_record"]["records"] += 1
+                self.plan.warnings.append(
+                    f"warning: {self.source}: record '{rec.id}' (#{rec.index + 1}) has no sequence; not packed")
+            return
+        split = split_of(rec.id, o.seed, o.val_fraction, o.test_fraction)
+        strands = strands_for(rec.seq_type, o.reverse_complement)
+        unknown = unknown_residue(rec.seq_type)
+        # Most records hold no unknown residue at all: two memchr scans spare a count per window.
+        counts_unknown = rec.seq.find(unknown) >= 0 or rec.seq.find(unknown.lower()) >= 0
+        # Every sample's key and JSON differ only in its start and end: format them from bytes
+        # templates made once per record (the JSON is ASCII: json.dumps escapes the rest).
+        head = json.dumps({"record_id": rec.id, "source": self.source})[:-1].replace("%", "%%")
+        tname = SEQ_TYPE_NAMES[rec.seq_type]
+        formats = tuple(
+            (sample_key_format(self.index, rec.index, strand),
+             f'{head}, "start": %d, "end": %d, "strand": "{strand}", "split": "{split}", "seq_type": "{tname}"}}'.encode())
+            for strand in strands)
+        for unit in units(L, o.seq_len, o.stride, self.unit_bases):
+            if self.ctx.shared and self.assigner.take(unit.bases) != o.job_index:
+                continue
+            if unit.first == 0:
+                c["records"][split] = c["records"].get(split, 0) + 1
+            self._plan_windows(rec, split, formats, unit.first, unit.stop, unknown if counts_unknown else None)
+
+    def _plan_windows(self, rec, split: str, formats, first: int, stop: int, unknown: bytes | None) -> None:
+        o, seq, L = self.o, rec.seq, len(rec.seq)
+        stride, seq_len, min_len, max_n = o.stride, o.seq_len, o.min_len, o.max_n_fraction
+        lower = unknown.lower() if unknown else None
+        planned = planned_bases = short = short_bases = ambiguous = ambiguous_bases = kept = kept_bases = 0
+        for k in range(first, stop):
+            s = k * stride
+            e = min(s + seq_len, L)
+            n = e - s
+            planned += 1
+            planned_bases += n
+            if n < min_len:
+                short += 1
+                short_bases += n
+            elif unknown is not None and seq.count(unknown, s, e) + seq.count(lower, s, e) > max_n * n:
+                ambiguous += 1
+                ambiguous_bases += n
+            else:
+                self._place(rec, split, formats, s, e)
+                kept += 1
+                kept_bases += n
+        c = self.plan.counters
+        w, d = c["windows"], c["dropped"]
+        for key, nw, nb in (("planned", planned, planned_bases), ("kept", kept, kept_bases),
+                            ("dropped", short + ambiguous, short_bases + ambiguous_bases)):
+            w[key]["windows"] += nw
+            w[key]["bases"] += nb
+        for reason, nw, nb in (("short", short, short_bases), ("n_fraction", ambiguous, ambiguous_bases)):
+            d[reason]["windows"] += nw
+            d[reason]["bases"] += nb
+        if kept:
+            c["kept_windows"][split] = c["kept_windows"].get(split, 0) + kept
+
+    def _place(self, rec, split: str, formats, s: int, e: int) -> None:
+        """Window [s, e) of `rec` into its split's shard, cutting a new shard first if the
+        window's bases (both strands) would take the shard past --shard-size-mb."""
+        state = self.state
+        n = e - s
+        nbases = n * len(formats)
+        shard = state.open[split]
+        if shard is not None and shard.bases + nbases > self.limit:
+            self.plan.closed.append(shard)
+            shard = None
+        if shard is None:
+            name = shard_name(split, self.o.job_index, state.begun[split])
+            state.begun[split] += 1
+            kept = kept_record(self.ctx.out, self.ctx.done, name, self.ctx.input_sha) if self.ctx.input_sha else None
+            shard = state.open[split] = ShardFile(name, split, kept)
+            self.begun.add(name)
+        self.touched[shard.name] = None
+        offset, sample = shard.length, shard.samples
+        samples = []  # (key, meta) per strand
+        for key_format, meta_format in formats:
+            key, meta = key_format % s, meta_format % (s, e)
+            shard.place(key, len(meta), n)
+            samples.append((key, meta))
+        shard.bases += nbases
+        if shard.kept is None:
+            self.pending.append((shard.name, offset, sample, rec, s, e, samples))
+
+    def _write(self) -> None:
+        io, current, w, seq, view = self.io, None, None, None, None
+        for name, offset, sample, rec, s, e, samples in self.pending:
+            if name != current:  # a run of one shard's samples is contiguous in its tar
+                current, w = name, io.writer(name, offset, sample)
+            if rec.seq is not seq:
+                seq, view = rec.seq, memoryview(rec.seq)  # windows go from the record to the tar in one copy
+            stype = int(rec.seq_type)
+            key, meta = samples[0]
+            w.add(key, meta, view[s:e], stype)
+            if len(samples) == 2:
+                key, meta = samples[1]
+                w.add(key, meta, reverse_complement(seq[s:e], rna=stype == SeqType.RNA), stype)
+        self.pending = []
+
+
+class _Job:
+    """The job's books, kept in the main process: the files' plans in file order, who
+    contributed to which shard, which shards can be completed when, completion records."""
+
+    def __init__(self, files: list[Path], done: Path, estimates: dict[int, int], progress: Progress,
+                 written_here: set[str]):
+        self.files, self.done, self.estimates, self.progress = files, done, estimates, progress
+        self.written_here = written_here  # shards written by this run (in any attempt)
+        self.inputs: list[dict] = []
+        self.entries: dict[str, dict] = {}
+        self.shard_inputs: dict[str, dict[str, str]] = {}  # shard -> {source: sha256}
+        self.counters = _new_counters()
+        self.bad: dict[int, FileCheck] = {}
+        self.resumed = 0
+        self.written: set[int] = set()  # files whose writes are all on disk
+        self.touched_by: dict[int, list[str]] = {}
+        self.contributors: dict[str, set[int]] = {}
+        self.waiting: dict[str, tuple[ShardFile, set[int]]] = {}  # closed shards, files not yet written
+        self.ready: list[ShardFile] = []  # closed, every file written, not yet handed to anyone
+
+    def planned(self, pos: int, plan: FilePlan) -> None:
+        c, source = plan.check, str(self.files[plan.index])
+        entry = {"path": source, "status": "ok", "error": None, "size": c.size, "sha256": c.sha256,
+                 "compression": c.compression, "records": c.records, "bases": c.bases}
+        self.touched_by[pos] = plan.touched
+        if not plan.ok:
+            self.bad[plan.index] = c
+            self.progress.write(f"warning: skipping {source}: {c.error}")
+            self.inputs.append({**entry, "records": 0, "bases": 0, "status": "skipped", "error": c.error})
+            return
+        for w in plan.warnings:
+            self.progress.write(w)
+        for name in plan.touched:
+            self.shard_inputs.setdefault(name, {})[source] = c.sha256
+            self.contributors.setdefault(name, set()).add(pos)
+        # A shard only this file contributed to is completed by the file's own pass.
+        self.close(s for s in plan.closed if self.contributors[s.name] != {pos})
+        _add_counters(self.counters, plan.counters)
+        self.progress.set_total(self.progress.total - self.estimates[plan.index] + c.bases)
+        self.inputs.append(entry)
+
+    def close(self, shards) -> None:
+        """`shards` get no more samples: each can be completed once every file in it is
+        written."""
+        for shard in shards:
+            missing = self.contributors[shard.name] - self.written
+            if missing:
+                self.waiting[shard.name] = (shard, missing)
+            else:
+                self.ready.append(shard)
+
+    def wrote(self, pos: int) -> list[ShardFile]:
+        """Everything of file `pos` is on disk: the shards that can be completed now."""
+        self.written.add(pos)
+        for name in self.touched_by.get(pos, ()):
+            if name in self.waiting:
+                shard, missing = self.waiting[name]
+                missing.discard(pos)
+                if not missing:
+                    del self.waiting[name]
+                    self.ready.append(shard)
+        return self.take_ready()
+
+    def take_ready(self) -> list[ShardFile]:
+        ready, self.ready = self.ready, []
+        return ready
+
+    def completed(self, shard: ShardFile, entry: dict) -> None:
+        inputs = self.shard_inputs[shard.name]
+        record = self.done / f"{shard.name}.json"
+        if shard.kept is not None:
+            if json.loads(record.read_bytes())["inputs"] != inputs:
+                raise ResumeMismatch(f"{shard.name}: the earlier run's shard was made from other inputs")
+            self.resumed += shard.name not in self.written_here
+        else:
+            atomic_write(record, completion_record(shard, entry, inputs), durable=False)
+            self.written_here.add(shard.name)
+        self.entries[shard.name] = entry
+
+
+def _pack_inline(ctx: _Context, mine: list[int], job: _Job) -> None:
+    """One process: every file planned and written record by record. Shards continued
+    from one file to the next stay open, so every tar is written in order and hashed as
+    it is written."""
+    state = Handover.start(ctx.opts.num_jobs)
+    shard_io = ShardIO(ctx.out)
+    try:
+        for pos, i in enumerate(mine):
+            file_pass = _FilePass(ctx, i, shard_io, job.progress.update)
+            for shard, entry in file_pass.pack(state, lambda s, plan: job.planned(pos, plan)):
+                job.completed(shard, entry)
+            for shard in job.wrote(pos):
+                job.completed(shard, shard_io.commit(shard))
+        job.close(s for s in state.open.values() if s is not None)
+        for shard in job.take_ready():
+            job.completed(shard, shard_io.commit(shard))
+    finally:
+        shard_io.discard()
+
+
+_PROGRESS_EVERY = 8_000_000  # bases between a worker's progress messages
+
+
+def _worker(conn, ctx: _Context) -> None:
+    """A worker process. It packs the files it is handed in order, reading ahead of their
+    handovers (up to `_ahead_bases` bases held), asks for another file when it has read
+    all of its own, and completes the shards spanning files that the job hands back."""
+    shard_io = ShardIO(ctx.out)
+    queue: deque[tuple[int, _FilePass]] = deque()  # (position, pass) of the files handed to it
+    handovers: dict[int, Handover] = {}
+    budget = _ahead_bases(ctx.opts)
+    unreported, asked = 0, False
+
+    def progress(n: int) -> None:
+        nonlocal unreported
+        unreported += n
+        if unreported >= _PROGRESS_EVERY:
+            conn.send(("progress", None, unreported))
+            unreported = 0
+
+    def handle(msg) -> None:
+        nonlocal asked
+        if msg is None:
+            raise _Stop
+        kind, pos, payload = msg
+        if kind == "file":
+            queue.append((pos, _FilePass(ctx, payload, shard_io, progress)))
+            asked = False
+        elif kind == "handover":
+            handovers[pos] = payload
+        elif kind == "complete":
+            conn.send(("completed", None, [(s, shard_io.commit(s)) for s in payload]))
+
+    try:
+        while True:
+            while conn.poll():
+                handle(conn.recv())
+            held = sum(p.held_bases for _, p in queue)
+            unread = next((p for _, p in queue if not p.read_done), None)
+            ready = bool(queue) and queue[0][0] in handovers
+            # Plan the first file once it is read, or once the budget is spent (then the rest
+            # of it is packed as it is read); until then read ahead.
+            if ready and (queue[0][1].read_done or held >= budget):
+                pos, file_pass = queue.popleft()
+                done = file_pass.pack(handovers.pop(pos), lambda s, plan: conn.send(("planned", pos, (s, plan))))
+                shard_io.release()  # so that any process can complete the shards this file shares
+                conn.send(("progress", None, unreported))
+                unreported = 0
+                conn.send(("written", pos, done))
+            elif unread is not None and held < budget:
+                # Reading another file while the first waits for its handover: stop as soon
+                # as any message comes (it may be that handover), so the plan moves on.
+                unread.read_ahead(budget - held, conn.poll if unread is not queue[0][1] else bool)
+            elif not asked and unread is None and held < budget:
+                conn.send(("more", None, None))
+                asked = True
+            else:
+                handle(conn.recv())
+    except _Stop:
+        pass
+    except _SkipFile as e:
+        conn.send(("skip", None, (e.index, e.check)))
+    except BaseException as e:  # noqa: BLE001 - everything goes back to the job, which stops
+        if not isinstance(e, (BadInputError, OSError, ResumeMismatch)):
+            import traceback
+
+            e = RuntimeError(f"pack worker failed: {traceback.format_exc()}")
+        try:
+            conn.send(("error", None, e))
+        except OSError:
+            pass
+
+
+class _Stop(Exception):
+    """The job has no more work for this worker."""
+
+
+def _pack_workers(ctx: _Context, mine: list[int], job: _Job, procs: list) -> None:
+    """Hands the files out in order to workers that ask, passes each file's handover on to
+    the worker of the next file, and hands shards spanning files to be completed once all
+    their files are written."""
+    conns = [c for c, _ in procs]
+    owner = {pos: conn for pos, conn in enumerate(conns)}  # position in `mine` -> its worker
+    waiting: dict[int, Handover] = {}  # handovers for files not handed out yet
+    nxt, written, outstanding = len(conns), 0, 0  # outstanding: shards handed back, not yet completed
+
+    def hand_out(conn) -> None:
+        nonlocal nxt
+        if nxt < len(mine):
+            conn.send(("file", nxt, mine[nxt]))
+            owner[nxt] = conn
+            if nxt in waiting:
+                conn.send(("handover", nxt, waiting.pop(nxt)))
+            nxt += 1
+
+    def complete(conn, shards) -> None:
+        nonlocal outstanding
+        if shards:
+            outstanding += len(shards)
+            conn.send(("complete", None, shards))
+
+    while written < len(mine) or outstanding:
+        for conn in wait(conns):
+            try:
+                kind, pos, payload = conn.recv()
+            except EOFError:
+                raise RuntimeError("a pack worker process died") from None
+            if kind == "progress":
+                job.progress.update(payload)
+            elif kind == "planned":
+                state, plan = payload
+                job.planned(pos, plan)
+                if pos + 1 == len(mine):
+                    job.close(s for s in state.open.values() if s is not None)
+                elif pos + 1 in owner:
+                    owner[pos + 1].send(("handover", pos + 1, state))
+                else:
+                    waiting[pos + 1] = state
+            elif kind == "written":
+                for shard, entry in payload:
+                    job.completed(shard, entry)
+                written += 1
+                complete(conn, job.wrote(pos))
+            elif kind == "completed":
+                for shard, entry in payload:
+                    job.completed(shard, entry)
+                outstanding -= len(payload)
+            elif kind == "more":
+                hand_out(conn)
+            elif kind == "skip":
+                raise _SkipFile(*payload)
+            else:
+                raise payload
+    left = job.take_ready()  # closed after all their files were written and handed back: none expected
+    shard_io = ShardIO(ctx.out)
+    for shard in left:
+        job.completed(shard, shard_io.commit(shard))
+
+
+def _start_workers(ctx: _Context, mine: list[int], n: int) -> list:
+    """Fork `n` workers, each handed its first file at once, so the first starts reading
+    while the next is forked (a fork costs ~10 ms here: the parent holds torch)."""
+    mp = get_context("fork")
+    procs = []
+    for pos in range(n):
+        parent, child = mp.Pipe()
+        proc = mp.Process(target=_worker, args=(child, ctx), daemon=True)
+        proc.start()
+        child.close()
+        parent.send(("file", pos, mine[pos]))
+        if pos == 0:
+            parent.send(("handover", 0, Handover.start(ctx.opts.num_jobs)))
+        procs.append((parent, proc))
+    return procs
+
+
+def _stop_workers(procs: list, failed: bool) -> None:
+    """Tell the workers to exit. After a success they hold nothing open and are not waited
+    for (their exit, a few ms each, overlaps the job's last steps); after a failure they
+    may be blocked on a handover that never comes, and are ended."""
+    for conn, proc in procs:
+        try:
+            conn.send(None)
+        except OSError:
+            pass
+        conn.close()
+        if failed:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+
+
 def pack_job(opts: PackOptions) -> JobResult:
     opts.validate()
     t0 = time.monotonic()
-    job, num_jobs = opts.job_index, opts.num_jobs
+    job_index, num_jobs = opts.job_index, opts.num_jobs
     files = discover_inputs(opts.inputs)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    done = state_dir(out) / f"job-{job:05d}"
+    done = state_dir(out) / f"job-{job_index:05d}"
     done.mkdir(parents=True, exist_ok=True)
     _check_options_file(out, opts)
     stats = [f.stat() for f in files]
     input_list = [{"path": str(f), "size": st.st_size, "mtime_ns": st.st_mtime_ns} for f, st in zip(files, stats)]
     owners = assign_files([st.st_size for st in stats], num_jobs)
-    shared = len(files) < num_jobs  # every job reads every file and takes its share of records
-    mine = [i for i, jobs in enumerate(owners) if job in jobs]
-
-    writer = _Writer(opts.workers, out, done)
-    checker = ThreadPoolExecutor(1)  # checks files (ahead of) while they are packed
-    desc = f"pack job {job}/{num_jobs}" if num_jobs > 1 else "pack"
+    shared = len(files) < num_jobs
+    mine = [i for i, jobs in enumerate(owners) if job_index in jobs]
+    desc = f"pack job {job_index}/{num_jobs}" if num_jobs > 1 else "pack"
     estimates = {i: estimate_bases(files[i]) for i in mine}
-    progress = Progress(sum(estimates.values()), desc, opts.progress)
-    bad: dict[int, FileCheck] = {}
-    try:
-        checks = {i: checker.submit(check_file, files[i]) for i in mine}
-        while True:
-            try:
-                inputs, plan, counters = _pack_files(opts, files, mine, checks, estimates, shared, writer, progress, bad)
-                break
-            except _SkipFile as e:
-                # Plan again without the file. Shards already written only hold earlier
-                # files and come out the same, so the writer finds them done.
-                bad[e.index] = e.check
-                progress.write(f"warning: skipping {files[e.index]}: {e.check.error}")
-                writer.finish()
-                progress.restart(sum(n for i, n in estimates.items() if i not in bad))
-        entries = writer.finish()
-    finally:
-        checker.shutdown(wait=True, cancel_futures=True)
-        writer.close()
-        progress.close()
 
-    skipped = [f"{files[i]}: {c.error}" for i, c in sorted(bad.items())]
-    missing = [name for name in plan if name not in entries]
+    resume, bad, written_here = any(done.glob("*.json")), {}, set()
+    while True:
+        input_sha = {str(files[i]): sha256_file(files[i]) for i in mine if i not in bad} if resume else None
+        ctx = _Context(opts, files, shared, out, done, input_sha, dict(bad))
+        workers = min(opts.workers, len(mine))
+        procs = _start_workers(ctx, mine, workers) if workers > 1 else []
+        progress = Progress(sum(estimates.values()), desc, opts.progress)  # after the fork: tqdm runs a thread
+        job = _Job(files, done, estimates, progress, written_here)
+        failed = True
+        try:
+            if procs:
+                _pack_workers(ctx, mine, job, procs)
+            else:
+                _pack_inline(ctx, mine, job)
+            failed = False
+            break
+        except _SkipFile as e:
+            # Plan again without the file; what was completed before it is kept, as on resume.
+            bad[e.index] = e.check
+            resume = True
+        except ResumeMismatch as e:
+            progress.write(f"{desc}: {e}; packing everything again")
+            for p in done.glob("*.json"):
+                p.unlink()
+            resume = False
+        finally:
+            _stop_workers(procs, failed)
+            progress.close()
+
+    plan = set(job.shard_inputs)
+    missing = [name for name in plan if name not in job.entries]
     assert not missing, missing
-    _remove_stale(out, done, job, set(plan))
+    _remove_stale(out, done, job_index, plan)
+    skipped = [f"{files[i]}: {c.error}" for i, c in sorted(job.bad.items())]
     job_manifest = {
         "format": "hyena-glt-pack-job/1",
-        "job_index": job,
+        "job_index": job_index,
         "num_jobs": num_jobs,
         "options": opts.recorded(),
         "input_list": input_list,
-        "inputs": inputs,
-        "shards": [entries[name] for name in sorted(plan)],
-        **counters,
+        "inputs": job.inputs,
+        "shards": [job.entries[name] for name in sorted(plan)],
+        **job.counters,
     }
-    write_job_manifest(out, job, job_manifest)
+    write_job_manifest(out, job_index, job_manifest)
     merged = try_finalize(out)
 
     dt = time.monotonic() - t0
-    bases = sum(e["bases"] for e in inputs if e["status"] == "ok")
+    counters = job.counters
+    bases = sum(e["bases"] for e in job.inputs if e["status"] == "ok")
     kept, dropped = counters["windows"]["kept"]["windows"], counters["windows"]["dropped"]["windows"]
-    progress.write(
-        f"{desc}: {bases / 1e6:.2f} Mbp from {len(inputs) - len(skipped)} file(s) -> {len(plan)} shard(s), "
-        f"{sum(entries[n]['samples'] for n in plan)} samples ({kept} windows kept, {dropped} dropped: "
+    say = progress.write
+    say(
+        f"{desc}: {bases / 1e6:.2f} Mbp from {len(job.inputs) - len(skipped)} file(s) -> {len(plan)} shard(s), "
+        f"{sum(job.entries[n]['samples'] for n in plan)} samples ({kept} windows kept, {dropped} dropped: "
         + ", ".join(f"{r} {v.get('windows', v.get('records', 0))}" for r, v in counters["dropped"].items())
-        + f"); {writer.resumed} shard(s) kept from an earlier run; {dt:.1f} s, {bases / 1e6 / max(dt, 1e-9):.1f} Mbp/s"
+        + f"); {job.resumed} shard(s) kept from an earlier run; {dt:.1f} s, {bases / 1e6 / max(dt, 1e-9):.1f} Mbp/s"
     )
     for s in skipped:
-        progress.write(f"{desc}: SKIPPED {s}")
+        say(f"{desc}: SKIPPED {s}")
     if merged is not None:
-        progress.write(f"{desc}: wrote {out / 'manifest.json'}")
+        say(f"{desc}: wrote {out / 'manifest.json'}")
     else:
-        progress.write(f"{desc}: job manifest written; the last job to finish (or `hyena-glt pack --finalize {out}`) writes manifest.json")
+        say(f"{desc}: job manifest written; the last job to finish (or `hyena-glt pack --finalize {out}`) "
+            "writes manifest.json")
     return JobResult(1 if skipped else 0, job_manifest, merged, skipped)
-
-
-class _SkipFile(Exception):
-    """A file failed its check under --skip-bad-files: plan again without it."""
-
-    def __init__(self, index: int, check: FileCheck):
-        self.index, self.check = index, check
-
-
-def _pack_files(opts, files, mine, checks, estimates, shared, writer, progress, bad: dict[int, FileCheck]):
-    job = opts.job_index
-    assigner = JobAssigner(list(range(opts.num_jobs)))
-    unit_bases = max(1, int(opts.unit_mb * 1e6))
-    cutters = {s: ShardCutter(s, job, int(opts.shard_size_mb * 1e6)) for s in SPLITS}
-    plan: list[str] = []
-    inputs, sha = [], {}
-    zero = lambda: {"windows": 0, "bases": 0}  # noqa: E731
-    windows = {"planned": zero(), "kept": zero(), "dropped": zero()}
-    dropped = {r: ({"records": 0} if r == "empty_record" else zero()) for r in DROP_REASONS}
-    kept_windows: dict[str, int] = defaultdict(int)
-    records: dict[str, int] = defaultdict(int)
-
-    def drop(reason: str, s: int, e: int) -> None:
-        for d in (dropped[reason], windows["dropped"]):
-            d["windows"] += 1
-            d["bases"] += e - s
-
-    def dispatch(tasks) -> None:
-        for task in tasks:
-            task.inputs = {src: sha[src] for src in task.inputs}
-            plan.append(task.name)
-            writer.submit(task)
-
-    for i in mine:
-        fut, source = checks[i], str(files[i])
-        entry = {"path": source, "status": "ok", "error": None}
-        if i in bad:
-            c = bad[i]
-            inputs.append({**entry, "size": c.size, "sha256": c.sha256, "compression": c.compression,
-                           "records": 0, "bases": 0, "status": "skipped", "error": c.error})
-            continue
-        # Shards cut while the file's check still runs wait here: nothing of a file is
-        # written before it has passed.
-        held: list | None = []
-        try:
-            for rec in read_records(files[i], fut.result):
-                progress.update(len(rec.seq))
-                L = len(rec.seq)
-                if L == 0:
-                    if not shared or assigner.take(0) == job:
-                        dropped["empty_record"]["records"] += 1
-                        progress.write(f"warning: {source}: record '{rec.id}' (#{rec.index + 1}) has no sequence; not packed")
-                    continue
-                split = split_of(rec.id, opts.seed, opts.val_fraction, opts.test_fraction)
-                template = Segment(i, rec.index, rec.id, source, int(rec.seq_type), 0,
-                                   strands=strands_for(rec.seq_type, opts.reverse_complement))
-                cutter = cutters[split]
-                for unit in units(L, opts.seq_len, opts.stride, unit_bases):
-                    if shared and assigner.take(unit.bases) != job:
-                        continue
-                    if unit.first == 0:
-                        records[split] += 1
-                    for k in range(unit.first, unit.stop):
-                        s, e = window(k, L, opts.seq_len, opts.stride)
-                        windows["planned"]["windows"] += 1
-                        windows["planned"]["bases"] += e - s
-                        if e - s < opts.min_len:
-                            drop("short", s, e)
-                        elif ambiguous_count(rec.seq, s, e, rec.seq_type) > opts.max_n_fraction * (e - s):
-                            drop("n_fraction", s, e)
-                        else:
-                            cutter.add(template, s, e, rec.seq)
-                            windows["kept"]["windows"] += 1
-                            windows["kept"]["bases"] += e - s
-                            kept_windows[split] += 1
-                cutter.end_record(rec.seq)
-                ready = cutter.take_ready()
-                if held is not None and (fut.done() or len(held) > 1):  # waits rather than hold many
-                    fut.result().raise_if_bad()
-                    sha[source] = fut.result().sha256
-                    ready, held = held + ready, None
-                if held is None:
-                    dispatch(ready)
-                else:
-                    held += ready
-        except BadInputError:
-            c = fut.result()
-            if c.error and opts.skip_bad_files:
-                raise _SkipFile(i, c) from None
-            raise
-        c = fut.result()
-        sha[source] = c.sha256
-        dispatch(held or [])
-        progress.set_total(progress.total - estimates[i] + c.bases)
-        inputs.append({**entry, "size": c.size, "sha256": c.sha256, "compression": c.compression,
-                       "records": c.records, "bases": c.bases})
-    for c in cutters.values():
-        dispatch(c.finish())
-    counters = {"windows": windows, "dropped": dropped, "kept_windows": dict(kept_windows), "records": dict(records)}
-    return inputs, plan, counters
 
 
 def run_pack(opts: PackOptions, stream=None) -> int:

@@ -42,11 +42,10 @@ def split_of(record_id: str, seed: int, val_fraction: float, test_fraction: floa
     return "train"
 
 
-def ambiguous_count(seq: bytes, start: int, end: int, seq_type: SeqType) -> int:
-    """Unknown residues in seq[start:end]: N for nucleotides, X for protein (N is
-    asparagine there)."""
-    c = b"X" if seq_type == SeqType.PROTEIN else b"N"
-    return seq.count(c, start, end) + seq.count(c.lower(), start, end)
+def unknown_residue(seq_type: SeqType) -> bytes:
+    """The letter of an unknown residue, counted (either case) against --max-n-fraction:
+    N for nucleotides, X for protein (N is asparagine there)."""
+    return b"X" if seq_type == SeqType.PROTEIN else b"N"
 
 
 def strands_for(seq_type: SeqType, reverse_complement: str) -> tuple[str, ...]:

@@ -112,9 +112,12 @@ def _stamp(out: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_resume_after_kill(tmp_path, ecoli):
+    # A shard is completed (renamed, recorded) once every file with windows in it passed its
+    # check, which a file does at its end: several files, so the kill falls between files.
     name, seq = read_fasta(ecoli)[0]
-    fa = write_fasta(tmp_path / "ecoli_part.fa", [(name, seq[:1_500_000])])
-    args = [str(fa), "--seq-len", "128", "--reverse-complement", "both", "--shard-size-mb", "0.25",
+    parts = [write_fasta(tmp_path / f"ecoli_part{k}.fa", [(f"{name}_{k}", seq[k * 187_500 : (k + 1) * 187_500])])
+             for k in range(8)]
+    args = [*map(str, parts), "--seq-len", "128", "--reverse-complement", "both", "--shard-size-mb", "0.25",
             "--val-fraction", "0", "--progress", "none"]
     killed, ref = tmp_path / "killed", tmp_path / "ref"
     proc = subprocess.Popen([*HYENA, "pack", *args, "--out", str(killed)], cwd=REPO,

@@ -1,0 +1,159 @@
+"""`hyena-glt pack` output pinned to stored sha256s: a change to how shards are written
+(speed work on the tar, reverse complement, JSON or planning code) must keep every byte.
+
+The shards' JSON holds each input's absolute path, so the inputs are placed under one fixed
+directory; their bytes are copies of the bundled genomes plus one plain FASTA made here
+from E. coli (soft-masked stretches, IUPAC codes, an RNA, a protein, an empty and a short
+record), never recompressed, so no zlib version can change them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_data_support import read_fasta, run_cli
+
+from data_tools import pack, shards
+
+# Bump the suffix whenever the inputs made below change.
+INPUT_DIR = Path("/tmp/hyena-glt-pack-hash-v2")
+OPTIONS = ["--seq-len", "3000", "--stride", "2500", "--min-len", "700", "--max-n-fraction", "0.1",
+           "--reverse-complement", "both", "--shard-size-mb", "0.3", "--val-fraction", "0.3",
+           "--test-fraction", "0.2", "--seed", "6", "--progress", "none"]
+
+# Recorded with the code before the speed work of issue #13 (shards written by webdataset's
+# TarWriter, records read with pyfastx).
+EXPECTED = {
+    "manifest.json": "9ddc0094ee2992fa282db7ba99a504702126741af43992dd9677378dad5aada5",
+    "test-00000-000000.idx": "1539d0f2e87a2b6a321f7878d5f7a5d5639d337b48592b1290a0a180511130fc",
+    "test-00000-000000.tar": "3d7f07884bf5064c9078f0565f24e9b782a4b7f116b4b6d236a1fb29c4f01fec",
+    "train-00000-000000.idx": "1de15d85c9f64968f9dbf2150723a9134de84ed909463b52e9460210dc03e96c",
+    "train-00000-000000.tar": "1031515ec3ac23ba21707ff008285c36f3ec216f51ee42f99ac94fc15344be75",
+    "train-00000-000001.idx": "cafb1ecfb38165b7c88b3d10304a660aeae371e9ce4cba5c57c18a1dd792cfd5",
+    "train-00000-000001.tar": "7896ebf991c83710dbe25cfec5bb44c5d3334cc769e23a7cda53ed7b1b465534",
+    "train-00000-000002.idx": "1167ffc893ddcc087c3955f19bc5478b0f8dba8cc0896a25e1e62114a26e0070",
+    "train-00000-000002.tar": "14903354e15cf81576559933dac36f0a2c955521d9af19235e8cfab5f64cdc20",
+    "train-00000-000003.idx": "cafb1ecfb38165b7c88b3d10304a660aeae371e9ce4cba5c57c18a1dd792cfd5",
+    "train-00000-000003.tar": "32cb4be876830768dc0d5986e578baddb7615c029abe687520c5022761197bbb",
+    "train-00000-000004.idx": "cafb1ecfb38165b7c88b3d10304a660aeae371e9ce4cba5c57c18a1dd792cfd5",
+    "train-00000-000004.tar": "6413c32cbd84f4c1ed72359c58905d418e54108f54cb27c4bf8b7623595c2708",
+    "train-00000-000005.idx": "752dae398e6fc015e2588388149dea0bcb9c0d7e55e87d0525733c1a3fb2996b",
+    "train-00000-000005.tar": "b778206e502f2b3a872b49e9ddd5010e00fd5d41837525bc336acc454bc09421",
+    "val-00000-000000.idx": "d3a485fd7784616ddb9991e9c23a302533624907d4f542f61238905b591c1946",
+    "val-00000-000000.tar": "d56491d098f8694edfb104a98ae2f709a8f876c04806ed83306bd5adb516461f",
+}
+
+
+def _place(name: str, data: bytes) -> Path:
+    """Write `data` at INPUT_DIR/name unless it is already there; atomic, because other test
+    runs on the machine may place the same (identical) file at the same time."""
+    path = INPUT_DIR / name
+    if path.exists() and path.read_bytes() == data:
+        return path
+    tmp = INPUT_DIR / f".{name}.{os.getpid()}.tmp"
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def _mixed_fasta(ecoli_seq: bytes) -> bytes:
+    soft = bytearray(ecoli_seq[1_000_000:1_240_100])
+    for a in range(7_000, 240_000, 31_000):
+        soft[a : a + 4_000] = soft[a : a + 4_000].lower()
+    for k, code in enumerate(b"RYKMSWBDHVnrykmswbdhv"):
+        soft[500 + 997 * k] = code
+    soft[60_000:61_900] = b"N" * 1_900  # one window over --max-n-fraction
+    rna = bytearray(ecoli_seq[2_000_000:2_021_000].replace(b"T", b"U"))
+    rna[3_000:5_000] = rna[3_000:5_000].lower()
+    amino = np.frombuffer(b"ACDEFGHIKLMNPQRSTVWY", np.uint8)
+    codes = np.frombuffer(ecoli_seq[3_000_000:3_024_000], np.uint8).reshape(-1, 3).astype(np.int64)
+    protein = bytearray(amino[(codes[:, 0] * 7 + codes[:, 1] * 3 + codes[:, 2]) % 20].tobytes())
+    protein[100:140] = b"X" * 40
+    # An id that JSON must escape and that holds printf-style % signs.
+    odd_id = '100%d_"q"\\x_\u00e9%s'
+    records = [("soft_masked chr fragment", bytes(soft)), ("rna_1", bytes(rna)), ("empty_one", b""),
+               ("prot_A", bytes(protein)), ("tiny", ecoli_seq[5:300]), (odd_id, ecoli_seq[4_000_000:4_012_345])]
+    out = bytearray()
+    for name, seq in records:
+        out += b">" + name.encode() + b"\n"
+        for i in range(0, len(seq), 60):
+            out += seq[i : i + 60] + b"\n"
+    return bytes(out)
+
+
+@pytest.fixture
+def hash_inputs(lambda_phage, nmasked_contig, ecoli) -> list[Path]:
+    try:
+        INPUT_DIR.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        pytest.skip(f"cannot create {INPUT_DIR}: {e}")
+    return [
+        _place("lambda_phage.fasta.gz", lambda_phage.read_bytes()),
+        _place("mixed.fa", _mixed_fasta(read_fasta(ecoli)[0][1])),
+        _place("ecoli_contig_nmasked.fasta.gz", nmasked_contig.read_bytes()),
+    ]
+
+
+def _digests(out: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.iterdir()) if p.suffix in (".tar", ".idx", ".json")}
+
+
+# (workers, bases a worker may read ahead of its handover): a small budget makes workers
+# pack most files as they read them, the way files larger than the budget are packed.
+@pytest.mark.parametrize("workers, ahead", [(1, None), (2, None), (3, 20_000)])
+def test_pack_bytes_match_stored_hashes(tmp_path, hash_inputs, monkeypatch, workers, ahead):
+    if ahead is not None:
+        monkeypatch.setattr(pack, "_ahead_bases", lambda opts: ahead)
+    out = tmp_path / "out"
+    rc, _, err = run_cli("pack", *hash_inputs, "--out", out, *OPTIONS, "--workers", workers)
+    assert rc == 0, err
+    got = _digests(out)
+    assert {s.split("-")[0] for s in got if s.endswith(".tar")} == {"train", "val", "test"}
+    assert got == EXPECTED
+    shutil.rmtree(out)
+
+
+def test_resume_with_workers_keeps_the_bytes(tmp_path, hash_inputs):
+    out = tmp_path / "out"
+    rc, _, err = run_cli("pack", *hash_inputs, "--out", out, *OPTIONS, "--workers", "2")
+    assert rc == 0, err
+    done = out / ".pack" / "job-00000"
+    shards = sorted(p.stem for p in out.glob("train-*.tar"))
+    (done / f"{shards[0]}.json").unlink()
+    (out / f"{shards[2]}.tar").write_bytes(b"")
+    (out / "manifest.json").unlink()
+    rc, _, err = run_cli("pack", *hash_inputs, "--out", out, *OPTIONS, "--workers", "2")
+    assert rc == 0, err
+    total = sum(name.endswith(".tar") for name in EXPECTED)
+    assert f"{total - 2} shard(s) kept from an earlier run" in err  # not the two damaged ones
+    assert _digests(out) == EXPECTED
+
+
+def test_sample_members_are_tarfile_headers():
+    """The shards' member headers are made without tarfile, per sample; they must stay the
+    bytes tarfile (and so webdataset's TarWriter) writes, for any name and size."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        key = b"%05d-%09d-%012d-%c" % (*rng.integers(0, [10**5, 10**9, 10**12]), rng.choice([102, 114]))
+        meta_len = int(rng.integers(0, 5000))
+        seq_len = int(rng.choice([0, 1, 511, 512, 513, 1 << 20, rng.integers(0, 20_000)]))
+        w = shards._RangeWriter.__new__(shards._RangeWriter)
+        written = io.BytesIO()
+        w.out, w.name, w.buf, w.index, w.tar = None, None, bytearray(), bytearray(), shards._HashingFile(written, None, 0)
+        w.add(key, bytes(meta_len), b"A" * seq_len, 0)
+        w.flush()
+        stream = io.BytesIO()
+        with tarfile.open(fileobj=stream, mode="w|", format=tarfile.USTAR_FORMAT) as tf:
+            for suffix, data in ((".json", bytes(meta_len)), (".seq", b"A" * seq_len)):
+                info = tarfile.TarInfo(key.decode() + suffix)
+                info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "hyena-glt", "hyena-glt"
+                tf.addfile(info, io.BytesIO(data))
+        assert written.getvalue() == stream.getvalue()[: len(written.getvalue())]
