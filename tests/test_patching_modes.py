@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 import torch
-from test_blt_model import model_for, perturbed_pair, tiny
+from test_blt_model import assert_causal_bit_exact, assert_causal_with_long_filters_fp64, model_for, perturbed_pair, tiny
 from test_blt_segments import sequential_reference
 
 from hyena_glt import HyenaGLTConfig, build_causal_lm, load_causal_lm
@@ -84,24 +84,13 @@ def test_dp_decision_sees_only_its_horizon(horizon):
 
 @pytest.mark.parametrize("patching,kw", NEW_MODES)
 def test_causality_bit_exact_new_modes(patching, kw):
-    m = model_for(patching, kw)
-    a, b = perturbed_pair()
-    with torch.no_grad():
-        oa, ob = m(a), m(b)
-    assert 1 < oa.patch_info.num_patches.min() < 160
-    assert oa.patch_info.lag == (m.config.patch_lookahead if m.config.entropy_mode == "optimal" else 0)
-    assert torch.equal(oa.logits[:, :97], ob.logits[:, :97])
-    assert not torch.equal(oa.logits[:, 97:], ob.logits[:, 97:])
+    m, out = assert_causal_bit_exact(patching, kw)
+    assert out.patch_info.lag == (m.config.patch_lookahead if m.config.entropy_mode == "optimal" else 0)
 
 
 @pytest.mark.parametrize("patching,kw", [NEW_MODES[0], NEW_MODES[3]])
 def test_causality_with_long_fft_filters_fp64_new_modes(patching, kw):
-    m = model_for(patching, kw, torch.float64, pattern="SDH*", medium_filter_len=128, local_decoder_pattern="SH")
-    a, b = perturbed_pair(L=200, j=150)
-    with torch.no_grad():
-        la, lb = m(a).logits, m(b).logits
-    assert (la[:, :150] - lb[:, :150]).abs().max() < 1e-12
-    assert (la[:, 150:] - lb[:, 150:]).abs().max() > 1e-6
+    assert_causal_with_long_filters_fp64(patching, kw)
 
 
 @pytest.mark.parametrize("lookahead", [1, 4])
