@@ -32,7 +32,8 @@ from hyena_glt.fftconv import causal_conv
 from hyena_glt.filters import ModalFilter
 from hyena_glt.modal import modal_carry, modal_conv, state_scan
 
-LONG_CONV_PATHS = ("state", "all2all")
+from .parallel_config import CP_LONG_CONV_PATHS
+
 
 # Payload bytes this process handed to CP collectives, forward and backward, keyed
 # "<operation>/<collective>" (e.g. "long_conv/halo"): what `bench cp` reports.
@@ -50,8 +51,12 @@ def _operation(name: str):
         _scope.pop()
 
 
+def _current_op() -> str:
+    return _scope[-1] if _scope else "other"
+
+
 def _count(collective: str, t: torch.Tensor, peers: float = 1, op: str | None = None) -> None:
-    key = f"{op or (_scope[-1] if _scope else 'other')}/{collective}"
+    key = f"{op or _current_op()}/{collective}"
     traffic[key] = traffic.get(key, 0) + round(t.numel() * t.element_size() * peers)
 
 
@@ -60,7 +65,7 @@ class _CountBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t: torch.Tensor, peers: float):
-        ctx.op, ctx.peers = (_scope[-1] if _scope else "other"), peers
+        ctx.op, ctx.peers = _current_op(), peers
         return t.view_as(t)
 
     @staticmethod
@@ -111,7 +116,7 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group, ctx.op = group, (_scope[-1] if _scope else "other")
+        ctx.group, ctx.op = group, _current_op()
         x = x.contiguous()
         _count("all2all", x, (group.size() - 1) / group.size())
         out = torch.empty_like(x)
@@ -155,8 +160,8 @@ def channel_to_seq(y: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 
 def long_conv(z: torch.Tensor, filt: torch.nn.Module, group: dist.ProcessGroup, path: str = "state") -> torch.Tensor:
     """`D` / `H` causal convolution (with skip) of zigzag-local z (B, C, 2n) over the full context."""
-    if path not in LONG_CONV_PATHS:
-        raise ValueError(f"cp_long_conv={path!r}: expected one of {LONG_CONV_PATHS}")
+    if path not in CP_LONG_CONV_PATHS:
+        raise ValueError(f"cp_long_conv={path!r}: expected one of {CP_LONG_CONV_PATHS}")
     with _operation("long_conv"):
         return _long_conv(z, filt, group, path)
 
@@ -240,7 +245,7 @@ class _Halo(torch.autograd.Function):
             recv_next=halo_b if r < cp - 1 else None,
             group=group,
         )
-        ctx.k, ctx.group, ctx.shape, ctx.op = k, group, x.shape, (_scope[-1] if _scope else "other")
+        ctx.k, ctx.group, ctx.shape, ctx.op = k, group, x.shape, _current_op()
         return halo_a, halo_b
 
     @staticmethod

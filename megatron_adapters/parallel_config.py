@@ -18,6 +18,10 @@ from dataclasses import dataclass
 from hyena_glt.config import HyenaGLTConfig
 
 
+# How D/H convolutions cross CP ranks (context_parallel.long_conv).
+CP_LONG_CONV_PATHS = ("state", "all2all")
+
+
 class ParallelConfigError(ValueError):
     """A layout that cannot work for this model / world size / sequence length."""
 
@@ -161,8 +165,8 @@ def check_layout(
             errors.append(f"{name}={v} must be a positive integer")
     if errors:
         raise ParallelConfigError("invalid parallel layout: " + "; ".join(errors))
-    if pcfg.cp_long_conv not in ("state", "all2all"):
-        errors.append(f"cp_long_conv={pcfg.cp_long_conv!r} must be 'state' or 'all2all'")
+    if pcfg.cp_long_conv not in CP_LONG_CONV_PATHS:
+        errors.append(f"cp_long_conv={pcfg.cp_long_conv!r} must be one of {CP_LONG_CONV_PATHS}")
     if vpp is not None and (vpp < 2 or pp < 2):
         errors.append(f"vpp={vpp} needs vpp >= 2 and pp >= 2 (got pp={pp}); use vpp=1 (parallel.vpp) for plain 1F1B")
     if pcfg.sp and tp < 2:
