@@ -236,11 +236,6 @@ class HyenaGLTConfig(BaseModel):
             raise ValueError(
                 f"entropy_d_model: {self.entropy_d_model} must be divisible by num_filter_groups={self.num_filter_groups}"
             )
-        if STAGE_SEPARATOR in self.pattern:
-            raise ValueError(
-                f"pattern: pipeline stage boundaries ('|') are not supported with patching={self.patching!r} "
-                "(the U-shaped model runs on one pipeline stage)"
-            )
         return self
 
     @model_validator(mode="after")
@@ -277,6 +272,19 @@ class HyenaGLTConfig(BaseModel):
         if STAGE_SEPARATOR not in self.pattern:
             return None
         return [len(s) for s in self.pattern.split(STAGE_SEPARATOR)]
+
+    def short_conv_halo(self) -> int:
+        """Positions before its own that any short causal convolution of the model reads
+        (taps - 1): what a context-parallel chunk must cover."""
+        patterns = [self.layers]
+        if self.patching != "none":
+            patterns += [self.local_encoder_pattern, self.local_decoder_pattern]
+            if self.patching == "entropy":
+                patterns.append(self.entropy_pattern)
+        taps = [self.featurizer_len] + ([self.short_filter_len] if any("S" in p for p in patterns) else [])
+        if self.motif_branch:
+            taps += list(self.motif_kernel_sizes)
+        return max(taps) - 1
 
     @property
     def head_dim(self) -> int:

@@ -15,6 +15,17 @@ is computed; they ask their `ModelSpec`:
     attention(q, k, v, positions)      causal scaled-dot-product attention
     enter_sequence_region(x)           what follows the embedding (e.g. split the sequence)
 
+and, for the token-merging U-shape, whose patcher and bridge need whole sequences between
+stacks of blocks that may each hold a share of one:
+
+    split_context(t)                   (B, L, ...) whole -> the context share the blocks see
+                                       (no gradient: ids, positions)
+    to_blocks(x) / from_blocks(y)      (B, L, D) whole <-> the blocks' layout and share, with
+                                       gradients; whole-sequence work done by every rank is
+                                       weighted `whole_loss_scale` in the loss
+    sequence_multiple                  what a block input's length must be a multiple of
+    context_chunks                     how many chunks of a sequence the context split makes
+
 plus the shape of this rank's share: `tp`/`tp_rank` (channel groups, heads and MLP columns
 split into `tp` contiguous parts), the activation layout (`seq_first`: (L, B, D) as in
 megatron-core, else (B, L, D)) and `sequence_parallel` (norms then see a slice of the
@@ -89,6 +100,12 @@ class ModelSpec:
     long_conv: Callable[[Tensor, nn.Module], Tensor] = local_long_conv
     attention: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor] = local_attention
     enter_sequence_region: Callable[[Tensor], Tensor] = same
+    split_context: Callable[[Tensor], Tensor] = same
+    to_blocks: Callable[[Tensor], Tensor] = same
+    from_blocks: Callable[[Tensor], Tensor] = same
+    sequence_multiple: int = 1
+    context_chunks: int = 1
+    whole_loss_scale: float = 1.0
     tp: int = 1
     tp_rank: int = 0
     seq_first: bool = False

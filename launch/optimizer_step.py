@@ -1,8 +1,8 @@
 """The optimizer side of a training step, plain or through DeepSpeed ZeRO.
 
 Both variants take the model's gradients as `forward_backward` leaves them (a
-build.ParallelModel, or a replicated.ReplicatedModel: the token-merging U-shape, and the
-fine-tuning head models) and expose the same small surface to the trainers: `step(micro_batches)`,
+build.ParallelModel (either model family), or a replicated.ReplicatedModel: the fine-tuning
+head models) and expose the same small surface to the trainers: `step(micro_batches)`,
 `set_lr`, and full (unpartitioned over data parallel) optimizer states per parameter for
 checkpoints, so a checkpoint does not depend on the data-parallel size or the ZeRO stage.
 

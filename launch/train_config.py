@@ -115,8 +115,6 @@ class TrainConfig(_Section):
             raise ValueError("parallel.sp=true needs parallel.tp > 1")
         if self.zero.stage == 3 and p.pp > 1:
             raise ValueError(f"zero.stage=3 shards parameters and cannot run with pipeline parallelism (parallel.pp={p.pp}); use stage 1 or 2")
-        if self.zero.stage == 3 and self.model.patching != "none":
-            raise ValueError("zero.stage=3 is not supported with token merging; use zero.stage 0, 1 or 2")
         validate_curriculum(t.curriculum, t.seq_len, p.cp)
         if t.seq_len % (2 * p.cp):
             raise ValueError(f"train.seq_len={t.seq_len} must be divisible by 2*parallel.cp={2 * p.cp} (zigzag context split)")

@@ -404,8 +404,8 @@ class Trainer:
 
 
 def build_model(model_cfg, layout):
-    """This rank's model for a layout: megatron-core model-parallel chunks, or for token
-    merging the U-shape (data x tensor parallel; megatron_adapters/merging.py)."""
+    """This rank's model for a layout: its pipeline chunks, every block built with the
+    parallel spec (the plain model, or the token-merging U-shape: megatron_adapters/merging.py)."""
     from megatron_adapters.build import build_parallel_model
 
     return build_parallel_model(model_cfg, layout, dtype=torch.float32)

@@ -1,9 +1,10 @@
 """Build this rank's share of the model for a layout, and its forward/backward step.
 
 The model is hyena_glt's own, built with the parallel spec (spec.py): a pipeline rank
-holds one `Stage` of HyenaGLTForCausalLM per (virtual) stage, each wrapped for megatron's
-schedules by `PipelineStage`. A token-merging config builds BLTForCausalLM with the same
-spec (tensor parallel, batch-first) and runs it data parallel (replicated.py).
+holds one `Stage` of its causal LM per (virtual) stage, each wrapped for megatron's
+schedules by `PipelineStage`: HyenaGLTForCausalLM, or for a token-merging config the
+U-shaped BLTForCausalLM (byte encoder and merge on the first stage, unmerge, byte decoder
+and output on the last; merging.py).
 
     layout = initialize_parallel(ParallelConfig(tp=2, pp=2), cfg, seq_length=L)
     pm = build_parallel_model(cfg, layout, dtype=torch.float32)
@@ -33,23 +34,26 @@ from torch import nn
 from hyena_glt.config import HyenaGLTConfig
 from hyena_glt.loss import default_loss_weights
 from hyena_glt.model import HyenaGLTForCausalLM, Stage
-from hyena_glt.registry import build_causal_lm
+from hyena_glt.blt.ushape import BLTForCausalLM
+from hyena_glt.registry import family_of
 
 from . import context_parallel as cpar
+from . import merging
 from . import sequence_parallel as spar
 from .grads import finalize_model_parallel_grads, reduce_gradients_dp_cp
 from .groups import RankContext, parallel_device
 from .parallel_config import Layout, check_layout
 from .pipeline import check_num_microbatches, run_schedule
-from .replicated import ReplicatedModel
 from .sharding import init_from_canonical, named_persistent_buffers
 from .spec import parallel_spec
 from .tensor_parallel import megatron_config, vocab_parallel_cross_entropy
 
 
-def localize_batch(mb: dict, ctx: RankContext, device: torch.device) -> dict:
+def localize_batch(mb: dict, ctx: RankContext, device: torch.device, merging: bool = False) -> dict:
     """A full micro-batch (B, L) -> what this rank computes on: its zigzag CP share, labels and
-    weights sequence-first (s_cp, B), global positions, conservation sliced for SP."""
+    weights sequence-first (s_cp, B), global positions, conservation sliced for SP. With
+    `merging` also the whole ids, conservation, labels and weights (the U-shape's patcher and
+    bridge see whole sequences and share them out themselves; merging.py)."""
     if mb.get("position_ids") is not None:
         raise NotImplementedError("custom position_ids are not supported by the parallel model (positions are 0..L-1)")
     ids = mb["input_ids"]
@@ -66,16 +70,23 @@ def localize_batch(mb: dict, ctx: RankContext, device: torch.device) -> dict:
             weights = default_loss_weights(labels)
         out["labels"] = cpar.zigzag_slice(labels.clamp_min(0), cp, r).t().contiguous().to(device)
         out["loss_weights"] = cpar.zigzag_slice(weights, cp, r).t().contiguous().to(device)
+        if merging:
+            out["whole_labels"], out["whole_loss_weights"] = labels.to(device), weights.to(device)
     if mb.get("seq_type") is not None:
         out["seq_type"] = mb["seq_type"].to(device)
-    if mb.get("conservation") is not None:
+    if merging:
+        out["whole_input_ids"] = ids.to(device)
+        if mb.get("conservation") is not None:
+            out["whole_conservation"] = mb["conservation"].to(device)
+    elif mb.get("conservation") is not None:
         c = cpar.zigzag_slice(mb["conservation"], cp, r).t().contiguous()
         out["conservation"] = spar.local_rows(c, ctx.tp, ctx.coords.tp, ctx.sp).contiguous().to(device)
     return out
 
 
 class PipelineStage(nn.Module):
-    """One (virtual) pipeline stage of HyenaGLTForCausalLM as megatron's schedules drive it.
+    """One (virtual) pipeline stage of a causal LM (HyenaGLTForCausalLM, or the token-merging
+    BLTForCausalLM: merging.run_stage) as megatron's schedules drive it.
 
     It registers the stage model's parts (`model`, `output_layer`, `lm_head`) as its own, so
     parameter names stay canonical (`model.layers.5.mixer...`). Forward takes the
@@ -86,12 +97,13 @@ class PipelineStage(nn.Module):
 
     model_type = ModelType.encoder_or_decoder
 
-    def __init__(self, lm: HyenaGLTForCausalLM, mcfg, vp_stage: int | None = None):
+    def __init__(self, lm: HyenaGLTForCausalLM | BLTForCausalLM, mcfg, ctx: RankContext, vp_stage: int | None = None):
         super().__init__()
         for name, child in lm.named_children():
             self.add_module(name, child)
         self.__dict__["lm"] = lm  # not a child: its parts are registered above
-        self.config, self.hyena_config = mcfg, lm.config
+        self.config, self.hyena_config, self.ctx = mcfg, lm.config, ctx
+        self.merging = lm.config.patching != "none"
         self.tied = lm.config.tie_embeddings
         self.is_first, self.is_last = lm.stage.first, lm.stage.last
         if vp_stage is not None:
@@ -106,10 +118,13 @@ class PipelineStage(nn.Module):
         self.model.activation_checkpointing = enabled
 
     def forward(self, batch: dict) -> torch.Tensor:
+        if self.merging:
+            return merging.run_stage(self, batch)
         out = self.lm(batch["input_ids"] if self.is_first else None, seq_type=batch.get("seq_type"),
                       conservation=batch.get("conservation"), position_ids=batch["positions"],
                       hidden=None if self.is_first else self._input_tensor)
-        return out.logits if self.is_last else out.hidden_states
+        # A task micro-batch (co-training, task_heads.py) ends at the final hidden states, which its head reads.
+        return out.logits if self.is_last and "task" not in batch else out.hidden_states
 
 
 class ParallelModel(nn.Module):
@@ -202,7 +217,8 @@ class ParallelModel(nn.Module):
         if any(tuple(mb["input_ids"].shape) != (B, L) for mb in micro_batches):
             raise ValueError("all micro-batches must have the same (batch, length) shape")
         check_layout(pcfg, self.config, seq_length=L)
-        local = [localize_batch(mb, ctx, self.device) for mb in micro_batches]
+        is_merging = self.config.patching != "none"
+        local = [localize_batch(mb, ctx, self.device, is_merging) for mb in micro_batches]
 
         compute = torch.promote_types(self.dtype, torch.float32)
         weight_sum = torch.zeros((), dtype=compute, device=self.device)
@@ -212,6 +228,11 @@ class ParallelModel(nn.Module):
         dist.all_reduce(weight_sum, group=ctx.dp_cp_group)
         scale = (ctx.dp_cp_group.size() if grad_reduction == "mean" else 1.0) / weight_sum.clamp_min(1e-8)
         keep_logits = logits_out is not None
+        seq_length = L
+        if is_merging:
+            for lb in local:
+                lb["loss_scale"] = scale  # the patcher's loss terms join the backward on the first stage
+            seq_length = merging.StageRows(self.chunks[0].lm, ctx, L).seq_length
 
         def loss_func(lb: dict, logits: torch.Tensor):
             if "labels" in lb:
@@ -230,7 +251,7 @@ class ParallelModel(nn.Module):
             return chunk(lb), partial(loss_func, lb)
 
         store = run_schedule(
-            self.chunk_list(), local, forward_step, seq_length=L, micro_batch_size=B, forward_only=forward_only
+            self.chunk_list(), local, forward_step, seq_length=seq_length, micro_batch_size=B, forward_only=forward_only
         )
         loss_sum = torch.zeros((), dtype=compute, device=self.device)
         if self.holds_loss:
@@ -265,31 +286,18 @@ def build_parallel_model(
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | None = None,
-) -> ParallelModel | ReplicatedModel:
+) -> ParallelModel:
     """This rank's model for `layout` (after initialize_parallel), initialised to the same
     full weights as the single-device model of `cfg`, on `device` (default: this rank's GPU,
-    or CPU). Both returned kinds have the same step interface (`forward_backward`).
-
-    * plain model: its pipeline stages, every block built with the parallel spec;
-    * token merging: the whole U-shape on every rank, its blocks split over TP (the patcher,
-      position system and bridge replicated), data parallel over the rest.
+    or CPU): its pipeline stages, every block built with the parallel spec. The plain model
+    and the token-merging U-shape (merging.py) are built and stepped the same way.
     """
     if layout.model != cfg:
         raise ValueError("the layout was validated for a different model config")
     ctx = RankContext.current(layout)
     mcfg = megatron_config(layout.parallel, cfg, dtype)
     device = device or parallel_device()
-    if cfg.patching != "none":
-        # The patcher heads, position system and bridge are small next to the blocks and their
-        # inputs are the full activations every TP rank holds, so they stay replicated: their
-        # gradients come out the same on every TP rank (a column-parallel layer all-reduces its
-        # input gradient) and need no communication, as megatron-core's norms.
-        if ctx.tp == 1:
-            model = build_causal_lm(cfg).to(dtype=dtype)
-        else:
-            model = build_causal_lm(cfg, initialize=False, spec=parallel_spec(ctx, mcfg, seq_first=False)).to(dtype=dtype)
-            init_from_canonical([model], cfg, ctx)
-        return ReplicatedModel(model, ctx, device)
+    family = family_of(cfg).causal_lm
     spec = parallel_spec(ctx, mcfg)
     stages = layout.stage_layers()
     last = layout.parallel.num_stages - 1
@@ -297,17 +305,32 @@ def build_parallel_model(
     chunks = []
     for v, s in enumerate(layout.chunk_stages(ctx.coords.pp)):
         stage = Stage(tuple(stages[s]), first=s == 0, last=s == last)
-        lm = HyenaGLTForCausalLM(cfg, initialize=False, spec=spec, stage=stage)
-        chunks.append(PipelineStage(lm, mcfg, vp_stage=v if vpp else None))
+        lm = family(cfg, initialize=False, spec=spec, stage=stage)
+        chunks.append(PipelineStage(lm, mcfg, ctx, vp_stage=v if vpp else None))
     for c in chunks:
         c.to(dtype=dtype)  # before filling, so fp64 weights are drawn at full precision
-        if c.tied and "embed" in c.model._modules:
-            w = c.model.embed.weight
-            w.shared_embedding = True  # grads summed with the other stage's copy (grads.py)
-            if not c.is_first:
-                # megatron's grad-norm utilities skip `shared` params: count the copy once
-                w.shared = True
+        if last > 0:
+            # Parameters both end stages hold (the tied embedding; the U-shape's segment
+            # encodings, used to merge and to unmerge): both copies' gradients are summed
+            # (grads.py), and the grad norm counts the first stage's.
+            for w in first_and_last_stage_params(c, cfg):
+                w.shared_embedding = True
+                if not c.is_first:
+                    w.shared = True
     init_from_canonical(chunks, cfg, ctx)
     for c in chunks:
         c.to(device=device)
     return ParallelModel(chunks, ctx, dtype, device)
+
+
+def first_and_last_stage_params(chunk: PipelineStage, cfg: HyenaGLTConfig) -> list[nn.Parameter]:
+    """This chunk's copies of the parameters the first and the last pipeline stage both hold."""
+    if not (chunk.is_first or chunk.is_last):
+        return []
+    out = []
+    if cfg.tie_embeddings and "embed" in chunk.model._modules:
+        out.append(chunk.model.embed.weight)
+    if "positions" in chunk.model._modules:
+        pos = chunk.model.positions
+        out += [p for name, p in pos.named_parameters() if not name.startswith(("pool.", "unpool."))]
+    return out

@@ -292,6 +292,19 @@ def _short_conv(x: torch.Tensor, h: torch.Tensor, group: dist.ProcessGroup, skip
     return y.reshape(2, B, C, n).permute(1, 2, 0, 3).reshape(B, C, 2 * n)
 
 
+# ---------------------------------------------------------------- whole sequences (token merging)
+def whole_sequence(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Every rank's zigzag share (s, ...) -> the whole sequence (cp*s, ...) in natural order
+    on every rank. Backward: every rank's whole-sequence work puts a part of the gradient on
+    every position; they are summed over CP and each rank keeps its share (reduce-scatter).
+    Its inverse is `zigzag_slice`, whose backward leaves zeros outside this rank's share, so
+    CP-replicated parameters before it get this rank's part of their gradient, as all
+    CP-replicated parameters do (grads.py sums them over DP x CP)."""
+    with _operation("merging"):
+        t = all_gather_cp(t, group)
+    return t.index_select(0, torch.argsort(zigzag_order(t.shape[0], group.size(), device=t.device)))
+
+
 # ---------------------------------------------------------------- attention
 def all_gather_cp(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """All-gather along dim 0 over CP in CP-rank order; the backward reduce-scatters, summing
@@ -307,11 +320,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torc
     """Causal attention of this rank's zigzag queries (B, h, s, hd) over every rank's keys.
 
     Every query needs every earlier key: K and V (already rotated at their own global
-    positions) are gathered from all CP ranks, and the mask compares global positions
-    (`positions`: (B or 1, s)), not local indices."""
+    positions) are gathered from all CP ranks, and the mask compares the queries' and keys'
+    indices in the whole sequence, not local indices. (`positions` only went into RoPE:
+    they are not indices when the sequence is one of patches, each at its first byte's position.)"""
     with _operation("attention"):
         kv = all_gather_cp(torch.stack([k, v]).permute(3, 0, 1, 2, 4).contiguous(), group)  # (L, 2, B, h, hd)
     k, v = kv.permute(1, 2, 3, 0, 4)  # (B, h, L, hd) each, CP-rank order
-    key_pos = zigzag_order(kv.shape[0], group.size(), device=positions.device)
-    mask = key_pos <= positions[..., None]  # (B or 1, s, L)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+    L, cp = kv.shape[0], group.size()
+    key_index = zigzag_order(L, cp, device=q.device)
+    query_index = zigzag_positions(L, cp, dist.get_rank(group), device=q.device)
+    mask = key_index <= query_index[:, None]  # (s, L)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

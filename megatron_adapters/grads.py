@@ -71,18 +71,18 @@ def _params(chunks: Iterable[nn.Module]) -> list[nn.Parameter]:
 
 
 def sync_tied_embedding_grads(chunks: list[nn.Module]) -> None:
-    """Sum the embedding grads of the first stage and the output-weight copy of the last."""
+    """Sum the gradients of the parameters both end stages hold (the embedding and the tied
+    output-weight copy; the U-shape's segment encodings) over the first and last stage."""
     if ps.get_pipeline_model_parallel_world_size() == 1 or not ps.is_rank_in_embedding_group():
         return
-    shared = [p for c in chunks for n, p in c.named_parameters() if getattr(p, "shared_embedding", False)]
-    if not shared:  # untied output layer: nothing is shared
+    # Both ends hold the same names: summed in name order, they pair up.
+    shared = sorted((n, p) for c in chunks for n, p in c.named_parameters() if getattr(p, "shared_embedding", False))
+    if not shared:  # untied output layer, plain model: nothing is shared
         return
-    if len(shared) != 1:
-        raise RuntimeError(f"expected one shared embedding weight on this embedding-group rank, found {len(shared)}")
-    p = shared[0]
-    if p.grad is None:
-        p.grad = torch.zeros_like(p)
-    dist.all_reduce(p.grad, group=ps.get_embedding_group())
+    for _, p in shared:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    allreduce_coalesced([p.grad for _, p in shared], ps.get_embedding_group())
 
 
 def finalize_model_parallel_grads(chunks: list[nn.Module]) -> None:

@@ -120,33 +120,20 @@ _SINGLE_DEVICE_ONLY = {"position_periods": []}
 
 
 def _token_merging_errors(pcfg: ParallelConfig, cfg: HyenaGLTConfig) -> list[str]:
-    """Token merging (megatron_adapters/merging.py): data and tensor parallel only.
-
-    Context parallel: patches straddle the sequence chunks, and pooling, the patch-level
-    global model and the byte<-patch bridge need the whole sequence. Pipeline parallel:
-    encoder, global model and decoder run as one stage (the pattern has no '|' either).
-    Sequence parallel: the patcher and the bridge between the blocks need whole sequences.
-    """
-    what = f"token merging (patching={cfg.patching!r})"
+    """Token merging (merging.py) runs in every layout; its entropy patcher's byte LM is
+    sharded over TP like the other blocks."""
     errors = []
-    if pcfg.cp > 1:
-        errors.append(f"{what} does not support context parallelism (patches straddle sequence chunks); "
-                      f"use cp=1, got cp={pcfg.cp}")
-    if pcfg.pp > 1:
-        errors.append(f"{what} runs the U-shaped model on one pipeline stage; use pp=1, got pp={pcfg.pp}")
-    if pcfg.sp:
-        errors.append(f"{what} does not support sequence parallelism (the patcher and bridge need whole "
-                      "sequences); use sp=false")
-    if cfg.patching == "entropy" and pcfg.tp > 1:
+    if cfg.patching == "entropy" and pcfg.tp * pcfg.cp > 1:
         from hyena_glt.blt import entropy_config
 
-        ent = entropy_config(cfg)  # its blocks are sharded like the others
-        sizes = {"d_model (entropy_d_model)": ent.d_model, "num_filter_groups": ent.num_filter_groups,
-                 "mlp hidden size": ent.mlp_hidden}
+        ent, tp, tc = entropy_config(cfg), pcfg.tp, pcfg.tp * pcfg.cp
+        sizes = {"d_model (entropy_d_model)": (ent.d_model, tc, "tp*cp"),
+                 "num_filter_groups": (ent.num_filter_groups, tc, "tp*cp"),
+                 "mlp hidden size": (ent.mlp_hidden, tp, "tp")}
         if "*" in ent.pattern:
-            sizes["attention heads (entropy_d_model // 64)"] = ent.num_heads
-        errors += [f"the entropy patcher's byte LM {k}={n} is not divisible by tp={pcfg.tp}"
-                   for k, n in sizes.items() if n % pcfg.tp]
+            sizes["attention heads (entropy_d_model // 64)"] = (ent.num_heads, tp, "tp")
+        errors += [f"the entropy patcher's byte LM {k}={n} is not divisible by {by}={d}"
+                   for k, (n, d, by) in sizes.items() if n % d]
     return errors
 
 
@@ -205,14 +192,11 @@ def check_layout(
             errors.append(f"sequence length per CP rank {seq_length // cp} is not divisible by tp={tp} (sequence parallel)")
         elif cp > 1:
             # A halo comes from the neighbouring chunk only, so a chunk must cover a full halo.
-            taps = [cfg.featurizer_len] + ([cfg.short_filter_len] if "S" in cfg.layers else [])
-            if cfg.motif_branch:
-                taps += list(cfg.motif_kernel_sizes)
-            chunk, need = seq_length // (2 * cp), max(taps) - 1
+            chunk, need = seq_length // (2 * cp), cfg.short_conv_halo()
             if chunk < need:
                 errors.append(
                     f"zigzag chunk length {seq_length}/(2*cp) = {chunk} is shorter than the "
-                    f"{need}-position halo of a {max(taps)}-tap short convolution"
+                    f"{need}-position halo of a {need + 1}-tap short convolution"
                 )
     if errors:
         raise ParallelConfigError(f"invalid parallel layout ({pcfg.describe(world_size)}): " + "; ".join(errors))

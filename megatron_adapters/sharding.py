@@ -75,7 +75,7 @@ def layer_index(name: str) -> int | None:
 def held_by_stage(name: str, layers: set[int], first: bool, last: bool, tied: bool) -> bool:
     """Does a pipeline stage holding `layers` (and the embedding if first, the head if last)
     hold parameter `name`? A tied last stage keeps its own copy of the embedding."""
-    if first and last:  # a single stage holds everything (also the token-merging U-shape's modules)
+    if first and last:  # a single stage holds everything
         return True
     idx = layer_index(name)
     if idx is not None:
@@ -84,6 +84,14 @@ def held_by_stage(name: str, layers: set[int], first: bool, last: bool, tied: bo
         return first or (last and tied)
     if name.startswith(("model.seq_type_embed.", "model.motif.")):
         return first
+    # the token-merging U-shape: bytes are encoded and merged on the first stage, unmerged
+    # and decoded on the last; the segment encodings serve both
+    if name.startswith(("model.encoder.", "model.patcher.", "model.positions.pool.")):
+        return first
+    if name.startswith(("model.positions.unpool.", "model.global_norm.", "model.decoder.")):
+        return last
+    if name.startswith("model.positions."):
+        return first or last
     if name.startswith("model.final_norm.") or name.startswith("lm_head."):
         return last
     raise KeyError(f"{name}: no pipeline placement rule for this parameter")

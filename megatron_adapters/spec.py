@@ -13,14 +13,16 @@ hyena_glt builds one `Block`, operator, attention, MLP and embedding from a `Mod
   halo and the modal state (or go through the all-to-all, `cp_long_conv`), attention
   gathers K/V (context_parallel.py).
 
-Activations are sequence-first (L, B, D) in the pipeline chunks, megatron-core's
-convention, so its SP mappings and pipeline p2p apply unchanged; the token-merging U-shape
-runs batch-first with tensor parallelism only (`seq_first=False`).
+Activations are sequence-first (L, B, D) in the blocks, megatron-core's convention, so its
+SP mappings and pipeline p2p apply unchanged. The token-merging U-shape's patcher and bridge
+work on whole batch-first sequences: `to_blocks` / `from_blocks` move between those and the
+blocks' share (zigzag CP slice, then SP slice), gradients included (merging.py).
 """
 
 from __future__ import annotations
 
 from megatron.core import ModelParallelConfig
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
 from hyena_glt.spec import LOCAL, ModelSpec
 
@@ -30,11 +32,22 @@ from .groups import RankContext
 from .tensor_parallel import ColumnLinear, OutputLayer, RowLinear, VocabEmbedding, vocab_parallel_cross_entropy
 
 
-def parallel_spec(ctx: RankContext, mcfg: ModelParallelConfig, *, seq_first: bool = True) -> ModelSpec:
+def parallel_spec(ctx: RankContext, mcfg: ModelParallelConfig) -> ModelSpec:
     """This rank's spec for its layout (TP, SP and CP as in `ctx`)."""
     cp_group = ctx.cp_group if ctx.cp > 1 else None
-    if not seq_first and (ctx.sp or cp_group is not None):
-        raise ValueError("sequence and context parallelism need sequence-first activations")
+    cp, cp_rank, tp_sp = ctx.cp, ctx.coords.cp, ctx.tp if ctx.sp else 1
+
+    def to_blocks(x):  # (B, L, D) whole, the same on every CP and TP rank
+        y = cpar.zigzag_slice(x, cp, cp_rank, dim=1).transpose(0, 1)
+        return spar.enter(y) if ctx.sp else y.contiguous()
+
+    def from_blocks(y):  # this rank's (s, B, D) -> (B, L, D) whole
+        if ctx.sp:
+            y = gather_from_sequence_parallel_region(y, tensor_parallel_output_grad=False)
+        if cp_group is not None:
+            y = cpar.whole_sequence(y, cp_group)
+        return y.transpose(0, 1)
+
     spec = LOCAL.with_(
         name=f"megatron tp={ctx.tp}{' sp' if ctx.sp else ''} cp={ctx.cp}",
         column_linear=lambda d_in, d_out, std: ColumnLinear(d_in, d_out, mcfg),
@@ -44,8 +57,14 @@ def parallel_spec(ctx: RankContext, mcfg: ModelParallelConfig, *, seq_first: boo
         cross_entropy=vocab_parallel_cross_entropy,
         tp=ctx.tp,
         tp_rank=ctx.coords.tp,
-        seq_first=seq_first,
+        seq_first=True,
         sequence_parallel=ctx.sp,
+        split_context=lambda t: cpar.zigzag_slice(t, cp, cp_rank, dim=1),
+        to_blocks=to_blocks,
+        from_blocks=from_blocks,
+        context_chunks=2 * cp if cp > 1 else 1,
+        sequence_multiple=(2 * cp if cp > 1 else 1) * tp_sp,
+        whole_loss_scale=1.0 / cp,
     )
     if ctx.sp:
         spec = spec.with_(enter_sequence_region=spar.enter)

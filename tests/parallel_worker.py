@@ -170,7 +170,9 @@ def main() -> int:
     if args.cp > 1:  # the path under test is the one that ran
         from megatron_adapters.context_parallel import traffic
 
-        chunk_covers_d_halo = args.medium_filter_len - 1 <= L // (2 * args.cp)
+        # The U-shape's global blocks see the (padded) patch slots, a shorter sequence than the bytes.
+        shortest = L if args.patching == "none" else pm.chunks[0].lm.model.block_slots(cfg.patch_slots(L))
+        chunk_covers_d_halo = args.medium_filter_len - 1 <= shortest // (2 * args.cp)
         used_all2all = traffic.get("long_conv/all2all", 0) > 0
         if used_all2all != (args.cp_long_conv == "all2all" or ("D" in cfg.layers and not chunk_covers_d_halo)):
             errors.append(f"rank {rank}: cp_long_conv={args.cp_long_conv} but all-to-all bytes = {traffic.get('long_conv/all2all', 0)}")

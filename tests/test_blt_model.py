@@ -206,7 +206,6 @@ def test_init_is_deterministic_and_name_seeded():
         (dict(patching="entropy", min_patch=4, max_patch=2, patch_size=3), "min_patch"),
         (dict(patching="entropy", patch_size=20, max_patch=16), "patch_size"),
         (dict(patching="learned", patch_budget=0.01), "patch_budget"),
-        (dict(patching="learned", pattern="SD|SD"), "pattern"),
         (dict(local_encoder_pattern="SX"), "local_encoder_pattern"),
         (dict(entropy_mode="quantile"), "entropy_mode"),
         (dict(merge_relaxation="gumbel"), "merge_relaxation"),

@@ -33,9 +33,8 @@ INVALID = [
                  "parallel)", id="sp-seq-len"),
     pytest.param(4, ["parallel.cp=4", "train.seq_len=32"], "shorter than the 6-position halo", id="cp-halo"),
     pytest.param(2, ["zero.stage=3", "parallel.pp=2"], "zero.stage=3 shards parameters", id="zero3-pp"),
-    pytest.param(2, ["zero.stage=3", "model.patching=static"], "zero.stage=3 is not supported with token merging",
-                 id="zero3-token-merging"),
-    pytest.param(2, ["parallel.cp=2", "model.patching=static"], "token merging", id="token-merging-cp"),
+    pytest.param(4, ["parallel.cp=4", "train.seq_len=32", "model.patching=static", "model.pattern=DH*D"],
+                 "shorter than the 6-position halo", id="token-merging-byte-encoder-halo"),
 ]
 
 

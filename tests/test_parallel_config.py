@@ -79,13 +79,16 @@ def test_initialize_parallel_rejects_before_building_any_group(monkeypatch) -> N
     assert not dist.is_initialized()
 
 
-def test_token_merging_takes_data_and_tensor_parallel_only() -> None:
+def test_token_merging_runs_in_every_layout_and_counts_its_byte_blocks_halo() -> None:
     merging = tiny().model_copy(update={"patching": "static"})
-    for pcfg in (ParallelConfig(cp=2), ParallelConfig(pp=2), ParallelConfig(tp=2, sp=True)):
-        with pytest.raises(ParallelConfigError, match="patching='static'"):
-            check_layout(pcfg, merging, seq_length=64)
-    check_layout(ParallelConfig(), merging, seq_length=64)  # data parallel: the model is replicated
-    check_layout(ParallelConfig(tp=2), merging, seq_length=64)  # blocks sharded (merging.py)
+    for pcfg in (ParallelConfig(cp=2), ParallelConfig(pp=2), ParallelConfig(tp=2, sp=True),
+                 ParallelConfig(tp=2, cp=2, pp=2, sp=True)):
+        check_layout(pcfg, merging, seq_length=64)
+    # The byte encoder's S blocks (7 taps) need a 6-position halo though the global pattern has no S.
+    no_s = merging.model_copy(update={"pattern": "DH*D"})
+    check_layout(ParallelConfig(cp=4), no_s.model_copy(update={"patching": "none"}), seq_length=32)
+    with pytest.raises(ParallelConfigError, match="6-position halo"):
+        check_layout(ParallelConfig(cp=4), no_s, seq_length=32)
 
 
 @pytest.mark.parametrize("tp,cp,pp,world", [(2, 2, 2, 16), (1, 2, 2, 8), (2, 1, 4, 16), (4, 1, 1, 8)])

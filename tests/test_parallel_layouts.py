@@ -59,6 +59,14 @@ LAYOUTS = [
     pytest.param(4, ["--tp", "2", "--patching", "learned"], id="tp2-dp2-merging-learned"),
     # The lookahead (optimal, DP) entropy patcher: its lagged bridge read under TP.
     pytest.param(2, ["--tp", "2", "--patching", "optimal"], id="tp2-merging-optimal"),
+    # ... and under CP, SP and PP: patches crossing the zigzag / SP borders pooled exactly, the
+    # patch stream, byte states and boundaries (+ gate) carried between pipeline stages.
+    pytest.param(2, ["--cp", "2", "--patching", "learned", "--genomic"], id="cp2-merging-learned-genomic"),
+    pytest.param(2, ["--cp", "2", "--patching", "optimal", "--cp-long-conv", "all2all"], id="cp2-all2all-merging-optimal"),
+    pytest.param(2, ["--tp", "2", "--sp", "--patching", "entropy"], id="tp2-sp-merging-entropy"),
+    pytest.param(2, ["--pp", "2", "--vpp", "2", "--patching", "static", "--untied"], id="pp2-vpp2-merging-static-untied"),
+    pytest.param(4, ["--cp", "2", "--pp", "2", "--patching", "learned", "--genomic"], id="cp2-pp2-merging-learned-genomic"),
+    pytest.param(4, ["--tp", "2", "--sp", "--cp", "2", "--patching", "entropy"], id="tp2-sp-cp2-merging-entropy"),
 ]
 
 

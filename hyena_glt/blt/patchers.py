@@ -33,7 +33,7 @@ on a sample batch is 1 / patch_size.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +49,10 @@ from .segments import enforce_patch_lengths, scan_boundaries
 _QUANTILE_MAX = 1 << 22  # torch.quantile's input limit is 2^24; sample below it
 
 
-@dataclass
-class PatcherOutput:
+class PatcherOutput(NamedTuple):
+    """A named tuple, not a dataclass: wrappers that hook a module's output tensors (DeepSpeed
+    ZeRO-3 re-gathers parameters for backward from them) see through tuples only."""
+
     boundaries: torch.Tensor  # (B, L) bool
     probs: torch.Tensor | None = None  # (B, L) boundary probabilities (learned)
     gate: torch.Tensor | None = None  # (B, L) multiplier of the bytes' patch input (learned)
@@ -71,7 +73,16 @@ def sub_config(config: HyenaGLTConfig, pattern: str) -> HyenaGLTConfig:
     return config.model_copy(update={"pattern": pattern, "patching": "none"})
 
 
+def patcher_lag(config: HyenaGLTConfig) -> int:
+    """Bytes after p that the boundary at p depends on (the bridge's read lag): the lookahead
+    of `optimal` entropy patching, else 0. A function of the config alone, so a stage that
+    does not hold the patcher knows it too."""
+    return config.patch_lookahead if config.patching == "entropy" and config.entropy_mode == "optimal" else 0
+
+
 class StaticPatcher(nn.Module):
+    reads_states = False  # boundaries from the ids alone: the byte states need not be gathered
+
     def __init__(self, config: HyenaGLTConfig):
         super().__init__()
         self.size, self.min_patch, self.max_patch = int(config.patch_size), config.min_patch, config.max_patch
@@ -96,16 +107,19 @@ class EntropyModel(nn.Module):
     def __init__(self, config: HyenaGLTConfig, spec: ModelSpec = LOCAL):
         super().__init__()
         cfg = entropy_config(config)
+        self.spec = spec
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         params.tag(self.embed.weight, params.normal(cfg.init_std))
         self.layers = nn.ModuleList(Block(c, cfg, i, spec) for i, c in enumerate(cfg.layers))
         self.norm = make_norm(cfg)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed(input_ids)
+        spec = self.spec
+        positions = spec.split_context(torch.arange(input_ids.shape[1], device=input_ids.device)[None])
+        x = spec.to_blocks(self.embed(input_ids))
         for layer in self.layers:
-            x = layer(x)
-        return F.linear(self.norm(x), self.embed.weight)
+            x = layer(x, positions)
+        return F.linear(self.norm(spec.from_blocks(x)), self.embed.weight)
 
 
 def next_byte_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -223,13 +237,15 @@ _BISECT_STEPS = 20
 
 
 class EntropyPatcher(nn.Module):
+    reads_states = False
+
     def __init__(self, config: HyenaGLTConfig, spec: ModelSpec = LOCAL):
         super().__init__()
         self.mode, self.joint, self.adapt = config.entropy_mode, config.entropy_joint, config.entropy_adapt
         self.patch_size, self.min_patch, self.max_patch = config.patch_size, config.min_patch, config.max_patch
         self.window = config.entropy_window
         self.k = max(1, round(config.entropy_window / config.patch_size))
-        self.lookahead = config.patch_lookahead if self.mode == "optimal" else 0
+        self.lookahead = patcher_lag(config)
         self.length_weight = config.patch_length_weight
         self.adaptive, self.complexity_window = config.patch_adapt, config.complexity_window
         self.lm = EntropyModel(config, spec)
@@ -367,6 +383,8 @@ class EntropyPatcher(nn.Module):
 
 
 class AdaptiveTokenMerger(nn.Module):
+    reads_states = True  # boundaries from the byte embeddings and the local encoder's states
+
     def __init__(self, config: HyenaGLTConfig, conv_channels: int = 16):
         super().__init__()
         D, std, K = config.d_model, config.init_std, config.merge_kernel

@@ -125,7 +125,10 @@ class PeriodicEncoder(nn.Module):
 
 
 class BLTPositionManager(nn.Module):
-    def __init__(self, config: HyenaGLTConfig):
+    """`pool` / `unpool`: whether to hold the bytes -> patches / patches -> bytes bridge (a
+    pipeline's first stage merges, its last one unmerges; the encodings serve both)."""
+
+    def __init__(self, config: HyenaGLTConfig, pool: bool = True, unpool: bool = True):
         super().__init__()
         D, std = config.d_model, config.init_std
         out_std = std / math.sqrt(2 * (config.num_layers + 2))
@@ -134,8 +137,10 @@ class BLTPositionManager(nn.Module):
         self.segment = SegmentEncoder(D, config.max_patch, std)
         if config.position_periods:
             self.periodic = PeriodicEncoder(D, config.position_periods, std)
-        self.pool = PatchPoolingAttention(D, config.num_heads, std, out_std)
-        self.unpool = ByteFromPatchAttention(D, config.num_heads, config.bridge_window, std, out_std)
+        if pool:
+            self.pool = PatchPoolingAttention(D, config.num_heads, std, out_std)
+        if unpool:
+            self.unpool = ByteFromPatchAttention(D, config.num_heads, config.bridge_window, std, out_std)
 
     # ---- encodings ----
     def _encode(self, hidden: torch.Tensor, positions: torch.Tensor, seg_index: torch.Tensor) -> torch.Tensor:
