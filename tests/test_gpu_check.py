@@ -28,11 +28,14 @@ def test_cpu_fallback_writes_report_and_exits_zero(tmp_path):
     assert p["passed"] and p["cpu_repeat_bitwise_equal"] and p["cpu_fp32_vs_fp64"] <= gpu.PARITY_TOLERANCE
     assert "cuda_vs_cpu" not in p and "CUDA vs CPU: skipped (no CUDA device)" in text
     cases = {c["name"]: c for c in result["train"]["cases"]}
-    assert set(cases) == {"hyena-256", "attention-only-256"}
+    assert set(cases) == {"hyena-256", "attention-only-256", "token-merging-256"}
     assert cases["attention-only-256"]["pattern"] == "*" * 8
     for c in cases.values():
         assert "error" not in c and c["tokens_per_s"] > 0 and len(c["losses"]) == 2
+    for name in ("hyena-256", "attention-only-256"):
+        c = cases[name]
         assert c["mfu"] == pytest.approx(c["tokens_per_s"] * c["train_flops_per_token"] / 790e12)
+    assert "mfu" not in cases["token-merging-256"]  # the FLOPs formula counts the plain model only
     assert result["train"]["hyena_vs_attention"]["256"] == pytest.approx(
         cases["hyena-256"]["tokens_per_s"] / cases["attention-only-256"]["tokens_per_s"])
     assert "striped Hyena vs attention-only tokens/s: 256 " in text and "result: PASS" in text
