@@ -4,7 +4,10 @@ convert: TP slices concatenated, pipeline stages merged (ZeRO partitions were al
 gathered at save time), every key and shape checked against the config, written as
 `config.json` + `model.safetensors` for `HyenaGLTForCausalLM.from_pretrained`. With
 `--verify` the checkpoint is also loaded into its own parallel layout (torchrun, as many
-processes as wrote it) and the logits of a probe batch are compared.
+processes as wrote it) and the logits of a probe batch are compared. A checkpoint of a
+co-training run (`tasks:`) also holds task heads: the language model converts as without
+them, and OUT_DIR/tasks/ gets the multi-task model (backbone and every head, tasks.json), as
+`hyena-glt finetune --tasks` writes one (`hyena-glt predict --task NAME` runs it).
 
 Both verify the files they read against the sizes and sha256 recorded in meta.json first: a
 checkpoint.dir falls back to its newest intact checkpoint (said in one line on stderr), one
@@ -54,10 +57,15 @@ def _warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr)
 
 
+TASKS_DIR = "tasks"  # where convert writes a co-trained checkpoint's multi-task model, inside OUT_DIR
+
+
 def convert(ckpt: str | Path, out_dir: str | Path, log=_warn):
     from hyena_glt import HyenaGLTConfig
     from hyena_glt import build_causal_lm
+    from hyena_glt.heads import HyenaGLTMultiTask
     from hyena_glt.model import check_state_dict
+    from megatron_adapters.task_heads import is_head_parameter
 
     from .checkpoint import full_model_state, read_meta
 
@@ -65,10 +73,17 @@ def convert(ckpt: str | Path, out_dir: str | Path, log=_warn):
     meta = read_meta(path)
     cfg = HyenaGLTConfig.from_dict(meta["model_config"])
     state = full_model_state(path)
+    heads = {k: state.pop(k) for k in [k for k in state if is_head_parameter(k)]}
     model = build_causal_lm(cfg, initialize=False)
     check_state_dict(model, state, str(path))
     model.load_state_dict(state, strict=True)
     model.save_pretrained(out_dir)
+    if heads or meta.get("tasks"):
+        multi = HyenaGLTMultiTask(cfg, meta.get("tasks") or {}, dropout=0.0, initialize=False)
+        multi_state = {**{k: v for k, v in state.items() if k.startswith("model.")}, **heads}
+        check_state_dict(multi, multi_state, str(path))
+        multi.load_state_dict(multi_state, strict=True)
+        multi.save_pretrained(Path(out_dir) / TASKS_DIR)
     return model, meta, path
 
 
@@ -148,6 +163,7 @@ def reshard(ckpt: str | Path, out_dir: str | Path, overrides: list[str], log=_wa
     from hyena_glt import HyenaGLTConfig
     from megatron_adapters.parallel_config import make_layout
     from megatron_adapters.state_dict import shard_state_dict
+    from megatron_adapters.task_heads import is_head_parameter
 
     from .checkpoint import CheckpointError, ShardReader, commit, new_folder, read_meta, step_dirs, write_meta, write_shards
     from .train_config import TrainConfig, apply_override
@@ -175,6 +191,10 @@ def reshard(ckpt: str | Path, out_dir: str | Path, overrides: list[str], log=_wa
         optim = ShardReader(path, "optim")
         states = {k: {n: optim.full(f"{k}/{n}", n) for n in model.keys() if f"{k}/{n}" in optim.where}
                   for k in ("exp_avg", "exp_avg_sq")}
+    # Task heads (co-training) are whole on every TP rank of the last pipeline stage.
+    heads = {n: full.pop(n) for n in [n for n in full if is_head_parameter(n)]}
+    head_states = {k: {n: st.pop(n) for n in [n for n in st if is_head_parameter(n)]} for k, st in states.items()}
+    last = layout.parallel.num_stages - 1
     tmp = new_folder(root, meta["step"])
     try:
         files: dict[str, dict] = {}
@@ -185,7 +205,11 @@ def reshard(ckpt: str | Path, out_dir: str | Path, overrides: list[str], log=_wa
             shard = {}
             for k, st in states.items():
                 shard.update({f"{k}/{n}": t for n, t in _shard_partial(st, layout, rank).items()})
-            files.update(write_shards(tmp, c.tp, c.pp, shard_state_dict(full, layout, rank), shard))
+            weights = shard_state_dict(full, layout, rank)
+            if last in layout.chunk_stages(c.pp):
+                weights.update(heads)
+                shard.update({f"{k}/{n}": t for k, st in head_states.items() for n, t in st.items()})
+            files.update(write_shards(tmp, c.tp, c.pp, weights, shard))
         meta["train_config"] = new.model_dump(mode="json")
         meta["layout"] = new.layout_record(None, None)
         write_meta(tmp, meta, files=files)
@@ -225,6 +249,9 @@ def _convert_cmd(args) -> int:
     lay = meta["layout"]
     print(f"converted {path} (step {meta['step']}, layout tp={lay['tp']} cp={lay['cp']} pp={lay['pp']} "
           f"vpp={lay.get('vpp', 1)}) -> {args.out}: {model.num_parameters():,} parameters")
+    if meta.get("tasks"):
+        print(f"task heads ({', '.join(meta['tasks'])}) with the backbone -> {Path(args.out) / TASKS_DIR} "
+              "(a multi-task model: `hyena-glt predict --task NAME`)")
     if args.verify:
         diff = _verify(path, Path(args.out), meta)
         ok = diff <= args.tolerance

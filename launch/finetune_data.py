@@ -40,9 +40,10 @@ def encode_examples(records, kind: str, label_names: list[str] | None, max_len: 
     return out
 
 
-def collate(examples, kind: str):
-    """(ids (B, L) padded with PAD, labels or None unless every example has one)."""
-    L = max(len(ids) for ids, _ in examples)
+def collate(examples, kind: str, length: int | None = None):
+    """(ids (B, L) padded with PAD, labels or None unless every example has one). L: `length`
+    (co-training pads to the LM's sequence length), else the longest example."""
+    L = length or max(len(ids) for ids, _ in examples)
     ids = torch.full((len(examples), L), PAD_ID, dtype=torch.long)
     for i, (x, _) in enumerate(examples):
         ids[i, : len(x)] = x

@@ -5,18 +5,20 @@
     zero:       stage (0 = plain optimizer, 1/2/3 = DeepSpeed ZeRO)
     train:      steps, micro_batch_size, global_batch_size, seq_len, lr, init_from, ...
     data:       train / val: packed directories (or {dir: weight} to mix)
+    tasks:      task heads co-trained with the LM: {name: {kind, train, val, weight, global_batch_size}}
     checkpoint: dir, every, keep, resume, fresh_optimizer
     out_dir:    where metrics.jsonl and the final model go
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hyena_glt import HyenaGLTConfig
 from hyena_glt.curriculum import CurriculumConfig, validate_curriculum
@@ -85,6 +87,27 @@ class DataSection(_Section):
         return data
 
 
+class TaskSection(_Section):
+    """One task head co-trained with the language model (megatron_adapters/task_heads.py)."""
+
+    kind: str = Field(description="a task kind of hyena_glt.heads.TASK_KINDS: seq-cls, token-cls, regression")
+    train: str = Field(description="labelled training file: CSV/TSV (sequence,label) or FASTA with labels in the "
+                       "headers (data_tools/labelled.py)")
+    val: str | None = Field(None, description="labelled validation file: the task's metrics at every evaluation")
+    weight: float = Field(1.0, gt=0, description="the task's mean loss enters the objective times this (the LM's: 1)")
+    global_batch_size: int | None = Field(None, ge=1, description="examples per step (default: train.global_batch_size)")
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        from hyena_glt.heads import task_kind
+
+        return task_kind(kind).name
+
+
+_TASK_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
 class CheckpointSection(_Section):
     dir: str | None = None
     every: int = Field(0, ge=0, description="save every N steps (0: only at the end)")
@@ -101,6 +124,7 @@ class TrainConfig(_Section):
     train: TrainSection = TrainSection()
     data: DataSection
     checkpoint: CheckpointSection = CheckpointSection()
+    tasks: dict[str, TaskSection] = Field(default_factory=dict, description="task heads co-trained with the LM")
     out_dir: str = "runs/train"
 
     @model_validator(mode="after")
@@ -116,6 +140,15 @@ class TrainConfig(_Section):
         if self.zero.stage == 3 and p.pp > 1:
             raise ValueError(f"zero.stage=3 shards parameters and cannot run with pipeline parallelism (parallel.pp={p.pp}); use stage 1 or 2")
         validate_curriculum(t.curriculum, t.seq_len, p.cp)
+        if self.tasks and self.model.patching != "none":
+            raise ValueError("tasks: co-training needs model.patching=none (task heads on the token-merging U-shape are "
+                             "not supported)")
+        for name, task in self.tasks.items():
+            if not _TASK_NAME.match(name):
+                raise ValueError(f"tasks: task name {name!r} must be letters, digits, '_' or '-'")
+            if task.global_batch_size is not None and task.global_batch_size % t.micro_batch_size:
+                raise ValueError(f"tasks.{name}.global_batch_size={task.global_batch_size} must be a multiple of "
+                                 f"train.micro_batch_size={t.micro_batch_size}")
         if t.seq_len % (2 * p.cp):
             raise ValueError(f"train.seq_len={t.seq_len} must be divisible by 2*parallel.cp={2 * p.cp} (zigzag context split)")
         return self
@@ -173,6 +206,31 @@ class TrainConfig(_Section):
                              f"({t.micro_batch_size} x {dp}) = {n} micro-batches per data-parallel rank: {e}") from None
         return n
 
+    def task_batch_size(self, name: str) -> int:
+        return self.tasks[name].global_batch_size or self.train.global_batch_size
+
+    def task_micro_batches_per_rank(self, dp: int) -> dict[str, int]:
+        """Each task's micro-batches per data-parallel rank and step; ValueError (one line naming
+        the rule) when a task's batch does not split into them."""
+        from megatron_adapters.pipeline import check_num_microbatches
+
+        t, p = self.train, self.parallel
+        per_step = t.micro_batch_size * dp
+        out = {}
+        for name in self.tasks:
+            g = self.task_batch_size(name)
+            if g % per_step:
+                raise ValueError(f"tasks.{name}.global_batch_size={g} must be a multiple of train.micro_batch_size x dp "
+                                 f"= {t.micro_batch_size} x {dp} = {per_step}")
+            out[name] = g // per_step
+        if out:  # one pipeline schedule runs every task's micro-batches of a step
+            try:
+                check_num_microbatches(sum(out.values()), p.pp, p.vpp if p.vpp > 1 else None)
+            except ValueError as e:
+                raise ValueError(f"tasks: {sum(out.values())} task micro-batches per data-parallel rank and step: "
+                                 f"{e}") from None
+        return out
+
     def layout_for(self, world_size: int):
         """The validated Layout of this run on `world_size` processes (every layout rule of
         megatron_adapters.parallel_config.check_layout, then the batch rules), without any
@@ -181,6 +239,7 @@ class TrainConfig(_Section):
 
         layout = make_layout(self.parallel_config(), self.model, world_size, self.train.seq_len)
         self.micro_batches_per_rank(layout.dp)
+        self.task_micro_batches_per_rank(layout.dp)
         return layout
 
     def layout_record(self, dp: int | None, world_size: int | None) -> dict:

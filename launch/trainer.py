@@ -4,10 +4,13 @@ Per step: the loader hands this data-parallel rank its micro-batches of the glob
 `ParallelModel.forward_backward` runs them through the layout (TP/SP/CP/PP) and returns
 the global token-weighted (loss_sum, weight_sum); the optimizer (plain AdamW or DeepSpeed
 ZeRO) steps. The logged loss is loss_sum / weight_sum over the whole global batch, so the
-same data and seed give the same per-step losses under every layout.
+same data and seed give the same per-step losses under every layout. With `tasks:` the
+step also trains task heads on the same backbone (launch/cotrain.py, megatron_adapters/
+task_heads.py): the logged loss is then the objective, the LM's mean plus each task's mean
+times its weight, and its parts are logged beside it.
 
 Before any process group is made, check_start checks what the run will need (the packs, the
-output and checkpoint dirs, the free disk for one checkpoint). Rank 0 then locks
+task files, the output and checkpoint dirs, the free disk for one checkpoint). Rank 0 then locks
 checkpoint.dir (launch/checkpoint.py DirLock) until the run ends, removes what interrupted
 saves left there and resumes from the newest intact checkpoint (verified; damaged newer ones
 are set aside and reported). The final checkpoint is saved before the final evaluation.
@@ -32,6 +35,7 @@ import torch.distributed as dist
 
 from hyena_glt.curriculum import apply_curriculum, seq_len_at
 
+from .cotrain import TaskBatches, check_resume, evaluate_tasks, load_tasks, step_record, task_meta
 from .metrics import LN2, MetricsLog, progress
 from .optim import lr_at
 from .train_config import TrainConfig
@@ -71,7 +75,8 @@ def _autocast_factory(precision: str, device: torch.device):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, log=None):
+    def __init__(self, cfg: TrainConfig, log=None, tasks: dict | None = None):
+        """`tasks`: cfg.tasks as cotrain.load_tasks read them (read here when not given)."""
         from megatron_adapters.groups import RankContext, initialize_parallel
 
         from .checkpoint import DirLock
@@ -92,11 +97,18 @@ class Trainer:
         self.preempt = _PreemptionFlag()
         self.step = 0
         self.saved_step = None  # the step of the newest checkpoint of this run (saved or resumed from)
+        self.tasks = tasks if tasks is not None else (load_tasks(cfg) if cfg.tasks else None)
         try:
             if cfg.checkpoint.dir:  # first, before minutes of model building: a second run is refused at once
                 self.lock = self._on_rank0(lambda: DirLock(cfg.checkpoint.dir).acquire(self.log), share=False)
             torch.manual_seed(t.seed + self.rank)
             self.pm = build_model(cfg.model, self.layout)
+            if self.tasks:
+                from megatron_adapters.task_heads import TaskHeadsModel
+
+                self.pm = TaskHeadsModel(self.pm, {n: task.spec for n, task in self.tasks.items()})
+                self.task_batches = TaskBatches(self.tasks, t.seq_len, t.micro_batch_size, self.ctx.coords.dp,
+                                                self.layout.dp, t.seed)
             self.pm.set_activation_checkpointing(t.activation_checkpointing)
             self.opt = build_optimizer(self.pm, cfg)
             self.autocast = _autocast_factory(t.precision, self.pm.device)
@@ -174,6 +186,7 @@ class Trainer:
             "train_config": self.cfg.dump(),
             "loader": self.loader.state_dict(),
             "tokens": self.tokens,
+            **(task_meta(self.tasks) if self.tasks else {}),
         }
 
     def save(self) -> Path | None:
@@ -220,7 +233,7 @@ class Trainer:
         are verified (sizes and sha256 recorded in meta.json; the hashing is shared by the
         ranks); newer damaged ones are set aside as step_N.damaged and reported in one line."""
         from .checkpoint import (CheckpointError, Problem, check_checkpoint, damage_report, find_intact,
-                                 load_checkpoint, missing_optimizer_files, set_aside)
+                                 load_checkpoint, missing_optimizer_files, read_meta, set_aside)
 
         c = self.cfg.checkpoint
         if not c.dir:
@@ -264,6 +277,10 @@ class Trainer:
             self._fail(CheckpointError(
                 f"{missing[0]}: missing, so the optimizer state of {path.name} cannot be restored; set "
                 "checkpoint.fresh_optimizer=true to resume from its weights with fresh optimizer state"))
+        try:  # before loading: a checkpoint without this run's heads would fail on a missing tensor
+            check_resume(read_meta(path), self.tasks or {}, str(path))
+        except ValueError as e:
+            self._fail(e)
         meta = load_checkpoint(path, self.pm, self.opt, optimizer=not c.fresh_optimizer, verified=True)
         if meta["model_config"] != self.cfg.model.to_dict():
             self._fail(ValueError(f"{path}: the checkpoint's model config differs from this run's model section"))
@@ -280,6 +297,20 @@ class Trainer:
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self) -> dict:
+        """The LM's validation loss, and each task's validation metrics (collective)."""
+        out = self._evaluate_lm()
+        if self.tasks:
+            out.update(evaluate_tasks(self.pm, self.task_batches, self.autocast))
+        return out
+
+    def _eval_line(self, r: dict) -> str:
+        lm = f"val_loss {r['val_loss']:.4f}  val bits/base {r['val_bits_per_base']:.3f}" if "val_loss" in r else ""
+        tasks = "  ".join(f"{k.removeprefix('task/')} {v:.4f}" for k, v in r.items()
+                          if k.startswith("task/") and not k.endswith("_n"))
+        return "  ".join(x for x in (lm, tasks) if x)
+
+    @torch.no_grad()
+    def _evaluate_lm(self) -> dict:
         """Token-weighted loss over the first `eval_batches` x micro-batch windows of the val
         split of the first validation pack, the same windows under every layout."""
         from data_tools.loader import eval_batches
@@ -317,7 +348,8 @@ class Trainer:
         if t.init_from and self.step == 0:  # a warm start (a resumed run continues its own checkpoint)
             from .warm_start import load_initial_weights
 
-            changed = load_initial_weights(t.init_from, self.pm, self.opt, cfg.model)
+            fresh = self.pm.initial_head_state() if self.tasks else None  # heads the directory may not hold
+            changed = load_initial_weights(t.init_from, self.pm, self.opt, cfg.model, fresh=fresh)
             self.log(f"initialised from {t.init_from} (fresh optimizer state)"
                      + (f"; changed: {', '.join(f'{k} {v}' for k, v in changed.items())}" if changed else ""))
         out_dir = Path(cfg.out_dir)
@@ -346,16 +378,22 @@ class Trainer:
             seq_len = seq_len_at(step, t)
             if seq_len < t.seq_len:  # curriculum: the same windows, cut shorter
                 micro = [apply_curriculum(mb, seq_len, t.curriculum.mode) for mb in micro]
+            n_tok = sum(mb["input_ids"].numel() for mb in micro) * self.layout.dp
+            if self.tasks:
+                micro = micro + self.task_batches.micro_batches(step)
             t0 = time.perf_counter()
             loss_sum, weight_sum, grad_norm, finite = self.opt.step(micro, self.autocast)
             dt = time.perf_counter() - t0
             loss = loss_sum / max(weight_sum, 1e-8)
-            n_tok = sum(mb["input_ids"].numel() for mb in micro) * self.layout.dp
             self.step, self.tokens = step, self.tokens + n_tok
             last = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens,
                     "tokens_per_s": n_tok / dt}
             if t.curriculum.enabled:
                 last["seq_len"] = seq_len
+            lm_loss = loss
+            if self.tasks:
+                last.update(step_record(self.pm.last_losses))
+                lm_loss = last["lm_loss"]
             if not finite:
                 self.nonfinite_in_a_row += 1
                 last["skipped"] = True
@@ -366,10 +404,12 @@ class Trainer:
             metrics.write(last)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", bpb=f"{loss / LN2:.3f}")
+                bar.set_postfix(loss=f"{loss:.4f}", bpb=f"{lm_loss / LN2:.3f}")
             elif self.is_logger and (step % t.log_every == 0 or step == 1):
-                self.log(f"step {step:>6}/{t.steps}  loss {loss:.4f}  bits/base {loss / LN2:.3f}  lr {lr:.2e}  "
-                         f"grad_norm {grad_norm:.3f}  {last['tokens_per_s']:.0f} tok/s")
+                tasks = self.pm.last_losses.items() if self.tasks else ()
+                parts = "".join(f"  {n} {v:.4f}" for n, v in tasks if n != "lm")
+                self.log(f"step {step:>6}/{t.steps}  loss {loss:.4f}  bits/base {lm_loss / LN2:.3f}{parts}  "
+                         f"lr {lr:.2e}  grad_norm {grad_norm:.3f}  {last['tokens_per_s']:.0f} tok/s")
             if self.nonfinite_in_a_row >= t.max_nonfinite_steps:
                 self.save()
                 metrics.close()
@@ -379,7 +419,7 @@ class Trainer:
                 r = self.evaluate()
                 if r:
                     metrics.write({"step": step, **r})
-                    self.log(f"step {step:>6}  val_loss {r['val_loss']:.4f}  val bits/base {r['val_bits_per_base']:.3f}")
+                    self.log(f"step {step:>6}  {self._eval_line(r)}")
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < t.steps:
                 self.save()
             if t.exit_after_steps and step - start_step >= t.exit_after_steps and step < t.steps:
@@ -398,7 +438,7 @@ class Trainer:
         final = self.evaluate()
         if final:
             metrics.write({"step": self.step, **final})
-            self.log(f"final: val_loss {final['val_loss']:.4f}  val bits/base {final['val_bits_per_base']:.3f}")
+            self.log(f"final: {self._eval_line(final)}")
         metrics.close()
         return {**last, **final}
 
@@ -460,11 +500,13 @@ def checkpoint_bytes(model_cfg) -> tuple[int, int]:
     return n, n * 4 * 3
 
 
-def check_start(cfg: TrainConfig) -> None:
+def check_start(cfg: TrainConfig) -> dict | None:
     """What the run will need, checked before any process group or training step (every rank,
-    the same result): the train and val packs, writable out_dir and checkpoint.dir, and the
-    free disk for one checkpoint. Each problem is one line naming the file or option."""
+    the same result): the train and val packs, the task files, writable out_dir and
+    checkpoint.dir, and the free disk for one checkpoint. Each problem is one line naming the
+    file or option. Returns the tasks as read (cotrain.load_tasks), None without tasks."""
     t = cfg.train
+    tasks = load_tasks(cfg) if cfg.tasks else None
     _check_packs(cfg.data.train, "data.train", "train")
     if cfg.data.val is not None and t.eval_batches:
         _check_packs(cfg.data.val, "data.val", "val")
@@ -477,16 +519,17 @@ def check_start(cfg: TrainConfig) -> None:
             raise ValueError(f"checkpoint.dir: {root} has {free / 2**30:.2f} GiB free, one checkpoint needs about "
                              f"{need / 2**30:.2f} GiB ({n:,} parameters x 4 bytes x (1 + 2 Adam states)); free some "
                              "space or use another checkpoint.dir")
+    return tasks
 
 
 def run_train(config_path: str, overrides: list[str]) -> int:
     from megatron_adapters.groups import destroy_parallel
 
     cfg = TrainConfig.load(config_path, overrides)
-    check_start(cfg)
+    tasks = check_start(cfg)
     trainer = None
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, tasks=tasks)
         trainer.train()
     except TrainingStopped as e:
         print(f"hyena-glt train: {e}", file=sys.stderr)

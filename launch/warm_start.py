@@ -34,9 +34,13 @@ def check_config(saved, run, where: str) -> None:
 
 
 @torch.no_grad()
-def load_initial_weights(model_dir: str | Path, pm, opt, run_config) -> dict[str, str]:
+def load_initial_weights(model_dir: str | Path, pm, opt, run_config,
+                         fresh: dict[str, torch.Tensor] | None = None) -> dict[str, str]:
     """Load this rank's share of MODEL_DIR's weights into the parallel model `pm` and the
-    optimizer's master copy. Returns the changed config fields (name -> 'saved -> run')."""
+    optimizer's master copy. `fresh`: full values for parameters the directory may lack
+    (co-training's task heads at their initial values; a directory that holds them, such as
+    the multi-task model `convert` writes, gives its own). Returns the changed config fields
+    (name -> 'saved -> run')."""
     from megatron.core import parallel_state as ps
     from safetensors import safe_open
 
@@ -65,8 +69,9 @@ def load_initial_weights(model_dir: str | Path, pm, opt, run_config) -> dict[str
             index[dim] = slice(tp_rank * n, (tp_rank + 1) * n)
             return sl[tuple(index)]
 
+        fresh = fresh or {}
         for name, _ in pm.named_parameters():
-            local[name] = read(name)
+            local[name] = fresh[name] if name in fresh and name not in stored else read(name)
         buffers = {name: read(name) for name, _ in pm.named_persistent_buffers()}
     set_model_weights(pm, opt, local, buffers, f"train.init_from {model_dir}")
     return {k: f"{getattr(saved, k)!r} -> {getattr(run_config, k)!r}" for k in CHANGEABLE
