@@ -140,9 +140,6 @@ class TrainConfig(_Section):
         if self.zero.stage == 3 and p.pp > 1:
             raise ValueError(f"zero.stage=3 shards parameters and cannot run with pipeline parallelism (parallel.pp={p.pp}); use stage 1 or 2")
         validate_curriculum(t.curriculum, t.seq_len, p.cp)
-        if self.tasks and self.model.patching != "none":
-            raise ValueError("tasks: co-training needs model.patching=none (task heads on the token-merging U-shape are "
-                             "not supported)")
         for name, task in self.tasks.items():
             if not _TASK_NAME.match(name):
                 raise ValueError(f"tasks: task name {name!r} must be letters, digits, '_' or '-'")

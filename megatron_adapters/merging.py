@@ -86,7 +86,8 @@ class StageRows:
 
 def run_stage(stage, batch: dict) -> torch.Tensor:
     """One pipeline stage of the U-shape on a micro-batch (see build.localize_batch for its
-    keys): the tensor for the next stage, or the last stage's vocab-sharded logits."""
+    keys): the tensor for the next stage, or the last stage's vocab-sharded logits (its final
+    hidden states for a co-training task micro-batch)."""
     lm = stage.lm
     m, spec, cfg = lm.model, lm.spec, lm.config
     ids = batch["whole_input_ids"]
@@ -94,11 +95,13 @@ def run_stage(stage, batch: dict) -> torch.Tensor:
     positions, block_pos, block_cons = m.byte_inputs(ids, batch.get("whole_conservation"))
     rows = StageRows(lm, stage.ctx, L)
     aux, h_whole = None, None
+    task = "task" in batch  # a co-training task micro-batch (task_heads.py): ends at the hidden states
     if stage.is_first:
         x, h = m.encode(ids, batch.get("seq_type"), block_pos, block_cons)
         g, info, pout, h_whole = m.merge(ids, x, h, positions, batch.get("whole_labels"), batch.get("whole_loss_weights"))
         gate = pout.gate
-        if stage.training and pout.aux_loss_sum is not None:
+        # The patcher's loss terms belong to the LM objective (a task head reads the backbone only).
+        if stage.training and pout.aux_loss_sum is not None and not task:
             aux = pout.aux_loss_sum
     else:
         g, h, boundaries, gate = rows.unpack(stage._input_tensor, L)
@@ -107,7 +110,9 @@ def run_stage(stage, batch: dict) -> torch.Tensor:
     if stage.is_last:
         if h_whole is None:
             h_whole = spec.from_blocks(h)
-        out = lm.logits(m.decode(g, info, h_whole, gate, block_pos, block_cons))
+        out = m.decode(g, info, h_whole, gate, block_pos, block_cons)
+        if not task:
+            out = lm.logits(out)
     else:
         out = rows.pack(g, h, info.boundaries, gate)
     if aux is not None and torch.is_grad_enabled():

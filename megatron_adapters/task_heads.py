@@ -52,8 +52,6 @@ class TaskHeadsModel(nn.Module):
 
     def __init__(self, lm: ParallelModel, tasks: dict[str, TaskSpec]):
         super().__init__()
-        if lm.config.patching != "none":
-            raise ValueError("task heads need model.patching=none (not the token-merging U-shape)")
         if not tasks:
             raise ValueError("tasks: need at least one task")
         self.lm, self.tasks = lm, dict(tasks)
@@ -144,7 +142,7 @@ class TaskHeadsModel(nn.Module):
             name = mb["task"]
             if name not in self.tasks:
                 raise ValueError(f"task micro-batch names task {name!r}; the model has {names}")
-            lb = localize_batch({"input_ids": mb["input_ids"]}, ctx, device)
+            lb = localize_batch({"input_ids": mb["input_ids"]}, ctx, device, self.config.patching != "none")
             lb.update(task=name, index=i, mask=(mb["input_ids"] != PAD_ID).to(device), labels=mb["labels"].to(device))
             count = float(task_kind(self.tasks[name].kind).weight(mb["labels"]))
             counts[names.index(name)] += count * spec.whole_loss_scale  # whole-sequence work on every CP rank

@@ -126,7 +126,6 @@ def test_config_errors_are_one_line(packs, task_files, tmp_path, single):
     for extra, message in (
         (["tasks.gc.kind=ranking"], "tasks.gc.kind: task kind: must be one of seq-cls, token-cls, regression"),
         (["tasks.gc.weight=0"], "tasks.gc.weight: Input should be greater than 0"),
-        (["model.patching=static"], "tasks: co-training needs model.patching=none"),
         (["tasks.gc.global_batch_size=3"], "tasks.gc.global_batch_size=3 must be a multiple of train.micro_batch_size=2"),
         (["tasks.bad name.kind=seq-cls", f"tasks.bad name.train={task_files / 'gc_train.csv'}"],
          "tasks: task name 'bad name' must be letters, digits, '_' or '-'"),
@@ -152,3 +151,20 @@ def test_example_config_loads():
     cfg = TrainConfig.load(REPO / "configs" / "tiny_cotrain.yaml")
     assert {t.kind for t in cfg.tasks.values()} == {"seq-cls", "token-cls", "regression"}
     cfg.layout_for(2)  # its task batches split over 2 data-parallel ranks
+
+
+def test_token_merging_model_cotrains_under_context_parallel_with_the_same_losses(packs, task_files, tmp_path):
+    # The heads read the U-shape's byte decoder output; the patcher's loss terms stay the LM's.
+    merging = ["model.patching=learned", "model.patch_size=4", "model.pattern=SDH*", "train.steps=2"]
+    single, cp2 = tmp_path / "single", tmp_path / "cp2"
+    train(packs, single, 1, *merging, *task_overrides(task_files), launcher="python")
+    train(packs, cp2, 2, *merging, *task_overrides(task_files), "parallel.cp=2")
+    a, b = ([r for r in metrics(run) if "loss" in r] for run in (cp2, single))
+    assert [r["step"] for r in b] == [1, 2]
+    for key in ("loss", "lm_loss", "task/gc/loss", "task/coding/loss"):
+        assert_close([r[key] for r in a], [r[key] for r in b])
+    rc, _, stderr = run_cli("convert", cp2 / "ckpt", tmp_path / "model")
+    assert rc == 0, stderr
+    rc, stdout, stderr = run_cli("predict", "--model", tmp_path / "model" / "tasks", "--task", "gc", "--input",
+                                 task_files / "gc_val.csv")
+    assert rc == 0 and stdout.splitlines()[-1].startswith("metrics: accuracy"), stderr
