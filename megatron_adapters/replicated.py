@@ -1,12 +1,9 @@
 """Data parallelism for a whole-model module, with the ParallelModel step interface.
 
-Models the pipeline chunks do not cover run as one module per rank, and each data-parallel
-rank takes its share of the global batch:
-
-* the token-merging U-shape (patch boundaries depend on the data): the single-device model,
-  or its tensor-parallel shard (merging.py);
-* the fine-tuning models of hyena_glt.heads (a task head, or a multi-task model whose
-  micro-batches name their task: {"input_ids", "labels", "task"}).
+The fine-tuning models of hyena_glt.heads (a task head, or a multi-task model whose
+micro-batches name their task: {"input_ids", "labels", "task"}) run as one module per rank,
+and each data-parallel rank takes its share of the global batch. (Both language-model
+families, and task heads co-trained with them, run as build.ParallelModel.)
 
 `forward_backward` follows the same contract as build.ParallelModel.forward_backward: the
 loss denominator (total loss weight) is all-reduced first, each rank back-propagates its
