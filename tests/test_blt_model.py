@@ -236,18 +236,12 @@ def test_entropy_threshold_adapts_to_the_target_rate():
     assert torch.equal(before, m.model.patcher.threshold)  # never in eval
 
 
-def test_parallel_layout_check_rejects_pp_cp_and_sp_with_merging():
+def test_parallel_layout_check_takes_every_layout_with_merging():
     from megatron_adapters.parallel_config import ParallelConfig, ParallelConfigError, check_layout
 
-    check_layout(ParallelConfig(tp=2, cp=2, pp=2), tiny("none"))  # the plain model takes every layout
-    check_layout(ParallelConfig(tp=2), tiny("learned"))
-    check_layout(ParallelConfig(tp=2), tiny("entropy"))
-    with pytest.raises(ParallelConfigError, match="token merging.*cp=1"):
-        check_layout(ParallelConfig(cp=2), tiny("static"))
-    with pytest.raises(ParallelConfigError, match="token merging.*pp=1"):
-        check_layout(ParallelConfig(pp=2), tiny("entropy"))
-    with pytest.raises(ParallelConfigError, match="token merging.*sp=false"):
-        check_layout(ParallelConfig(tp=2, sp=True), tiny("static"))
+    check_layout(ParallelConfig(tp=2, cp=2, pp=2), tiny("none"))
+    for patching in ("static", "learned", "entropy"):  # megatron_adapters/merging.py
+        check_layout(ParallelConfig(tp=2, cp=2, pp=2, sp=True), tiny(patching))
     with pytest.raises(ParallelConfigError, match="entropy patcher's byte LM d_model"):
         check_layout(ParallelConfig(tp=4), tiny("entropy").model_copy(update={"entropy_d_model": 18}))
 
