@@ -5,7 +5,7 @@ Loaders (imported lazily, so the CLI starts fast):
     GlobalBatchLoader   the training loader: same global batches for any parallel layout, exact resume
     eval_batches        a pack's validation windows in a fixed order
     PackedDataset       random access to one split of one pack
-    make_batch          windows -> the batch dict (input_ids, labels, loss_weights, seq_type)
+    make_batch          windows -> the batch dict (input_ids, labels, loss_weights, seq_type[, conservation])
 """
 
 from importlib import import_module

@@ -46,6 +46,11 @@ def register(sub) -> None:
                    help="with fewer files than jobs, records are shared out between jobs in runs of "
                         "windows of about this many Mbp (default 16)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the record -> split assignment (default 0)")
+    p.add_argument("--conservation", nargs="+", metavar="PATH",
+                   help="per-base conservation tracks stored with every window: ID.npy files, .npz files (one "
+                        "array per record id), bedGraph files (.bedGraph/.bg[.gz], chrom = record id), or "
+                        "directories holding them; every packed record needs one (docs/data.md). Give it "
+                        "after the inputs: it takes every path that follows")
     p.add_argument("--skip-bad-files", action="store_true",
                    help="skip (and record in the manifest) input files that cannot be read; exit code 1")
     p.add_argument("--workers", type=positive_int, default=1, help="processes packing whole files on this machine (default 1; the output does not depend on it)")
@@ -67,26 +72,30 @@ def register(sub) -> None:
     d.set_defaults(func=lambda args: (d.print_help(), 2)[1])
 
 
-def _resolve_job(args) -> tuple[int, int]:
-    """(job index, number of jobs): the flags, else MPI's rank/size, else the SLURM array task."""
+def _resolve_job(args):
+    """(job index, number of jobs, the MPI ranks that agree over MPI or None): the flags,
+    else MPI's rank/size, else the SLURM array task."""
     if args.num_jobs is not None or args.job_index is not None:
         if args.num_jobs is None or args.job_index is None:
             raise ValueError("--num-jobs and --job-index go together")
-        return args.job_index, args.num_jobs
-    from .pack import job_from_environment
+        return args.job_index, args.num_jobs, None
+    from .mpi import mpi_job
 
-    mpi = job_from_environment()
+    mpi = mpi_job()
     array = slurm_array_job()
     if mpi and mpi[1] > 1:
         if array and array[1] > 1:
             raise ValueError(f"both MPI ({mpi[1]} ranks) and a SLURM array ({array[1]} tasks) would split the work; "
                              "pass --num-jobs and --job-index")
+        if mpi[2] is None and mpi[0] == 0:
+            print(f"pack: {mpi[1]} MPI ranks without mpi4py: they agree through the file system (pip install "
+                  "mpi4py to agree over MPI)", file=sys.stderr, flush=True)
         return mpi
     if array:
         print(f"pack: job {array[0]} of {array[1]} from SLURM_ARRAY_TASK_ID={os.environ['SLURM_ARRAY_TASK_ID']} "
               f"(SLURM_ARRAY_TASK_COUNT={array[1]})", file=sys.stderr, flush=True)
-        return array
-    return mpi or (0, 1)
+        return (*array, None)
+    return 0, 1, None
 
 
 def slurm_array_job() -> tuple[int, int] | None:
@@ -125,16 +134,17 @@ def _pack(args) -> int:
         raise ValueError("no INPUT given")
     from .pack import PackOptions, run_pack
 
-    job_index, num_jobs = _resolve_job(args)
+    job_index, num_jobs, ranks = _resolve_job(args)
     opts = PackOptions(
         inputs=args.inputs, out=args.out, seq_len=args.seq_len, stride=args.stride,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction,
         reverse_complement=args.reverse_complement, max_n_fraction=args.max_n_fraction,
         min_len=args.min_len, shard_size_mb=args.shard_size_mb, unit_mb=args.unit_mb, seed=args.seed,
-        skip_bad_files=args.skip_bad_files, workers=args.workers, num_jobs=num_jobs, job_index=job_index,
+        skip_bad_files=args.skip_bad_files, conservation=args.conservation, workers=args.workers,
+        num_jobs=num_jobs, job_index=job_index,
         progress=args.progress,
     )
-    return run_pack(opts)  # OSError (a full disk, no permission) -> one line from launch.cli, naming the file
+    return run_pack(opts, ranks)  # OSError (a full disk, no permission) -> one line from launch.cli, naming the file
 
 
 def _stats(args) -> int:

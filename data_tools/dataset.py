@@ -24,6 +24,7 @@ import numpy as np
 
 from .manifest import MANIFEST, load_manifest
 from .shards import INDEX_DTYPE
+from .tracks import FORMAT as TRACK_FORMAT
 
 
 VERIFY_ENV = "HYENA_GLT_VERIFY_SHARDS"
@@ -85,7 +86,8 @@ class _LRU(OrderedDict):
 
 class PackedDataset:
     """The samples of `split` in a pack directory, in manifest order (shards sorted by
-    name, samples in shard order). `read(i)` -> (bases as bytes, seq_type int).
+    name, samples in shard order). `read(i)` -> (bases as bytes, seq_type int);
+    `read_sample(i)` also gives the sample's conservation scores when the pack has them.
 
     verify: check each shard and index against the manifest's sha256 the first time it is
     opened (None: on unless HYENA_GLT_VERIFY_SHARDS=0)."""
@@ -100,6 +102,11 @@ class PackedDataset:
         counts = np.array([s["samples"] for s in self.shards], dtype=np.int64)
         self.ends = np.cumsum(counts)
         self.seq_len = int(self.manifest["options"]["seq_len"])
+        tracks = self.manifest["options"].get("conservation")
+        if tracks is not None and tracks.get("format") != TRACK_FORMAT:
+            raise ValueError(f"{self.path / MANIFEST}: conservation tracks stored as {tracks.get('format')!r}, which "
+                             f"this version does not read (it reads {TRACK_FORMAT})")
+        self.conservation = tracks is not None
         self._index = _LRU(max_open)
         self._fds = _LRU(max_open, on_evict=os.close)
 
@@ -149,10 +156,29 @@ class PackedDataset:
     def read(self, i: int) -> tuple[bytes, int]:
         j, k = self.locate(i)
         offset, length, seq_type = self._shard_index(j)[k]
-        data = os.pread(self._fd(j), int(length), int(offset))
-        if len(data) != length:
+        return self._pread(j, k, int(offset), int(length)), int(seq_type)
+
+    def read_sample(self, i: int) -> tuple[bytes, int, np.ndarray | None]:
+        """(bases, seq_type, the bases' conservation scores as float16 with NaN where a base
+        has none, or None in a pack without tracks), in one pread: the `.cons` member
+        follows the `.seq` member in the tar, so the index entry of `.seq` locates both."""
+        if not self.conservation:
+            return (*self.read(i), None)
+        j, k = self.locate(i)
+        offset, length, seq_type = self._shard_index(j)[k]
+        n = int(length)
+        header = n + (-n % 512)  # .seq data is padded to a tar block; .cons' header comes next
+        data = self._pread(j, k, int(offset), header + 512 + 2 * n)
+        if not data[header : header + 100].rstrip(b"\0").endswith(b".cons"):
+            raise ValueError(f"{self.path / self.shards[j]['path']}: sample {k} has no .cons member after its .seq "
+                             f"member; run `hyena-glt data stats {self.path} --verify`")
+        return data[:n], int(seq_type), np.frombuffer(data, "<f2", n, header + 512)
+
+    def _pread(self, j: int, k: int, offset: int, size: int) -> bytes:
+        data = os.pread(self._fd(j), size, offset)
+        if len(data) != size:
             raise ValueError(f"{self.path / self.shards[j]['path']}: truncated (sample {k})")
-        return data, int(seq_type)
+        return data
 
     def close(self) -> None:
         for fd in self._fds.values():

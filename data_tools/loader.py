@@ -90,6 +90,8 @@ class GlobalBatchLoader:
         w = np.array(list(weights.values()), dtype=np.float64)
         self.weights = w / w.sum()
         self.seq_len, self.split = seq_len, split
+        # Every batch has the same entries: with a pack that has tracks, samples of the others get the fill.
+        self.conservation = any(ds.conservation for ds in self.datasets)
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.seed = seed
@@ -132,11 +134,13 @@ class GlobalBatchLoader:
         samples = []
         for slot in range(lo, lo + per_rank):
             d, i = refs[slot]
-            seq, seq_type = self.datasets[d].read(i)
-            samples.append((maybe_reverse_complement(seq, seq_type, bool(flip[slot])), seq_type))
+            seq, seq_type, scores = self.datasets[d].read_sample(i)
+            seq, scores = maybe_reverse_complement(seq, seq_type, bool(flip[slot]), scores)
+            samples.append((seq, seq_type, scores))
         self.step, self.consumed = self.step + 1, consumed
         m = self.micro_batch_size
-        return [make_batch(samples[j : j + m], self.seq_len, self.soft_mask_weight) for j in range(0, per_rank, m)]
+        return [make_batch(samples[j : j + m], self.seq_len, self.soft_mask_weight, self.conservation)
+                for j in range(0, per_rank, m)]
 
     def __iter__(self) -> Iterator[list[dict]]:
         while True:
@@ -185,4 +189,5 @@ def eval_batches(
     n = len(ds) if max_samples is None else min(len(ds), max_samples)
     for b, start in enumerate(range(0, n, batch_size)):
         if b % dp_size == dp_rank:
-            yield make_batch([ds.read(i) for i in range(start, min(start + batch_size, n))], seq_len, soft_mask_weight)
+            yield make_batch([ds.read_sample(i) for i in range(start, min(start + batch_size, n))], seq_len,
+                             soft_mask_weight, ds.conservation)

@@ -3,7 +3,8 @@
 Each job writes `DIR/.pack/job-NNNNN.json` when it is done. Whoever sees all of them
 agree (same options, same input list) merges them: the last job to finish, or
 `hyena-glt pack --finalize DIR`. Merging is a pure function of the job manifests and the
-result is written atomically, so two jobs racing to merge write the same bytes.
+result is written atomically, so two jobs racing to merge write the same bytes. Under
+mpiexec rank 0 merges the job manifests gathered over MPI instead (`write_merged`).
 """
 
 from __future__ import annotations
@@ -109,15 +110,22 @@ def _collect(out: Path) -> tuple[list[dict], list[int], str | None]:
     if not found:
         return [], [], "no job has finished"
     jobs = [_load_job(p) for p in found]
+    reason = _disagreement(jobs)
+    if reason:
+        return jobs, [], reason
     num_jobs = jobs[0]["num_jobs"]
-    for j in jobs[1:]:
-        if (j["num_jobs"], j["options"], j["input_list"]) != (num_jobs, jobs[0]["options"], jobs[0]["input_list"]):
-            return jobs, [], (
-                f"job {j['job_index']} ran with other options or inputs than job {jobs[0]['job_index']}; "
-                "rerun all jobs into an empty --out"
-            )
     have = {j["job_index"] for j in jobs}
     return [j for j in jobs if j["job_index"] < num_jobs], sorted(set(range(num_jobs)) - have), None
+
+
+def _disagreement(jobs: list[dict]) -> str | None:
+    """Why these job manifests are not parts of one pack, or None."""
+    first = jobs[0]
+    for j in jobs[1:]:
+        if (j["num_jobs"], j["options"], j["input_list"]) != (first["num_jobs"], first["options"], first["input_list"]):
+            return (f"job {j['job_index']} ran with other options or inputs than job {first['job_index']}; "
+                    "rerun all jobs into an empty --out")
+    return None
 
 
 def _add(into: dict, part: dict) -> None:
@@ -180,6 +188,21 @@ def try_finalize(out: Path, require: bool = False) -> dict | None:
         if require:
             raise ValueError(f"{out}: cannot finalize: {reason}")
         return None
+    return _write(out, jobs)
+
+
+def write_merged(out: Path, jobs: list[dict]) -> dict:
+    """Merge the manifests of all of a pack's jobs, given in job order (as gathered over
+    MPI), into DIR/manifest.json, without looking for job manifests on disk."""
+    reason = _disagreement(jobs)
+    if reason is None and [j["job_index"] for j in jobs] != list(range(jobs[0]["num_jobs"])):
+        reason = f"got the manifests of jobs {[j['job_index'] for j in jobs]}, not of jobs 0-{jobs[0]['num_jobs'] - 1}"
+    if reason:
+        raise ValueError(f"{out}: cannot merge the job manifests: {reason}")
+    return _write(Path(out), jobs)
+
+
+def _write(out: Path, jobs: list[dict]) -> dict:
     merged = merge(jobs)
     atomic_write(out / MANIFEST, dumps(merged))
     return merged

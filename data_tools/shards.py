@@ -186,13 +186,16 @@ class ShardFile:
     def span(self) -> list[str]:
         return [self.first.decode(), self.last.decode()]
 
-    def place(self, key: bytes, meta_len: int, seq_len: int) -> None:
-        """Give the shard one more sample (its .json and .seq members)."""
+    def place(self, key: bytes, meta_len: int, seq_len: int, cons_len: int = 0) -> None:
+        """Give the shard one more sample (its .json and .seq members, and a .cons member of
+        `cons_len` bytes when the pack has conservation tracks)."""
         if not self.samples:
             self.first = key
         self.last = key
         self.samples += 1
         self.length += 2 * _BLOCK + _padded(meta_len) + _padded(seq_len)
+        if cons_len:
+            self.length += _BLOCK + _padded(cons_len)
 
     @property
     def size(self) -> int:
@@ -224,8 +227,9 @@ class _RangeWriter:
     def samples_end(self) -> int:
         return self.first_sample + len(self.index) // INDEX_DTYPE.itemsize
 
-    def add(self, key: bytes, meta: bytes, seq, seq_type: int) -> None:
-        """One sample: its .json and .seq members and its index entry."""
+    def add(self, key: bytes, meta: bytes, seq, seq_type: int, cons=None) -> None:
+        """One sample: its .json and .seq members (and `cons`, the bytes of its .cons member,
+        right after .seq, where the loaders find it from the .seq entry) and its index entry."""
         ml, sl = len(meta), len(seq)
         pieces = _SAMPLE_PIECES.get((len(key), ml, sl)) or _sample_pieces(len(key), ml, sl)
         json_rest, json_sum, meta_pad, seq_rest, seq_sum, seq_pad = pieces
@@ -234,6 +238,8 @@ class _RangeWriter:
         data_at = self.tar.count + len(buf) + 2 * _BLOCK + ml + len(meta_pad)
         buf += b"".join((key, json_rest, _chksum_field(json_sum + ks), _AFTER_CHKSUM, meta, meta_pad,
                          key, seq_rest, _chksum_field(seq_sum + ks), _AFTER_CHKSUM, seq, seq_pad))
+        if cons is not None:
+            buf += b"".join((member_header(key, b".cons", len(cons), ks), cons, bytes(-len(cons) % _BLOCK)))
         self.index += _INDEX_ENTRY.pack(data_at, sl, seq_type)
         if len(buf) >= _FLUSH:
             self.flush()
@@ -310,11 +316,12 @@ class ShardIO:
         self.writers.clear()
         self.hashes.clear()
 
-    def commit(self, shard: ShardFile) -> dict:
+    def commit(self, shard: ShardFile, sha=None) -> dict:
         """End the shard's tar, write its index, rename both into place; the manifest entry.
         Every range of the shard must have been written (by any process) and released.
-        A kept shard (resume) is checked against its record instead: ResumeMismatch if it
-        differs."""
+        `sha`: a sha256 of the tar's bytes so far, made by whoever read them (else the tar
+        is hashed here, unless this process wrote all of it). A kept shard (resume) is
+        checked against its record instead: ResumeMismatch if it differs."""
         if shard.kept is not None:
             entry = shard.kept["shard"]
             if ((entry["samples"], entry["bases"], entry["bytes"]) != (shard.samples, shard.bases, shard.size)
@@ -322,13 +329,15 @@ class ShardIO:
                 raise ResumeMismatch(f"{shard.name}: the earlier run's shard holds other samples")
             return entry
         try:
-            return self._commit(shard)
+            return self._commit(shard, sha)
         except OSError as e:
             raise _naming(e, self.out / f"{shard.name}.tar") from e
 
-    def _commit(self, shard: ShardFile) -> dict:
+    def _commit(self, shard: ShardFile, given_sha) -> dict:
         name, out = shard.name, self.out
         w = self.writer(name, shard.length, shard.samples)
+        if given_sha is not None:
+            w.tar.sha = given_sha
         w.buf += tar_end(shard.length)
         w.flush()
         w.tar.f.truncate(shard.size)  # a temporary file left by a killed run may be longer
@@ -385,20 +394,84 @@ class ResumeMismatch(Exception):
     """A shard kept from an earlier run turned out not to be what this run makes."""
 
 
-def kept_record(out: Path, done: Path, name: str, input_sha: dict[str, str]) -> dict | None:
-    """The completion record of shard `name` from an earlier run if that shard can be kept:
+class CompletionLog:
+    """The completion records of one job's shards (`completion_record`), one JSON line per
+    shard appended to `DIR/.pack/job-NNNNN/completed.jsonl` once the shard and its index are
+    in place. One file for the whole job: creating a file costs more than writing a small
+    one (up to ~1 ms on a disk mounted with online discard) and a pack of small shards has
+    thousands. Not synced, like the shards: a resumed job checks every record against the
+    files it names (`kept_record`), and a line cut short by a kill is skipped. At the end of
+    a job the log is rewritten to its planned shards in name order (`finish`), so the same
+    pack leaves the same bytes there too, whatever the workers or an earlier run did."""
+
+    NAME = "completed.jsonl"
+
+    def __init__(self, done: Path):
+        self.path = Path(done) / self.NAME
+        self.fd: int | None = None
+        self.torn = False  # the file ends in a line cut short: the next record starts a new one
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def read(self) -> dict[str, dict]:
+        """The last record of each shard name."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        self.torn = bool(data) and not data.endswith(b"\n")
+        records = {}
+        for line in data.splitlines():
+            try:
+                rec = json.loads(line)
+                records[rec["shard"]["path"].rsplit(".", 1)[0]] = rec
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue  # cut short by a kill
+        return records
+
+    def append(self, record: bytes) -> None:
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.write(self.fd, b"\n" + record + b"\n" if self.torn else record + b"\n")
+        self.torn = False
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def clear(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+        self.torn = False
+
+    def finish(self, records: dict[str, bytes]) -> None:
+        """Leave exactly `records` (name -> record), in name order."""
+        self.close()
+        want = b"".join(records[name] + b"\n" for name in sorted(records))
+        try:
+            if self.path.read_bytes() == want:
+                return
+        except FileNotFoundError:
+            pass
+        atomic_write(self.path, want, durable=False)
+
+
+def kept_record(out: Path, rec: dict | None, input_sha: dict[str, str]) -> dict | None:
+    """`rec`, the completion record of a shard from an earlier run, if that shard can be kept:
     every input it names still has the same sha256 (`input_sha`, hashed before packing)
     and the tar and index still hash to the recorded sha256. Hashing on resume is what
     lets shards be written without fsync: after a killed process or a crashed machine,
     whatever did not reach the disk whole is simply written again. Whether the shard
     holds the same samples is checked once it is planned (`ShardIO.commit`) and, for its
-    inputs, by the job. Records without a `span` (written before it existed) are not kept."""
+    inputs, by the job."""
+    if rec is None:
+        return None
     try:
-        rec = json.loads((done / f"{name}.json").read_bytes())
         entry = rec["shard"]
         ok = (
-            entry["path"] == f"{name}.tar"
-            and len(rec["span"]) == 2
+            len(rec["span"]) == 2
             and all(input_sha.get(src) == sha for src, sha in rec["inputs"].items())
             and (out / entry["path"]).stat().st_size == entry["bytes"]
             and sha256_file(out / entry["path"]) == entry["sha256"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from hyena_glt.tokenizer import SeqType
+from .alphabet import SeqType
 
 SPLITS = ("train", "val", "test")
 SEQ_TYPE_NAMES = {SeqType.DNA: "DNA", SeqType.RNA: "RNA", SeqType.PROTEIN: "protein", SeqType.MIXED: "mixed"}

@@ -16,31 +16,35 @@ import sys
 import warnings
 from pathlib import Path
 
-# Modules that add subcommands, in the order they appear in --help.
-COMMAND_MODULES = [
-    "launch.commands",  # demo, train, generate, info
-    "launch.convert",  # convert, reshard
-    "launch.evo2",  # import-evo2, export-vortex
-    "launch.evaluate",  # eval, embed
-    "launch.variants",  # score-variants
-    "data_tools.cli",  # pack, data
-    "launch.finetune",  # finetune, predict (task heads)
-    "launch.bench",  # bench
-]
+# Modules that add subcommands, in the order they appear in --help, with the subcommands
+# each adds. Running a command imports only its own module: some import torch at the top,
+# which `hyena-glt pack` (and a pack worker forked from it) must not pay for.
+COMMAND_MODULES = {
+    "launch.commands": ("demo", "train", "generate", "info"),
+    "launch.convert": ("convert", "reshard"),
+    "launch.evo2": ("import-evo2", "export-vortex"),
+    "launch.evaluate": ("eval", "score", "embed"),
+    "launch.variants": ("score-variants",),
+    "data_tools.cli": ("pack", "data"),
+    "launch.finetune": ("finetune", "predict"),  # task heads
+    "launch.bench": ("bench",),
+}
 
 
 class CLIError(Exception):
     """An error to report to the user as one line (no traceback)."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand, or only of `command`'s module when one adds it."""
     parser = argparse.ArgumentParser(
         prog="hyena-glt",
         description="Hyena-GLT: byte-level striped-Hyena genomic language models: pack data, train (single "
         "process or torchrun/deepspeed), convert, evaluate, benchmark.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    owners = [name for name, commands in COMMAND_MODULES.items() if command in commands]
+    for name in owners or COMMAND_MODULES:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:  # a capability not installed in this checkout
@@ -69,8 +73,9 @@ def _take_local_rank(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-    parser = build_parser()
-    args = parser.parse_args(_take_local_rank(sys.argv[1:] if argv is None else argv))
+    argv = _take_local_rank(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv[0] if argv else None)  # the top-level parser has no option but -h
+    args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

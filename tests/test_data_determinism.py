@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,7 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_data_support import manifest, pack_samples, read_fasta, run_cli, tree_bytes, write_fasta
+from test_data_support import (completed_shards, forget_completed, manifest, pack_samples, read_fasta, run_cli,
+                               tree_bytes, write_fasta)
 
 REPO = Path(__file__).resolve().parents[1]
 HYENA = [sys.executable, "-m", "launch.cli"]
@@ -85,19 +87,56 @@ def test_finalize_waits_for_all_jobs(tmp_path, inputs):
     assert rc == 0 and (out / "manifest.json").exists()
 
 
+def _mpiexec() -> str:
+    path = Path(sys.executable).parent / "mpiexec"
+    if not path.exists():
+        pytest.skip(f"no mpiexec beside {sys.executable} (pip install mpich)")
+    return str(path)
+
+
 @pytest.mark.distributed
-def test_mpiexec_two_ranks(tmp_path, inputs):
-    one, mpi = tmp_path / "one", tmp_path / "mpi"
-    pack(inputs, one)
-    mpiexec = Path(sys.executable).parent / "mpiexec"
-    proc = subprocess.run([str(mpiexec), "-n", "2", *HYENA, "pack", *map(str, inputs), "--out", str(mpi), *COMMON],
+def test_mpiexec_ranks_agree_over_mpi(tmp_path, inputs):
+    one, mpi, jobs = tmp_path / "one", tmp_path / "mpi", tmp_path / "jobs"
+    proc = subprocess.run([_mpiexec(), "-n", "2", *HYENA, "pack", *map(str, inputs), "--out", str(mpi), *COMMON],
                           cwd=REPO, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
+    # Rank 0 merged the job manifests it gathered over MPI; no rank looked for the others' on disk.
+    assert "pack job 0/2: merged the job manifests of the 2 MPI ranks, gathered over MPI; wrote" in proc.stderr
+    assert "pack job 1/2: job manifest gathered over MPI to rank 0, which wrote manifest.json" in proc.stderr
+    assert "last job to finish" not in proc.stderr
+    # The same bytes (shards, indexes, manifest, job state) as two jobs agreeing through the
+    # file system, and the same samples as one job.
+    for job in (1, 0):
+        pack(inputs, jobs, "--num-jobs", "2", "--job-index", str(job))
+    assert tree_bytes(mpi) == tree_bytes(jobs)
     m = manifest(mpi)
-    assert m["num_jobs"] == 2
-    assert {s["path"].split("-")[1] for s in m["shards"]} == {"00000", "00001"}
-    assert "pack job 0/2" in proc.stderr and "pack job 1/2" in proc.stderr
+    assert m["num_jobs"] == 2 and {s["path"].split("-")[1] for s in m["shards"]} == {"00000", "00001"}
+    pack(inputs, one)
     assert sample_set(mpi) == sample_set(one)
+
+
+@pytest.mark.distributed
+def test_mpiexec_ranks_refuse_to_disagree_and_report_failures(tmp_path, inputs):
+    out = tmp_path / "out"
+    args = ["pack", *map(str, inputs), "--out", str(out), *COMMON]
+    # A rank started with other options (here invalid ones): every rank stops before anything is written.
+    proc = subprocess.run([_mpiexec(), "-n", "1", *HYENA, *args, ":", "-n", "1", *HYENA, *args, "--stride", "9999"],
+                          cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "hyena-glt pack: error: MPI rank(s) 1 of 2 were started with other inputs, --out or options than rank 0; "
+        "start every rank with the same command"]
+    assert not out.exists()
+    # A bad input on one rank: that rank says why, rank 0 writes no manifest.json and names it.
+    bad = write_fasta(tmp_path / "bad.fa", [("x", b"ACGT" * 1000)])
+    bad.write_bytes(bad.read_bytes().replace(b"ACGTACGT", b"ACGT1CGT", 1))
+    proc = subprocess.run([_mpiexec(), "-n", "2", *HYENA, "pack", *map(str, inputs), str(bad), "--out", str(out),
+                           *COMMON], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2
+    failed = re.findall(rf"pack job 0/2: manifest.json not written: job (\d) failed: {re.escape(str(bad))}: "
+                        r"record 'x' line 2: invalid character '1'", proc.stderr)
+    assert len(failed) == 1, proc.stderr
+    assert not (out / "manifest.json").exists()
 
 
 def test_options_change_into_same_dir_is_refused(tmp_path, inputs):
@@ -122,17 +161,16 @@ def test_resume_after_kill(tmp_path, ecoli):
     killed, ref = tmp_path / "killed", tmp_path / "ref"
     proc = subprocess.Popen([*HYENA, "pack", *args, "--out", str(killed)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    done = killed / ".pack" / "job-00000"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if done.is_dir() and len(list(done.glob("*.json"))) >= 3:
+        if len(completed_shards(killed)) >= 3:
             break
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the job finished before it could be killed"
     assert not (killed / "manifest.json").exists()
-    finished = {p.stem for p in done.glob("*.json")}
+    finished = set(completed_shards(killed))
     before = _stamp(killed)
 
     rc, _, err = run_cli("pack", *args, "--out", killed)
@@ -154,11 +192,10 @@ def test_resume_from_each_partial_state(tmp_path, inputs):
     out, ref = tmp_path / "out", tmp_path / "ref"
     pack(inputs, out)
     pack(inputs, ref)
-    done = out / ".pack" / "job-00000"
     shards = sorted(p.stem for p in out.glob("*-00000-*.tar"))
     assert len(shards) >= 6
     (out / f".{shards[0]}.tar.4242.tmp").write_bytes(b"partial")
-    (done / f"{shards[1]}.json").unlink()
+    forget_completed(out, shards[1])
     with open(out / f"{shards[2]}.tar", "r+b") as f:
         f.truncate(1000)
     (out / f"{shards[3]}.tar").unlink()

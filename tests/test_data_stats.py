@@ -59,10 +59,13 @@ def test_progress_log_lines_and_bar():
 
 
 def test_bench_pack_reports_ratios(tmp_path):
-    rc, stdout, _ = run_cli("bench", "pack", "--repeats", "1", "--json", tmp_path / "b.json")
+    rc, stdout, _ = run_cli("bench", "pack", "--repeats", "1", "--copies", "2", "--json", tmp_path / "b.json")
     assert rc == 0
     report = json.loads((tmp_path / "b.json").read_text())
     cases = [r["case"] for r in report["results"]]
     assert cases[0].startswith("read only") and "pack --workers 1" in cases and "pack --workers 2" in cases
     assert report["results"][0]["ratio_to_read"] == 1.0
     assert all(r["mbp_per_s"] > 0 for r in report["results"])
+    assert len(report["files"]) == 6 and report["inputs"].startswith("6 file(s): 2 copies of")
+    # Timed as `hyena-glt pack` runs (no torch), and the workers made the same pack.
+    assert report["timed_without_torch"] and report["same_output_for_every_worker_count"]

@@ -49,7 +49,8 @@ def write_fasta(path: Path, records, width: int = 80, crlf: bool = False, gz: bo
 
 
 def pack_samples(out: Path) -> dict[str, dict]:
-    """key -> {'meta', 'seq', 'shard'} for every sample in the pack's tar files."""
+    """key -> {'meta', 'seq', 'shard', and any other member by extension} for every sample
+    in the pack's tar files."""
     samples: dict[str, dict] = {}
     for tar_path in sorted(Path(out).glob("*.tar")):
         with tarfile.open(tar_path) as tf:
@@ -59,9 +60,11 @@ def pack_samples(out: Path) -> dict[str, dict]:
                 data = tf.extractfile(m).read()
                 if ext == "json":
                     entry["meta"] = json.loads(data)
-                else:
+                elif ext == "seq":
                     entry["seq"] = data
                     entry["offset"] = m.offset_data
+                else:  # e.g. "cons": conservation scores
+                    entry[ext] = data
     return samples
 
 
@@ -79,3 +82,25 @@ def run_cli(*args: str) -> tuple[int, str, str]:
 
 def manifest(out: Path) -> dict:
     return json.loads((Path(out) / "manifest.json").read_bytes())
+
+
+def completion_log(out: Path, job: int = 0) -> Path:
+    return Path(out) / ".pack" / f"job-{job:05d}" / "completed.jsonl"
+
+
+def completed_shards(out: Path, job: int = 0) -> list[str]:
+    """The shards a job recorded as completed (whole lines of its completion log)."""
+    try:
+        lines = completion_log(out, job).read_bytes().split(b"\n")[:-1]
+    except FileNotFoundError:
+        return []
+    return [json.loads(line)["shard"]["path"].removesuffix(".tar") for line in lines]
+
+
+def forget_completed(out: Path, shard: str, job: int = 0) -> None:
+    """Remove `shard`'s completion record, as if the job had been killed before writing it."""
+    log = completion_log(out, job)
+    lines = log.read_bytes().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line)["shard"]["path"] != f"{shard}.tar"]
+    assert len(kept) == len(lines) - 1
+    log.write_bytes(b"".join(kept))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_data_support import read_fasta, run_cli
+from test_data_support import forget_completed, read_fasta, run_cli
 
 from data_tools import pack, shards
 
@@ -125,9 +125,8 @@ def test_resume_with_workers_keeps_the_bytes(tmp_path, hash_inputs):
     out = tmp_path / "out"
     rc, _, err = run_cli("pack", *hash_inputs, "--out", out, *OPTIONS, "--workers", "2")
     assert rc == 0, err
-    done = out / ".pack" / "job-00000"
     shards = sorted(p.stem for p in out.glob("train-*.tar"))
-    (done / f"{shards[0]}.json").unlink()
+    forget_completed(out, shards[0])
     (out / f"{shards[2]}.tar").write_bytes(b"")
     (out / "manifest.json").unlink()
     rc, _, err = run_cli("pack", *hash_inputs, "--out", out, *OPTIONS, "--workers", "2")
