@@ -455,9 +455,9 @@ def _oneline(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def _check_packs(data, key: str, split: str) -> None:
+def _check_packs(data, key: str, split: str, conservation: bool = False) -> None:
     """Every pack of `key` exists, is a finished pack with `split` samples, and its first and
-    last samples read back."""
+    last samples read back; with `conservation` (model.conservation) it holds scores."""
     from data_tools.dataset import PackedDataset
     from data_tools.loader import normalize_data
 
@@ -472,6 +472,10 @@ def _check_packs(data, key: str, split: str) -> None:
             try:
                 if len(ds) == 0:
                     raise ValueError(f"the pack has no '{split}' samples")
+                if conservation and not ds.conservation:
+                    # The model's conservation gate would silently never see a score.
+                    raise ValueError("model.conservation=true but the pack holds no conservation scores "
+                                     "(pack with --conservation, docs/data.md)")
                 ds.read(0)
                 ds.read(len(ds) - 1)
             finally:
@@ -507,9 +511,9 @@ def check_start(cfg: TrainConfig) -> dict | None:
     file or option. Returns the tasks as read (cotrain.load_tasks), None without tasks."""
     t = cfg.train
     tasks = load_tasks(cfg) if cfg.tasks else None
-    _check_packs(cfg.data.train, "data.train", "train")
+    _check_packs(cfg.data.train, "data.train", "train", cfg.model.conservation)
     if cfg.data.val is not None and t.eval_batches:
-        _check_packs(cfg.data.val, "data.val", "val")
+        _check_packs(cfg.data.val, "data.val", "val", cfg.model.conservation)
     _check_writable(cfg.out_dir, "out_dir")
     if cfg.checkpoint.dir:
         root = _check_writable(cfg.checkpoint.dir, "checkpoint.dir")

@@ -165,3 +165,32 @@ def test_bad_tracks_are_one_line_naming_the_file(tmp_path, genome, damage, messa
     lines = err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], err
     assert not (out / "manifest.json").exists()
+
+
+def test_a_conservation_model_trains_on_a_pack_with_tracks_and_refuses_one_without(tmp_path, genome):
+    import subprocess
+
+    from test_train import REPO, _cli, _env
+
+    fasta, tracks, _, _ = genome
+    common = ["--seq-len", "128", "--val-fraction", "0", "--progress", "none"]
+    assert run_cli("pack", fasta, "--out", tmp_path / "with", *common, "--conservation", tracks)[0] == 0
+    assert run_cli("pack", fasta, "--out", tmp_path / "without", *common)[0] == 0
+
+    def train(pack):
+        args = ["train", "--config", str(REPO / "configs" / "tiny.yaml"), "model.conservation=true", "train.steps=2",
+                "train.seq_len=128", "train.global_batch_size=4", "train.micro_batch_size=2", "train.eval_batches=0",
+                f"data.train={pack}", "data.val=null", f"out_dir={tmp_path / 'run'}",
+                f"checkpoint.dir={tmp_path / 'ckpt'}"]
+        return subprocess.run([*_cli(), *args], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+
+    proc = train(tmp_path / "without")
+    assert proc.returncode == 2 and "model.conservation=true but the pack holds no conservation scores" in proc.stderr
+    proc = train(tmp_path / "with")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert run_cli("convert", tmp_path / "ckpt", tmp_path / "model")[0] == 0
+    from hyena_glt import load_causal_lm
+
+    # The gates start at 0 and move only if the scores reached the blocks.
+    gates = [p for n, p in load_causal_lm(tmp_path / "model").named_parameters() if n.endswith("conservation_gate")]
+    assert gates and all(g.abs().max() > 0 for g in gates)
