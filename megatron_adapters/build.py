@@ -44,7 +44,7 @@ from .grads import finalize_model_parallel_grads, reduce_gradients_dp_cp
 from .groups import RankContext, parallel_device
 from .parallel_config import Layout, check_layout
 from .pipeline import check_num_microbatches, run_schedule
-from .sharding import init_from_canonical, named_persistent_buffers
+from .sharding import held_by_stage, init_from_canonical, named_persistent_buffers
 from .spec import parallel_spec
 from .tensor_parallel import megatron_config, vocab_parallel_cross_entropy
 
@@ -324,13 +324,9 @@ def build_parallel_model(
 
 
 def first_and_last_stage_params(chunk: PipelineStage, cfg: HyenaGLTConfig) -> list[nn.Parameter]:
-    """This chunk's copies of the parameters the first and the last pipeline stage both hold."""
-    if not (chunk.is_first or chunk.is_last):
-        return []
-    out = []
-    if cfg.tie_embeddings and "embed" in chunk.model._modules:
-        out.append(chunk.model.embed.weight)
-    if "positions" in chunk.model._modules:
-        pos = chunk.model.positions
-        out += [p for name, p in pos.named_parameters() if not name.startswith(("pool.", "unpool."))]
-    return out
+    """This chunk's copies of the parameters the first and the last pipeline stage both hold
+    (by the one placement rule, sharding.held_by_stage)."""
+    tied = cfg.tie_embeddings
+    return [p for name, p in chunk.named_parameters()
+            if held_by_stage(name, set(), first=True, last=False, tied=tied)
+            and held_by_stage(name, set(), first=False, last=True, tied=tied)]
