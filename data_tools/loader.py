@@ -24,7 +24,7 @@ import numpy as np
 
 from .batching import make_batch, maybe_reverse_complement
 from .dataset import PackedDataset
-from .permutation import permute
+from .permutation import epoch_picks
 
 STATE_VERSION = 1
 
@@ -118,10 +118,7 @@ class GlobalBatchLoader:
             if not len(slots):
                 continue
             k = consumed[d] + np.arange(len(slots), dtype=np.int64)
-            size = len(ds)
-            for epoch in np.unique(k // size):
-                sel = k // size == epoch
-                sample[slots[sel]] = permute(k[sel] % size, size, f"{self.seed}:{d}:{int(epoch)}")
+            sample[slots] = epoch_picks(k, len(ds), f"{self.seed}:{d}")
             consumed[d] += len(slots)
         return list(zip(choice.tolist(), sample.tolist())), flip, consumed
 

@@ -47,3 +47,14 @@ def permute(positions, n: int, key: str) -> np.ndarray:
         out[todo] = once(out[todo])
         todo = out >= n
     return out.astype(np.int64)
+
+
+def epoch_picks(picks, n: int, key: str) -> np.ndarray:
+    """The examples of pick positions `picks` (int64 array) that walk range(n) in passes:
+    pick j is example perm_e(j mod n) of pass e = j // n, each pass's permutation named by
+    `key` + ":" + e. The same picks give the same examples, however they are split up."""
+    out = np.empty(len(picks), dtype=np.int64)
+    for epoch in np.unique(picks // n):
+        sel = picks // n == epoch
+        out[sel] = permute(picks[sel] % n, n, f"{key}:{int(epoch)}")
+    return out

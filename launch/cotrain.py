@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_tools.permutation import permute
+from data_tools.permutation import epoch_picks
 from hyena_glt.heads import MultiTaskMetrics, TaskSpec, task_spec_dict
 
 from .finetune_data import PreparedTask, collate, prepare_task
@@ -80,15 +80,6 @@ def check_resume(saved: dict, tasks: dict[str, CoTask], where: str) -> None:
                                  f"{b[diff[0]]!r}); resume with the same task data, or start a new checkpoint.dir")
 
 
-def _picks(positions: np.ndarray, n: int, key: str) -> np.ndarray:
-    """Example of each pick position: a fresh permutation of the n examples per epoch."""
-    out = np.empty(len(positions), dtype=np.int64)
-    for epoch in np.unique(positions // n):
-        sel = positions // n == epoch
-        out[sel] = permute(positions[sel] % n, n, f"{key}:{int(epoch)}")
-    return out
-
-
 class TaskBatches:
     """This data-parallel rank's task micro-batches (module docstring)."""
 
@@ -107,7 +98,7 @@ class TaskBatches:
         for name, task in self.tasks.items():
             g, per_rank = task.global_batch_size, task.global_batch_size // self.dp_size
             first = (step - 1) * g + self.dp_rank * per_rank
-            picks = _picks(np.arange(first, first + per_rank, dtype=np.int64), len(task.data.train),
+            picks = epoch_picks(np.arange(first, first + per_rank, dtype=np.int64), len(task.data.train),
                            f"{self.seed}:task:{name}")
             examples = [task.data.train[i] for i in picks]
             out += [self._micro_batch(name, examples[j : j + self.mbs]) for j in range(0, per_rank, self.mbs)]
