@@ -254,6 +254,7 @@ class _FilePass:
         self.pending: list[tuple] = []  # planned, not yet written: (shard, offset, sample, rec, s, e, samples)
         self.track_of: dict[int, object] = {}  # record index -> its conservation scores (float16), until written
         self.next_write = 0  # pending[:next_write] are written
+        self.writing = None  # the shard writer a `write` cut short stopped in
         self.state: Handover | None = None
 
     def read_ahead(self, budget: int, pause) -> None:
@@ -318,6 +319,7 @@ class _FilePass:
         after about `max_bases` bases (None: all). True once every planned sample is written."""
         io, current, w, seq, view, track = self.io, None, None, None, None, None
         pending, i, n, left = self.pending, self.next_write, len(self.pending), max_bases
+        self.writing = None
         while i < n and (left is None or left > 0):
             name, offset, sample, rec, s, e, samples = pending[i]
             i += 1
@@ -337,6 +339,7 @@ class _FilePass:
                 left -= (e - s) * len(samples)
         if i < n:
             self.next_write = i
+            self.writing = w
             return False
         self.pending, self.next_write = [], 0
         self.track_of.clear()
@@ -599,7 +602,11 @@ def _worker(conn, ctx: _Context) -> None:
     def write(max_bases: int | None) -> None:
         nonlocal unreported, asked
         pos, file_pass = writing[0]
-        if file_pass.write(max_bases):
+        if not file_pass.write(max_bases):
+            if file_pass.writing is not None:
+                w = file_pass.writing
+                conn.send(("landed", pos, (w.name, w.landed())))
+        else:
             writing.popleft()
             done = file_pass.complete()
             shard_io.release()  # so that any process can complete the shards this file shares
@@ -664,8 +671,10 @@ class _SharedShardHashes:
     written by another process. Hashing each part as soon as it and every part before it
     are on disk leaves only the last part for when the shard is completed: hashing the
     whole tar then would keep the job's end (its last shards) waiting on one process. The
-    job hashes a step at a time while no worker message waits, so that handing on plans
-    and files never waits for it."""
+    part being written is hashed as far as its worker says it is on disk (`landed`), so
+    the last part too is mostly hashed by the time it is written. The job hashes a step at
+    a time while no worker message waits, so that handing on plans and files never waits
+    for it."""
 
     STEP = 1 << 20
 
@@ -674,6 +683,7 @@ class _SharedShardHashes:
         self.parts: dict[str, list[tuple[int, int]]] = {}  # shard -> (file position, end offset) per part, in order
         self.hashed: dict[str, tuple[object, int, int]] = {}  # shard -> (sha256, bytes hashed, parts hashed)
         self.todo: dict[str, None] = {}  # shards with written parts not hashed yet
+        self.on_disk: dict[tuple[str, int], int] = {}  # (shard, file position) -> end on disk of a part being written
 
     def planned(self, pos: int, plan: FilePlan) -> None:
         for name, end in plan.ends.items():
@@ -686,16 +696,27 @@ class _SharedShardHashes:
             if len(self.parts.get(name, ())) >= 2:
                 self.todo[name] = None
 
+    def landed(self, pos: int, name: str, end: int) -> None:
+        """File `pos`'s part of shard `name` is on disk up to byte `end`."""
+        self.on_disk[name, pos] = end
+        self.wrote([name])
+
     def step(self, name: str | None = None) -> None:
         """Hash up to STEP bytes of `name` (default: any shard with work), or drop it from
         the work if none of its next part is on disk."""
         name = name or next(iter(self.todo))
         parts = self.parts[name]
         sha, done, k = self.hashed.get(name) or (hashlib.sha256(), 0, 0)
-        if k == len(parts) or parts[k][0] not in self.written:
+        if k == len(parts):
             del self.todo[name]
             return
-        end = min(parts[k][1], done + self.STEP)
+        pos, part_end = parts[k]
+        if pos not in self.written:
+            part_end = min(part_end, self.on_disk.get((name, pos), done))
+            if part_end <= done:
+                del self.todo[name]
+                return
+        end = min(part_end, done + self.STEP)
         with open(self.out / f".{name}.tar.tmp", "rb") as f:
             f.seek(done)
             chunk = f.read(end - done)
@@ -703,6 +724,8 @@ class _SharedShardHashes:
             raise RuntimeError(f"{name}: its temporary tar ends at byte {done + len(chunk)}, before {end}")
         sha.update(chunk)
         self.hashed[name] = (sha, end, k + (end == parts[k][1]))
+        if end == parts[k][1]:
+            self.on_disk.pop((name, pos), None)
 
     def take(self, shard: ShardFile):
         """The sha256 of all of `shard`'s members (every file in it written), or None if it
@@ -796,6 +819,8 @@ def _pack_workers(ctx: _Context, mine: list[int], job: _Job, procs: list) -> Non
                 done = job.wrote(pos)
                 hashes.wrote(job.touched_by.get(pos, ()))
                 complete(done)
+            elif kind == "landed":
+                hashes.landed(pos, *payload)
             elif kind == "completed":
                 for shard, entry in payload:
                     job.completed(shard, entry)

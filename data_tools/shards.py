@@ -252,6 +252,12 @@ class _RangeWriter:
                 raise _naming(e, self.out / f"{self.name}.tar") from e
             self.buf = bytearray()
 
+    def landed(self) -> int:
+        """Put what is written so far on disk, where other processes can read it; its end."""
+        self.flush()
+        self.tar.f.flush()
+        return self.tar.count
+
     def sync(self) -> None:
         """Flush, and put the index entries held here into the temporary index file."""
         self.flush()

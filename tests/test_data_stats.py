@@ -59,13 +59,18 @@ def test_progress_log_lines_and_bar():
 
 
 def test_bench_pack_reports_ratios(tmp_path):
-    rc, stdout, _ = run_cli("bench", "pack", "--repeats", "1", "--copies", "2", "--json", tmp_path / "b.json")
+    rc, stdout, _ = run_cli("bench", "pack", "--repeats", "2", "--copies", "1", "2", "--json", tmp_path / "b.json")
     assert rc == 0
     report = json.loads((tmp_path / "b.json").read_text())
-    cases = [r["case"] for r in report["results"]]
-    assert cases[0].startswith("read only") and "pack --workers 1" in cases and "pack --workers 2" in cases
-    assert report["results"][0]["ratio_to_read"] == 1.0
-    assert all(r["mbp_per_s"] > 0 for r in report["results"])
-    assert len(report["files"]) == 6 and report["inputs"].startswith("6 file(s): 2 copies of")
-    # Timed as `hyena-glt pack` runs (no torch), and the workers made the same pack.
-    assert report["timed_without_torch"] and report["same_output_for_every_worker_count"]
+    assert [c["copies"] for c in report["collections"]] == [1, 2]
+    for c in report["collections"]:
+        cases = [r["case"] for r in c["results"]]
+        assert cases[0].startswith("read only") and "pack --workers 1" in cases and "pack --workers 2" in cases
+        assert c["results"][0]["ratio_to_read"] == 1.0
+        assert all(r["mbp_per_s"] > 0 for r in c["results"])
+        two = c["results"][cases.index("pack --workers 2")]
+        assert two["speedup_over_1_worker"] > 0 and two["paired_speedup_over_1_worker"] > 0
+        # Timed as `hyena-glt pack` runs (no torch), and the workers made the same pack.
+        assert c["timed_without_torch"] and c["same_output_for_every_worker_count"]
+    assert len(report["collections"][1]["files"]) == 6
+    assert report["collections"][1]["inputs"].startswith("6 file(s): 2 copies of")

@@ -156,3 +156,49 @@ def test_sample_members_are_tarfile_headers():
                 info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "hyena-glt", "hyena-glt"
                 tf.addfile(info, io.BytesIO(data))
         assert written.getvalue() == stream.getvalue()[: len(written.getvalue())]
+
+
+def test_shared_shard_hash_follows_parts_as_they_land(tmp_path, monkeypatch):
+    """The job hashes a shard written by several workers part by part, and the part being
+    written only as far as its worker says it is on disk: bytes past that point (zeros here,
+    as in a file another process is still filling) must never be hashed."""
+    monkeypatch.setattr(pack._SharedShardHashes, "STEP", 64)
+    rng = np.random.default_rng(0)
+    final = rng.integers(0, 256, 1000, dtype=np.uint8).tobytes()
+    tar = tmp_path / ".train-00000-000000.tar.tmp"
+    tar.write_bytes(bytes(len(final)))
+    ends = [300, 650, 1000]  # files 0, 1, 2 each write one part
+
+    def land(start, end):
+        with open(tar, "r+b") as f:
+            f.seek(start)
+            f.write(final[start:end])
+
+    written: set[int] = set()
+    hashes = pack._SharedShardHashes(tmp_path, written)
+    for pos, end in enumerate(ends):
+        hashes.planned(pos, pack.FilePlan(pos, None, True, ends={"train-00000-000000": end}))
+
+    def drain():
+        while hashes.todo:
+            hashes.step()
+
+    land(0, 120)
+    hashes.landed(0, "train-00000-000000", 120)
+    land(650, 800)  # file 2 is ahead of file 1: nothing of it may be hashed yet
+    hashes.landed(2, "train-00000-000000", 800)
+    drain()
+    assert hashes.hashed["train-00000-000000"][1] == 120
+    land(120, 300)
+    written.add(0)
+    hashes.wrote(["train-00000-000000"])
+    land(300, 500)
+    hashes.landed(1, "train-00000-000000", 500)
+    drain()
+    assert hashes.hashed["train-00000-000000"][1:] == (500, 1)
+    land(500, 650)
+    land(800, 1000)
+    written.update({1, 2})
+    shard = shards.ShardFile("train-00000-000000", "train")
+    shard.length = len(final)
+    assert hashes.take(shard).hexdigest() == hashlib.sha256(final).hexdigest()
