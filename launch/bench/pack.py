@@ -173,16 +173,15 @@ def time_cases() -> None:
     cases += [(f"pack --workers {w}", pack(w)) for w in spec["workers"]]
     # The cases take turns, so that a slow moment of the machine does not fall on one case only.
     runs: list[list[float]] = [[] for _ in cases]
-    steal = [0.0 for _ in cases]
+    steal = [0.0 for _ in cases] if _steal_seconds() is not None else None
     for _ in range(spec["repeats"]):
         for k, (_name, case) in enumerate(cases):
             before = _steal_seconds()
             runs[k].append(case())
-            after = _steal_seconds()
-            steal[k] += 0.0 if before is None or after is None else after - before
+            if steal is not None:
+                steal[k] += _steal_seconds() - before
     json.dump({
-        "bases": bases, "cases": [name for name, _ in cases], "runs": runs,
-        "steal_seconds": steal if _steal_seconds() is not None else None,
+        "bases": bases, "cases": [name for name, _ in cases], "runs": runs, "steal_seconds": steal,
         "same_output": len(set().union(*manifests.values())) == 1, "torch_loaded": "torch" in sys.modules,
         "pyfastx": pyfastx.__version__ if hasattr(pyfastx, "__version__") else pyfastx.version(),
     }, sys.stdout)
@@ -206,13 +205,13 @@ def _collection(args, copies: int, sources: list[Path], files: list[Path], measu
         paired = statistics.median(a / b for a, b in zip(runs[one], runs[many]))
         return round(seconds[one] / seconds[many], 3), round(paired, 3)
 
-    for r in results:
-        w = int(r["case"].rsplit(" ", 1)[1]) if r["case"].startswith("pack --workers") else None
-        if w is not None and "pack --workers 1" in runs:
-            r["speedup_over_1_worker"], r["paired_speedup_over_1_worker"] = speedup("pack --workers 1", r["case"])
-            if w > 1:
-                r["machine_speedup"], r["paired_machine_speedup"] = speedup(
-                    "read only (pyfastx.Fastx)", f"read only, {w} processes")
+    by_case = {r["case"]: r for r in results}
+    for w in args.workers if 1 in args.workers else ():
+        r = by_case[f"pack --workers {w}"]
+        r["speedup_over_1_worker"], r["paired_speedup_over_1_worker"] = speedup("pack --workers 1", r["case"])
+        if w > 1:
+            r["machine_speedup"], r["paired_machine_speedup"] = speedup(
+                "read only (pyfastx.Fastx)", f"read only, {w} processes")
     return {"copies": copies, "bases": bases, "files": [str(f) for f in files],
             "inputs": f"{len(files)} file(s): " + (f"{copies} copies of " if copies > 1 else "")
             + ", ".join(f.name for f in sources),
