@@ -34,9 +34,9 @@ gpu-check: env
 	$(VENV)/bin/hyena-glt bench gpu
 
 # Wheels for the GPU machine, which reaches no registry: carry gpu_wheels/ there and run
-# `bash launch/gpu_check.sh` (installs them and runs the check in one command).
+# `bash launch/cluster/gpu_check.sh` (installs them and runs the check in one command).
 gpu-wheels: env
-	PYTHON=$(PY) DS_BUILD_OPS=0 bash launch/gpu_check.sh wheels
+	PYTHON=$(PY) DS_BUILD_OPS=0 bash launch/cluster/gpu_check.sh wheels
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,7 +1,6 @@
 """Hyena-GLT: byte-level striped-Hyena genomic language model (plain single-device PyTorch)."""
 
 from .config import HyenaGLTConfig
-from .curriculum import CurriculumConfig, apply_curriculum, seq_len_at
 from .heads import (
     HyenaGLTForSequenceClassification,
     HyenaGLTForSequenceRegression,
@@ -21,7 +20,6 @@ __all__ = [
     "ByteTokenizer",
     "CausalLM",
     "CausalLMOutput",
-    "CurriculumConfig",
     "FAMILIES",
     "LOCAL",
     "ModelSpec",
@@ -37,7 +35,6 @@ __all__ = [
     "SeqType",
     "TaskSampler",
     "TaskSpec",
-    "apply_curriculum",
     "build_backbone",
     "build_causal_lm",
     "detect_seq_type",
@@ -47,5 +44,4 @@ __all__ = [
     "load_causal_lm",
     "load_pretrained",
     "reverse_complement",
-    "seq_len_at",
 ]

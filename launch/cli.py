@@ -20,13 +20,14 @@ from pathlib import Path
 # each adds. Running a command imports only its own module: some import torch at the top,
 # which `hyena-glt pack` (and a pack worker forked from it) must not pay for.
 COMMAND_MODULES = {
-    "launch.commands": ("demo", "train", "generate", "info"),
-    "launch.convert": ("convert", "reshard"),
-    "launch.evo2": ("import-evo2", "export-vortex"),
-    "launch.evaluate": ("eval", "score", "embed"),
-    "launch.variants": ("score-variants",),
-    "data_tools.cli": ("pack", "data"),
-    "launch.finetune": ("finetune", "predict"),  # task heads
+    "launch.training.commands": ("demo", "train"),
+    "launch.inference.commands": ("generate", "info"),
+    "launch.checkpoint.convert": ("convert", "reshard"),
+    "launch.interop.evo2": ("import-evo2", "export-vortex"),
+    "launch.inference.evaluate": ("eval", "score", "embed"),
+    "launch.inference.variants": ("score-variants",),
+    "launch.data.commands": ("pack", "data"),
+    "launch.finetune.commands": ("finetune", "predict"),  # task heads
     "launch.bench": ("bench",),
 }
 

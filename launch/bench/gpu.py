@@ -189,7 +189,7 @@ def plan_cases(config: Path, lengths, tokens_per_step: int, steps: int, pack: Pa
     """Per length, the config's striped model and an attention-only one of the same width and
     depth, the same tokens per step (micro-batch = tokens / L, no accumulation, split over
     data-parallel ranks). Validated here, before anything is launched."""
-    from launch.train_config import TrainConfig
+    from launch.training.config import TrainConfig
 
     cases = []
     base = TrainConfig.load(config).model
@@ -261,8 +261,9 @@ def _run_case(case: dict, config: str, use_cuda: bool) -> dict:
 
     import torch
 
-    from launch.train_config import TrainConfig
-    from launch.trainer import Trainer, check_start
+    from launch.training.config import TrainConfig
+    from launch.training.startup import check_start
+    from launch.training.trainer import Trainer
 
     out = {"name": case["name"]}
     t0 = time.monotonic()
@@ -419,7 +420,7 @@ def format_report(result: dict) -> str:
 def run(args) -> int:
     import torch
 
-    from launch.train_config import TrainConfig
+    from launch.training.config import TrainConfig
 
     t_start = time.monotonic()
     use_cuda = torch.cuda.is_available()

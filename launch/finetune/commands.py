@@ -1,0 +1,230 @@
+"""`hyena-glt finetune` and `hyena-glt predict`: task heads on a pretrained model.
+
+    hyena-glt finetune --model PRETRAINED_DIR --task seq-cls --train train.csv --val val.csv --out runs/ft
+    hyena-glt finetune --model PRETRAINED_DIR --tasks tasks.yaml --out runs/mt      # multi-task
+    hyena-glt predict --model runs/ft --input new.fasta
+    hyena-glt predict --model runs/mt --task promoter --input new.fasta
+
+Data: CSV/TSV (`sequence,label`) or FASTA with labels in the headers (data_tools/labelled.py).
+Classification prints accuracy, MCC and F1; regression prints MSE and Pearson r.
+
+Multi-task (`--tasks`, a YAML file, see MultiTaskFile): one shared backbone, one named head
+per task; each step trains one task's batch, drawn by weight (TaskSampler: a function of
+(seed, step), so a rerun draws the same tasks); metrics are kept and printed per task.
+The loop (data parallel under torchrun, checkpoints, --resume) is finetune_trainer.py; data
+encoding and batching is finetune_data.py; what depends on the task kind (seq-cls, token-cls,
+regression) is the kind's entry in hyena_glt.heads.TASK_KINDS.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from launch.args import fraction, nonnegative_float, nonnegative_int, positive_float, positive_int
+
+
+def register(sub) -> None:
+    from hyena_glt.heads import TASK_KINDS
+
+    kinds = ", ".join(TASK_KINDS)
+    p = sub.add_parser("finetune", help=f"fine-tune a task head ({kinds}) on a pretrained model",
+                       description="Fine-tune a task head on a pretrained model; prints its task kind's metrics "
+                       "(accuracy/MCC/F1, MSE/Pearson).")
+    p.add_argument("--model", required=True, help="pretrained model dir (config.json + model.safetensors)")
+    p.add_argument("--task", choices=list(TASK_KINDS), help="one task (with --train)")
+    p.add_argument("--train", help="CSV/TSV (sequence,label) or FASTA with labels in headers")
+    p.add_argument("--tasks", metavar="YAML", help="multi-task: named tasks (kind, train, val, weight) on one backbone")
+    p.add_argument("--val", help="validation file (same formats); metrics are printed after each epoch")
+    p.add_argument("--out", default="runs/finetune", help="where the fine-tuned model is saved")
+    p.add_argument("--epochs", type=positive_int, default=3, help="passes over the training data (multi-task: all tasks' batches)")
+    p.add_argument("--max-steps", type=nonnegative_int, default=0, help="stop after this many steps (0: run all epochs)")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--weight-decay", type=nonnegative_float, default=0.01)
+    p.add_argument("--dropout", type=fraction, default=0.1)
+    p.add_argument("--max-len", type=positive_int, default=1024, help="longer sequences are truncated to this many bases")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--save-every", type=nonnegative_int, default=0, help="checkpoint every N steps (always at each epoch end)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if there is one")
+    p.add_argument("--exit-after-steps", type=nonnegative_int, default=0,
+                   help="save a checkpoint and exit after N steps of this run (then --resume)")
+    p.set_defaults(func=_finetune)
+
+    p = sub.add_parser("predict", help="predict with a fine-tuned model", description="Predict labels or values.")
+    p.add_argument("--model", required=True, help="directory written by `hyena-glt finetune`")
+    p.add_argument("--task", help="multi-task model: which task's head predicts")
+    p.add_argument("--input", help="CSV/TSV/FASTA (labels optional; if all present, metrics are printed)")
+    p.add_argument("--sequence", action="append", default=[], help="a sequence to predict (repeatable)")
+    p.add_argument("--output", help="also write the predictions as TSV to this file")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--max-len", type=positive_int, default=1024,
+                   help="longer sequences are truncated to this many bases (default 1024)")
+    p.set_defaults(func=_predict)
+
+
+def _check_kind(kind: str) -> str:
+    from hyena_glt.heads import task_kind
+
+    return task_kind(kind).name
+
+
+class TaskEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: str = Field(description="a task kind: a key of hyena_glt.heads.TASK_KINDS")
+    train: str = Field(description="training file (CSV/TSV/FASTA); relative paths are read from the YAML's folder")
+    val: str | None = Field(None, description="validation file, same formats")
+    weight: float = Field(1.0, gt=0, description="sampling weight: the share of steps that train this task")
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        return _check_kind(kind)
+
+
+class MultiTaskFile(BaseModel):
+    """`--tasks` YAML:
+
+        tasks:
+          promoter: {kind: seq-cls, train: promoter_train.csv, val: promoter_val.csv, weight: 2}
+          gc:       {kind: regression, train: gc.tsv}
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    tasks: dict[str, TaskEntry] = Field(min_length=1)
+
+    @classmethod
+    def load(cls, path: str) -> "MultiTaskFile":
+        import yaml
+        from pydantic import ValidationError
+
+        f = Path(path)
+        if not f.is_file():
+            raise FileNotFoundError(f"--tasks {path}: no such file")
+        try:
+            spec = cls.model_validate(yaml.safe_load(f.read_text()) or {})
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err["loc"])
+            raise ValueError(f"{path}: {where}: {err['msg']}") from None
+        for t in spec.tasks.values():  # paths relative to the YAML file
+            t.train = str(f.parent / t.train)
+            t.val = str(f.parent / t.val) if t.val else None
+        return spec
+
+
+def _check_args(args) -> None:
+    for name in ("epochs", "batch_size", "max_len"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    for name in ("max_steps", "save_every", "exit_after_steps"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(args, name)}")
+    if args.tasks and (args.task or args.train or args.val):
+        raise ValueError("finetune: give either --tasks YAML (multi-task) or --task/--train/--val (one task), not both")
+    if not args.tasks and not (args.task and args.train):
+        raise ValueError("finetune: give --task and --train (one task), or --tasks YAML (multi-task)")
+    if not Path(args.model).is_dir():
+        raise FileNotFoundError(f"--model {args.model}: no such directory")
+
+
+def _finetune(args) -> int:
+    import torch
+
+    from hyena_glt import HyenaGLTConfig
+    from hyena_glt.heads import HyenaGLTMultiTask, TaskSpec, head_model_class
+    from hyena_glt.model import CONFIG_NAME
+    from megatron_adapters.groups import destroy_parallel
+
+    from launch.finetune.data import prepare_task
+    from launch.finetune.trainer import Finetuner, FinetuneJob, start_data_parallel
+
+    _check_args(args)
+    config_file = Path(args.model) / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"--model {args.model}: no {CONFIG_NAME}; expected a pretrained model directory")
+    if args.tasks:
+        spec = MultiTaskFile.load(args.tasks)
+        data = {name: prepare_task(t.kind, t.train, t.val, args.max_len) for name, t in spec.tasks.items()}
+        tasks = {n: TaskSpec(d.kind, d.num_labels, spec.tasks[n].weight, d.label_names) for n, d in data.items()}
+        fingerprint = {"tasks": spec.model_dump()}
+    else:
+        d = prepare_task(args.task, args.train, args.val, args.max_len)
+        tasks, data = {args.task: TaskSpec(d.kind, d.num_labels, 1.0, d.label_names)}, {args.task: d}
+        fingerprint = {"task": args.task, "train": args.train, "val": args.val}
+    fingerprint.update(model=str(Path(args.model).resolve()), max_len=args.max_len, dropout=args.dropout,
+                       weight_decay=args.weight_decay)
+    ctx = start_data_parallel(HyenaGLTConfig.from_json(config_file))
+    try:
+        torch.manual_seed(args.seed)
+        say = partial(print, flush=True) if ctx.rank == 0 else (lambda *_: None)
+        if args.tasks:
+            model = HyenaGLTMultiTask(HyenaGLTConfig.from_json(config_file), tasks, dropout=args.dropout)
+            model.load_backbone(args.model)
+            say(f"finetune multi-task: {len(tasks)} tasks on one backbone, {model.num_parameters():,} parameters")
+        else:
+            model = head_model_class(args.task).from_pretrained(args.model, num_labels=d.num_labels, dropout=args.dropout,
+                                                                label_names=d.label_names)
+            if model.label_names is None and d.label_names:
+                model.label_names = d.label_names
+            say(f"finetune {args.task}: {model.num_parameters():,} parameters")
+        for n, d in data.items():
+            say(f"  {f'{n}: {d.kind}, ' if args.tasks else ''}{len(d.train)} train / {len(d.val) if d.val else 0} val "
+                f"sequences, {d.num_labels} output(s){' ' + str(d.label_names) if d.label_names else ''}"
+                + (f", weight {tasks[n].weight:g}" if args.tasks else ""))
+        trainer = Finetuner(FinetuneJob(model, tasks, data, multi=bool(args.tasks), fingerprint=fingerprint), args, ctx)
+        say(f"  {trainer.total} steps on {trainer.world} process(es), global batch {args.batch_size}")
+        return trainer.run()
+    finally:
+        destroy_parallel()
+
+
+def _predict(args) -> int:
+    import torch
+
+    from data_tools.labelled import LabelledRecord, read_labelled
+    from hyena_glt.heads import TASKS_NAME, HyenaGLTMultiTask, MultiTaskMetrics, TaskSpec, load_head_model, task_kind
+
+    from launch.finetune.data import collate, encode_examples, fmt_metrics
+
+    if not args.input and not args.sequence:
+        raise ValueError("predict: give --input FILE or one or more --sequence SEQ")
+    head = None
+    if (Path(args.model) / TASKS_NAME).is_file():  # a multi-task model: one of its heads
+        model = HyenaGLTMultiTask.from_pretrained(args.model).eval()
+        if args.task is None and len(model.tasks) == 1:
+            args.task = next(iter(model.tasks))
+        if args.task not in model.tasks:
+            raise ValueError(f"predict --task: {args.model} is a multi-task model; name one of {sorted(model.tasks)}"
+                             + (f" (got {args.task!r})" if args.task else ""))
+        head, spec = args.task, model.tasks[args.task]
+    else:
+        model = load_head_model(args.model).eval()
+        spec = TaskSpec(model.task, model.num_labels, label_names=model.label_names)
+        if args.task is not None:
+            raise ValueError(f"predict --task: {args.model} is a single-task ({model.task}) model; drop --task")
+    kind, name = task_kind(spec.kind), head or spec.kind
+    records = read_labelled(args.input, require_labels=False) if args.input else []
+    records += [LabelledRecord(f"seq{i + 1}", s, None) for i, s in enumerate(args.sequence)]
+    examples = encode_examples(records, spec.kind, spec.label_names, args.max_len, args.input or "--sequence")
+    metrics = MultiTaskMetrics({name: spec})
+    lines = []
+    with torch.no_grad():
+        for i in range(0, len(examples), args.batch_size):
+            chunk = examples[i : i + args.batch_size]
+            ids, labels = collate(chunk, spec.kind)
+            logits = (model(ids) if head is None else model(ids, task=head)).logits
+            if labels is not None:
+                metrics.update(name, logits, labels)
+            for j, (x, _) in enumerate(chunk):
+                lines.append(f"{records[i + j].id}\t{kind.format_output(logits[j], len(x), spec.label_names)}")
+    header = f"id\t{kind.output_header}"
+    print(header)
+    print("\n".join(lines))
+    if args.output:
+        Path(args.output).write_text(header + "\n" + "\n".join(lines) + "\n")
+    if records and all(r.label is not None for r in records):
+        print("metrics: " + fmt_metrics(metrics.compute()[name], spec.kind))
+    return 0

@@ -1,0 +1,115 @@
+"""Inference subcommands on a saved model: `generate` and `info` (eval, score, embed: evaluate.py)."""
+
+from __future__ import annotations
+
+from launch.args import nonnegative_float, nonnegative_int, positive_int, probability
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "generate", help="sample continuations from a saved language model (either family)",
+        description="Sample continuations of one or more prompts. Plain models prefill each prompt once and then "
+        "take one cached step per new token (O(1) per token for Hyena layers). Token-merging models have no "
+        "inference cache: they recompute the whole prefix for every new token (cost grows with the square of "
+        "the output length). Prompts of different lengths run as one batch; every sample draws from its own "
+        "generator seeded with --seed, so a prompt gives the same tokens alone or in a batch.")
+    p.add_argument("--model", required=True, help="directory with config.json + model.safetensors")
+    p.add_argument("--prompt", action="append", default=[], help="prompt bases (repeatable); none: start from BOS")
+    p.add_argument("--prompts", metavar="FASTA", help="also take every record of this FASTA file as a prompt")
+    p.add_argument("--max-new-tokens", type=nonnegative_int, default=100,
+                   help="bytes to sample after each prompt (0: only the prompt)")
+    p.add_argument("--temperature", type=nonnegative_float, default=1.0, help="0: greedy")
+    p.add_argument("--top-k", type=nonnegative_int, default=4, help="sample among the k most likely bytes (0: all)")
+    p.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling: the smallest set reaching this mass")
+    p.add_argument("--num-samples", type=positive_int, default=1, help="samples per prompt")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--stop-at-eos", action="store_true", help="let the model emit EOS and end a sample there")
+    p.add_argument("--recompute", action="store_true", help="no cache: recompute the prefix each step (a check)")
+    p.add_argument("--out", metavar="FASTA", help="write the samples (prompt + continuation) as FASTA here")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("info", help="print a model's family, layers and parameter count")
+    p.add_argument("config", help="model or training YAML, or a saved model directory (LM, head or multi-task)")
+    p.set_defaults(func=_info)
+
+
+
+def _generate(args) -> int:
+    import sys
+    from pathlib import Path
+
+    from hyena_glt import ByteTokenizer, load_causal_lm
+
+    if args.max_new_tokens < 0 or args.num_samples < 1:
+        raise ValueError("--max-new-tokens must be >= 0 and --num-samples >= 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise ValueError("--temperature must be >= 0, --top-k >= 0 and --top-p in (0, 1]")
+    model = load_causal_lm(args.model).eval()
+    tok = ByteTokenizer()
+    named = [(f"prompt{i + 1}", p.encode()) for i, p in enumerate(args.prompt)]
+    if args.prompts:
+        from data_tools.fasta import check_file, read_records
+
+        check = check_file(Path(args.prompts))
+        check.raise_if_bad()
+        named += [(rec.id, rec.seq) for rec in read_records(Path(args.prompts), lambda: check)]
+    if not named:
+        named = [("bos", b"")]
+    rows = [(name, s) for name, seq in named for s in [seq] * args.num_samples]
+    bos = model.config.bos_token
+    if not bos and any(not seq for _, seq in rows):
+        raise ValueError(f"--prompt: {args.model} reads raw bytes without BOS (bos_token false): give a non-empty prompt")
+    prompts = [tok.encode(seq, add_bos=bos).ids for _, seq in rows]
+    out = model.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                         top_p=args.top_p, seed=args.seed, stop_at_eos=args.stop_at_eos,
+                         use_cache=False if args.recompute else None,
+                         progress=sys.stderr.isatty() or args.max_new_tokens * len(rows) >= 2000)
+    texts = [tok.decode(ids).decode("ascii", errors="replace") for ids in out]
+    if args.out:
+        counts: dict[str, int] = {}
+        lines = []
+        for (name, prompt), text in zip(rows, texts):
+            counts[name] = counts.get(name, 0) + 1
+            lines.append(f">{name}_sample{counts[name]} seed={args.seed} new_tokens={len(text) - len(prompt)}\n")
+            lines.extend(text[i : i + 80] + "\n" for i in range(0, len(text), 80))
+        Path(args.out).write_text("".join(lines))
+        print(f"wrote {len(texts)} sample(s) to {args.out}")
+    else:
+        for text in texts:
+            print(text)
+    return 0
+
+
+def _info(args) -> int:
+    import math
+    from pathlib import Path
+
+    import torch
+
+    from hyena_glt import HyenaGLTConfig, build_causal_lm, family_of, inspect_pretrained
+
+    path = Path(args.config)
+    if path.is_dir():
+        saved = inspect_pretrained(path)
+        cfg, what = saved.config, saved.describe()
+        from safetensors import safe_open
+
+        with torch.device("meta"):
+            buffers = {n for n, _ in build_causal_lm(cfg, initialize=False).named_buffers()}
+        with safe_open(str(path / "model.safetensors"), "pt") as f:  # what is stored, heads included
+            n_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k not in buffers)
+    else:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such config file or model directory")
+        cfg = HyenaGLTConfig.from_yaml(path)
+        what = f"family {family_of(cfg).name}"
+        with torch.device("meta"):  # count without allocating (works for 40B configs)
+            model = build_causal_lm(cfg, initialize=False)
+        n_params = model.num_parameters()
+    counts = {c: cfg.layers.count(c) for c in "SDH*"}
+    print(f"{what}: pattern {cfg.pattern}: {cfg.num_layers} layers {counts}, d_model {cfg.d_model}, "
+          f"{n_params:,} parameters")
+    if cfg.patching != "none":
+        print(f"token merging: {cfg.patching} patcher, mean patch {cfg.patch_size:g} bytes, "
+              f"local encoder {cfg.local_encoder_pattern}, local decoder {cfg.local_decoder_pattern}")
+    return 0
