@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hyena_glt.heads import MultiTaskMetrics, TaskSampler
+from hyena_glt.multitask import MultiTaskMetrics, TaskSampler
 from hyena_glt.params import param_seed
 
 from launch.checkpoint import latest_checkpoint, load_checkpoint, read_meta, read_state_tensors, save_checkpoint, write_json
@@ -50,6 +50,19 @@ from launch.training.optimizer import AdamWSettings, PlainOptimizer, lr_at
 CHECKPOINT = "checkpoint"
 GRAD_CLIP = 1.0
 
+
+
+def new_epoch_stats() -> dict:
+    """A task's running figures within one epoch (saved in checkpoints to resume mid-epoch)."""
+    return {"loss_sum": 0.0, "count": 0.0, "step_losses": [], "step_grad_norms": []}
+
+
+def epoch_stats_from_meta(saved) -> dict:
+    """Stats as a checkpoint holds them; earlier checkpoints kept [loss_sum, count, steps,
+    step losses...] and no gradient norms."""
+    if isinstance(saved, dict):
+        return saved
+    return {"loss_sum": saved[0], "count": saved[1], "step_losses": list(saved[3:]), "step_grad_norms": []}
 
 class TaskBatches:
     """Endless batches of one task: a fresh permutation per pass (its own generator); the last
@@ -137,14 +150,17 @@ class Finetuner:
         return {"input_ids": ids, "labels": labels, **({"task": name} if self.job.multi else {})}
 
     def train_step(self, name: str) -> float:
+        """One optimizer step of task `name`; its loss and gradient norm join the epoch's stats."""
         local = self.share(self.batches[name].next())
         micro = [self._batch(name, local)] if local else []  # (a rank may have none at a pass's end)
-        loss_sum, count, _, _ = self.opt.step(micro, contextlib.nullcontext)
-        stats = self.epoch_stats.setdefault(name, [0.0, 0.0, 0])
-        stats[0] += loss_sum
-        stats[1] += count
-        stats[2] += 1
-        return loss_sum / max(count, 1.0)
+        loss_sum, count, grad_norm, _ = self.opt.step(micro, contextlib.nullcontext)
+        loss = loss_sum / max(count, 1.0)
+        stats = self.epoch_stats.setdefault(name, new_epoch_stats())
+        stats["loss_sum"] += loss_sum
+        stats["count"] += count
+        stats["step_losses"].append(loss)
+        stats["step_grad_norms"].append(grad_norm)
+        return loss
 
     # ------------------------------------------------------------ validation
     @torch.no_grad()
@@ -174,8 +190,9 @@ class Finetuner:
             r = record["tasks"][name] = {}
             line = f"  {name}: no steps this epoch"
             if s:
-                r.update(train_loss=s[0] / max(s[1], 1.0), train_steps=s[2], step_losses=s[3:])
-                line = f"  {name}: train_loss {r['train_loss']:.4f} ({s[2]} steps)"
+                r.update(train_loss=s["loss_sum"] / max(s["count"], 1.0), train_steps=len(s["step_losses"]),
+                         step_losses=s["step_losses"], step_grad_norms=s["step_grad_norms"])
+                line = f"  {name}: train_loss {r['train_loss']:.4f} ({r['train_steps']} steps)"
             if self.job.data[name].val:
                 r["val"] = self.validate(name)
                 line += "  val " + fmt_metrics(r["val"], spec.kind)
@@ -218,7 +235,8 @@ class Finetuner:
         generators = read_state_tensors(path)
         for n, b in self.batches.items():
             b.load(generators[f"batches/{n}"], meta["batch_orders"][n])
-        self.step, self.history, self.epoch_stats = meta["step"], meta["history"], meta["epoch_stats"]
+        self.step, self.history = meta["step"], meta["history"]
+        self.epoch_stats = {n: epoch_stats_from_meta(v) for n, v in meta["epoch_stats"].items()}
         return True
 
     # ------------------------------------------------------------ the loop
@@ -238,7 +256,6 @@ class Finetuner:
             self.opt.set_lr(lr_at(self.step, args.lr, max(1, self.total // 10), self.total, 0.1))
             name = self.sampler.sample(self.step)
             loss = self.train_step(name)
-            self.epoch_stats[name].append(loss)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(task=name, loss=f"{loss:.4f}")

@@ -1,6 +1,7 @@
 """Every parallel layout equals the single-process model (same seed, same batch).
 
-Each case runs tests/support/parallel_worker.py under torchrun (gloo, CPU). The worker compares, in
+The cases run in tests/support/parallel_worker.py under torchrun (gloo, CPU), one launch per
+world size for all its cases (each case still reported and asserted on its own). The worker compares, in
 fp64 unless stated, the gathered logits, the loss and every parameter gradient (gathered to
 full shape) with the single-process HyenaGLTForCausalLM (BLTForCausalLM for token merging),
 and the initial weights bit for bit.
@@ -10,6 +11,7 @@ Tolerance per tensor: |parallel - reference| <= 1e-10 * max|reference| + 1e-13 (
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,7 +21,7 @@ import pytest
 from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
-WORKER = REPO / "tests" / "parallel_worker.py"
+WORKER = REPO / "tests" / "support" / "parallel_worker.py"
 
 LAYOUTS = [
     pytest.param(2, ["--tp", "2"], id="tp2"),
@@ -75,17 +77,40 @@ def _torchrun() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
 
 
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory):
+    """One torchrun launch per world size runs every case of that size (the worker's --cases),
+    started on first use; each test then reads its own case's verdict."""
+    results: dict[int, tuple[dict[str, str], str]] = {}
+
+    def run(nproc: int) -> tuple[dict[str, str], str]:
+        if nproc not in results:
+            cases = [{"id": p.id, "args": p.values[1]} for p in LAYOUTS if p.values[0] == nproc]
+            spec = tmp_path_factory.mktemp(f"cases{nproc}") / "cases.json"
+            spec.write_text(json.dumps(cases))
+            cmd = _torchrun() + [
+                "--nproc_per_node", str(nproc),
+                "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+                str(WORKER), "--cases", str(spec),
+            ]  # fmt: skip
+            env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+            proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300 * len(cases))
+            verdicts = {}
+            for line in proc.stdout.splitlines():
+                if line.startswith("CASE "):
+                    _, case_id, verdict = line.split(" ", 3)[:3]
+                    verdicts[case_id] = line
+            results[nproc] = verdicts, f"torchrun exited with {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}"
+        return results[nproc]
+
+    return run
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("nproc,args", LAYOUTS)
-def test_layout_matches_single_process(nproc: int, args: list[str]) -> None:
-    cmd = _torchrun() + [
-        "--nproc_per_node", str(nproc),
-        "--rdzv-backend", "c10d",
-        "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
-        str(WORKER), *args,
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    tail = (proc.stdout + proc.stderr)[-4000:]
-    assert proc.returncode == 0, f"torchrun exited with {proc.returncode}:\n{tail}"
-    assert "PARALLEL_OK" in proc.stdout, f"no success marker:\n{tail}"
+def test_layout_matches_single_process(launches, request, nproc: int, args: list[str]) -> None:
+    case_id = request.node.callspec.id
+    verdicts, tail = launches(nproc)
+    assert case_id in verdicts, f"case {case_id} did not finish:\n{tail}"
+    assert verdicts[case_id].split(" ", 3)[2] == "OK", f"{verdicts[case_id]}\n{tail}"

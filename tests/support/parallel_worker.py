@@ -1,4 +1,10 @@
-"""torchrun worker: one parallel layout against the single-process model, same seed, same batch.
+"""torchrun worker: parallel layouts against the single-process model, same seed, same batch.
+
+One launch runs one case (`parallel_worker.py --tp 2 ...`) or, with `--cases FILE` (a JSON list
+of {"id", "args"}), every case of one world size in turn: the process group stays up between
+cases and only megatron-core's groups are rebuilt, so the torch / megatron-core start-up of
+each process is paid once. Each case prints `CASE <id> OK <errors>` or `CASE <id> FAIL <first
+errors>` on rank 0; a case that raises ends the launch (the ranks may be inside a collective).
 
 Every rank builds the single-device model (HyenaGLTForCausalLM, or the token-merging
 BLTForCausalLM with --patching; the reference) and this rank's
@@ -28,8 +34,9 @@ RTOL = {"float64": 1e-10, "float32": 1e-5}
 ATOL = {"float64": 1e-13, "float32": 1e-6}
 
 
-def parse() -> argparse.Namespace:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", help="a JSON list of {id, args}: run them all in this launch")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--cp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
@@ -48,7 +55,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--long-filter-check", action="store_true", help="CP: prove the H filter spans the sequence")
     ap.add_argument("--patching", default="none", help="token merging: the U-shape (static, entropy, learned)")
     ap.add_argument("--evo2", action="store_true", help="every Evo-2-shaped architecture option on (docs/evo2.md)")
-    return ap.parse_args()
+    return ap.parse_args(argv)
 
 
 def make_micro_batch(gen: torch.Generator, b: int, L: int, genomic: bool) -> dict:
@@ -75,8 +82,8 @@ def close(a: torch.Tensor, b: torch.Tensor, dtype: str) -> tuple[bool, float]:
     return err <= RTOL[dtype] * scale + ATOL[dtype], err / max(scale, 1e-300)
 
 
-def main() -> int:
-    args = parse()
+def run_case(args: argparse.Namespace) -> tuple[int, dict, list[str]]:
+    """One layout against the reference: (failed checks over all ranks, worst errors, this rank's errors)."""
     dtype = getattr(torch, args.dtype)
     torch.set_default_dtype(dtype)  # the reference is built directly in this dtype
     torch.set_num_threads(1)
@@ -85,7 +92,6 @@ def main() -> int:
     from megatron_adapters import (
         ParallelConfig,
         build_parallel_model,
-        destroy_parallel,
         gather_full_state_dict,
         initialize_parallel,
         shard_state_dict,
@@ -121,6 +127,9 @@ def main() -> int:
     )
     pcfg = ParallelConfig(tp=args.tp, cp=args.cp, pp=args.pp, sp=args.sp, vpp=args.vpp,
                           cp_long_conv=args.cp_long_conv)
+    from megatron_adapters.context_parallel import traffic
+
+    traffic.clear()  # counters accumulate per process; this case's path is checked below
     layout = initialize_parallel(pcfg, cfg, seq_length=L)
     rank = dist.get_rank()
     coords = layout.coords(rank)
@@ -238,23 +247,55 @@ def main() -> int:
             if ok:
                 errors.append(f"rank {rank}: a shard-local long convolution passed the logits check")
 
-    # ---- verdict: every rank reports, everyone exits non-zero on any failure
+    # ---- verdict: every rank reports
     n_bad = torch.tensor([len(errors)], dtype=torch.int64)
     dist.all_reduce(n_bad)
-    for e in errors[:20]:
-        print(e, file=sys.stderr, flush=True)
-    summary = {"layout": pcfg.describe(layout.world_size), "tolerance": f"rtol={RTOL[args.dtype]} atol={ATOL[args.dtype]}"}
-    summary.update({k: f"{v:.2e}" for k, v in worst.items()})
     maxes = [None] * dist.get_world_size()
     dist.all_gather_object(maxes, worst)
-    if rank == 0:
-        keys = sorted({k for m in maxes for k in m})
-        summary["max_rel_err_all_ranks"] = {k: f"{max(m.get(k, 0.0) for m in maxes):.2e}" for k in keys}
-        if n_bad.item() == 0:
-            print("PARALLEL_OK " + json.dumps(summary["max_rel_err_all_ranks"] | {"layout": summary["layout"]}), flush=True)
-    destroy_parallel()
-    assert n_bad.item() == 0, f"{n_bad.item()} check(s) failed (see stderr)"
-    return 0
+    keys = sorted({k for m in maxes for k in m})
+    summary = {k: f"{max(m.get(k, 0.0) for m in maxes):.2e}" for k in keys}
+    summary["layout"] = pcfg.describe(layout.world_size)
+    summary["tolerance"] = f"rtol={RTOL[args.dtype]} atol={ATOL[args.dtype]}"
+    return int(n_bad.item()), summary, errors
+
+
+def main() -> int:
+    args = parse()
+    torch.set_num_threads(1)
+    if not args.cases:
+        n_bad, summary, errors = run_case(args)
+        for e in errors[:20]:
+            print(e, file=sys.stderr, flush=True)
+        if dist.get_rank() == 0 and n_bad == 0:
+            print("PARALLEL_OK " + json.dumps(summary), flush=True)
+        from megatron_adapters import destroy_parallel
+
+        destroy_parallel()
+        assert n_bad == 0, f"{n_bad} check(s) failed (see stderr)"
+        return 0
+    from megatron.core import parallel_state as ps
+
+    cases = json.loads(open(args.cases).read())
+    failed = 0
+    for case in cases:
+        try:
+            n_bad, summary, errors = run_case(parse(case["args"]))
+        except BaseException as e:  # peers may wait in a collective: end the launch, naming the case
+            print(f"CASE {case['id']} RAISED on rank {int(os.environ.get('RANK', 0))}: {type(e).__name__}: {e}",
+                  flush=True)
+            raise
+        finally:
+            if ps.model_parallel_is_initialized():
+                ps.destroy_model_parallel()
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, errors[:5])
+        if dist.get_rank() == 0:
+            first = [e for errs in gathered for e in errs][:10]
+            verdict = "OK" if n_bad == 0 else "FAIL"
+            print(f"CASE {case['id']} {verdict} " + json.dumps(summary if n_bad == 0 else first), flush=True)
+        failed += n_bad > 0
+    dist.destroy_process_group()
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 from conftest import genome_path, run_cli
-from support.training import REPO, assert_close, metrics, train, child_env as _env, cli_command as _cli
+from support.training import (REPO, assert_close, assert_same_training, metrics, train, child_env as _env,
+                              cli_command as _cli)
 
 pytestmark = pytest.mark.distributed
 WEIGHTS = {"gc": 0.5, "coding": 2.0}
@@ -81,6 +82,7 @@ def test_tp2_equals_one_process_per_step_total_lm_and_task_losses(single, tp2):
     ref, run = step_rows(single), step_rows(tp2)
     for key in ("loss", "lm_loss", "task/gc/loss", "task/coding/loss"):
         assert_close([r[key] for r in run], [r[key] for r in ref])
+    assert_same_training(tp2, single)  # + gradient norms and final weights
     assert ref[-1]["lm_loss"] < ref[0]["lm_loss"] and ref[-1]["task/coding/loss"] < ref[0]["task/coding/loss"]
     vals = [[r for r in metrics(out) if "task/gc/val_n" in r][-1] for out in (single, tp2)]
     assert vals[0]["task/gc/val_n"] == vals[1]["task/gc/val_n"] == 7
@@ -162,6 +164,7 @@ def test_token_merging_model_cotrains_under_context_parallel_with_the_same_losse
     assert [r["step"] for r in b] == [1, 2]
     for key in ("loss", "lm_loss", "task/gc/loss", "task/coding/loss"):
         assert_close([r[key] for r in a], [r[key] for r in b])
+    assert_same_training(cp2, single)  # + gradient norms and final weights
     rc, _, stderr = run_cli("convert", cp2 / "ckpt", tmp_path / "model")
     assert rc == 0, stderr
     rc, stdout, stderr = run_cli("predict", "--model", tmp_path / "model" / "tasks", "--task", "gc", "--input",

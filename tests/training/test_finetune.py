@@ -4,6 +4,7 @@ import gzip
 
 import numpy as np
 import pytest
+from support.training import GRAD_NORM_REL, WEIGHT_ATOL, assert_close, weight_differences
 import torch
 
 from hyena_glt import (
@@ -17,7 +18,7 @@ from hyena_glt import (
     TaskSampler,
     TaskSpec,
 )
-from hyena_glt.heads import classification_metrics, regression_metrics
+from hyena_glt.task_metrics import classification_metrics, regression_metrics
 
 torch.set_num_threads(2)
 
@@ -280,6 +281,10 @@ def _step_losses(history: list) -> list[float]:
     return [x for r in history for t in r["tasks"].values() for x in t.get("step_losses", [])]
 
 
+def _step_grad_norms(history: list) -> list[float]:
+    return [x for r in history for t in r["tasks"].values() for x in t.get("step_grad_norms", [])]
+
+
 @pytest.mark.distributed
 def test_multitask_finetune_under_data_parallel_equals_one_process(lambda_phage, tmp_path):
     import os
@@ -304,9 +309,17 @@ def test_multitask_finetune_under_data_parallel_equals_one_process(lambda_phage,
     a, b = _step_losses(one), _step_losses(dp2)
     assert len(a) == len(b) == one[-1]["step"]
     # Same global batches, loss = global sum / global count, gradients summed: equal up to
-    # summation order (tolerance 1e-5 relative per step).
+    # summation order (tolerance 1e-5 relative per step). AdamW hides a wrong gradient scale
+    # from the losses: the per-step gradient norms and the final weights are compared too.
     for x, y in zip(a, b):
         assert abs(x - y) <= 1e-5 * abs(x), (a, b)
+    assert_close(_step_grad_norms(dp2), _step_grad_norms(one), GRAD_NORM_REL)
+    from safetensors.torch import load_file
+
+    diffs = weight_differences(load_file(tmp_path / "dp2" / "model.safetensors"),
+                               load_file(tmp_path / "one" / "model.safetensors"))
+    worst = max(diffs, key=diffs.get)
+    assert diffs[worst] <= WEIGHT_ATOL, (worst, diffs[worst])
     assert abs(one[-1]["tasks"]["gc"]["val"]["pearson"] - dp2[-1]["tasks"]["gc"]["val"]["pearson"]) < 1e-4
 
 

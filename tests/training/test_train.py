@@ -18,8 +18,8 @@ import time
 
 import pytest
 import torch
-from support.training import (REPO, STEPS, assert_close, losses, metrics, train,
-                              child_env as _env, cli_command as _cli)
+from support.training import (REPO, STEPS, SharedRuns, assert_close, assert_same_training, losses, metrics,
+                              train, child_env as _env, cli_command as _cli)
 
 pytestmark = pytest.mark.distributed
 
@@ -48,13 +48,6 @@ def lambda_phage():
     return genome_path("lambda_phage.fasta.gz")
 
 
-@pytest.fixture(scope="module")
-def reference(packs, tmp_path_factory):
-    out = tmp_path_factory.mktemp("single")
-    train(packs, out, 1, launcher="python")
-    return out
-
-
 LAYOUTS = [
     pytest.param(2, ["parallel.tp=2"], id="tp2"),
     pytest.param(2, ["parallel.tp=2", "parallel.sp=true", "train.activation_checkpointing=true"], id="tp2-sp-recompute"),
@@ -69,28 +62,71 @@ LAYOUTS = [
 ]
 
 
+# The learned patcher: its gate travels between pipeline stages and its compression term is
+# computed on whole sequences by every CP rank (megatron_adapters/merging.py).
+MERGING = ["model.patching=learned", "model.patch_size=4", "model.pattern=SDH*", "train.steps=3"]
+MERGING_LAYOUTS = [
+    pytest.param(2, ["zero.stage=1"], id="dp2-zero1"),
+    pytest.param(2, ["zero.stage=3"], id="dp2-zero3"),
+    pytest.param(2, ["parallel.cp=2"], id="cp2"),
+    pytest.param(2, ["parallel.pp=2"], id="pp2"),
+    pytest.param(2, ["parallel.tp=2", "parallel.sp=true"], id="tp2-sp"),
+    pytest.param(4, ["parallel.cp=2", "parallel.pp=2"], id="cp2-pp2"),
+]
+CURRICULUM = ["train.curriculum.enabled=true", "train.curriculum.start_seq_len=32", "train.curriculum.warmup_steps=3",
+              "train.curriculum.multiple_of=16"]
+# entropy: the adapted threshold (a buffer, not a parameter) must reach the checkpoint too.
+TM = {p: [f"model.patching={p}", "model.patch_size=4", "model.pattern=SDH*", "model.entropy_adapt=true",
+          "train.steps=3"] for p in ("static", "entropy")}
+
+# Every from-scratch run the tests below read: name -> (processes, overrides). Each world
+# size's runs share one launch (SharedRuns); the single-process ones are the references.
+RUNS: dict[str, tuple[int, list[str]]] = {
+    "single": (1, []),
+    **{p.id: (p.values[0], p.values[1]) for p in LAYOUTS},
+    "zero1-half": (2, ["zero.stage=1", "train.exit_after_steps=2"]),
+    "tp2-half": (2, ["parallel.tp=2", "train.exit_after_steps=2"]),
+    "pp2-vpp2": (2, ["parallel.pp=2", "parallel.vpp=2"]),  # 4 micro-batches: a multiple of pp
+    "pp2-vpp2-half": (2, ["parallel.pp=2", "parallel.vpp=2", "train.exit_after_steps=2"]),
+    "curriculum-single": (1, CURRICULUM),
+    "curriculum-cp2": (2, ["parallel.cp=2", *CURRICULUM]),
+    "merging-single": (1, MERGING),
+    **{f"merging-{p.id}": (p.values[0], [*MERGING, *p.values[1]]) for p in MERGING_LAYOUTS},
+    **{f"tm-{p}-single": (1, TM[p]) for p in TM},
+    "tm-static-tp2": (2, [*TM["static"], "parallel.tp=2", "train.activation_checkpointing=true"]),
+    "tm-entropy-tp2": (2, [*TM["entropy"], "parallel.tp=2"]),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(packs, tmp_path_factory):
+    return SharedRuns(packs, tmp_path_factory.mktemp("runs"), RUNS)
+
+
+@pytest.fixture(scope="module")
+def reference(runs):
+    return runs("single")
+
+
 @pytest.mark.parametrize("nproc,overrides", LAYOUTS)
-def test_same_losses_in_every_layout(packs, reference, tmp_path, nproc, overrides):
-    train(packs, tmp_path, nproc, *overrides)
+def test_same_losses_gradients_and_weights_in_every_layout(runs, reference, request, nproc, overrides):
+    run = runs(request.node.callspec.id)
     ref = losses(reference)
     assert len(ref) == STEPS and ref[-1] < ref[0]
-    assert_close(losses(tmp_path), ref)
+    assert_same_training(run, reference)
     ref_val = [r for r in metrics(reference) if "val_loss" in r][-1]["val_loss"]
-    val = [r for r in metrics(tmp_path) if "val_loss" in r][-1]["val_loss"]
+    val = [r for r in metrics(run) if "val_loss" in r][-1]["val_loss"]
     assert_close([val], [ref_val])
-    row = metrics(tmp_path)[0]
+    row = metrics(run)[0]
     for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"):
         assert key in row
 
 
 @pytest.fixture(scope="module")
-def zero1_runs(packs, tmp_path_factory):
+def zero1_runs(runs):
     """ZeRO-1 on 2 ranks: STEPS steps straight, and the same run stopped after 2 (its step-2
     checkpoint). Tests resume copies of the stopped run, never the run itself."""
-    root = tmp_path_factory.mktemp("zero1")
-    straight, half = root / "straight", root / "half"
-    train(packs, straight, 2, "zero.stage=1")
-    train(packs, half, 2, "zero.stage=1", "train.exit_after_steps=2")
+    straight, half = runs("dp2-zero1"), runs("zero1-half")
     assert len(losses(half)) == 2 and (half / "ckpt" / "step_00000002" / "meta.json").is_file()
     return straight, half
 
@@ -160,11 +196,11 @@ def test_nonfinite_losses_skip_then_stop_with_checkpoint(packs, tmp_path):
     assert (tmp_path / "ckpt" / "latest").is_file()
 
 
-def test_convert_tp2_pp2_then_eval_matches_distributed_eval(packs, tmp_path):
-    train(packs, tmp_path, 4, "parallel.tp=2", "parallel.pp=2")
-    dist_val = [r for r in metrics(tmp_path) if "val_loss" in r][-1]["val_loss"]
+def test_convert_tp2_pp2_then_eval_matches_distributed_eval(packs, runs, tmp_path):
+    run = runs("tp2-pp2")
+    dist_val = [r for r in metrics(run) if "val_loss" in r][-1]["val_loss"]
     model = tmp_path / "model"
-    proc = subprocess.run([*_cli(), "convert", str(tmp_path / "ckpt"), str(model), "--verify"], cwd=REPO, env=_env(),
+    proc = subprocess.run([*_cli(), "convert", str(run / "ckpt"), str(model), "--verify"], cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "verify: max |logit difference|" in proc.stdout and "OK" in proc.stdout
@@ -176,19 +212,16 @@ def test_convert_tp2_pp2_then_eval_matches_distributed_eval(packs, tmp_path):
 
 
 @pytest.mark.slow
-def test_interleaved_pipeline_same_losses_as_plain_1f1b(packs, tmp_path):
-    plain, interleaved = tmp_path / "pp2", tmp_path / "pp2-vpp2"
-    train(packs, plain, 2, "parallel.pp=2")
-    train(packs, interleaved, 2, "parallel.pp=2", "parallel.vpp=2")  # 4 micro-batches: a multiple of pp
-    assert_close(losses(interleaved), losses(plain))
+def test_interleaved_pipeline_same_losses_as_plain_1f1b(runs):
+    plain, interleaved = runs("pp2"), runs("pp2-vpp2")
+    assert_same_training(interleaved, plain)
     vals = [[r for r in metrics(run) if "val_loss" in r][-1]["val_loss"] for run in (interleaved, plain)]
     assert_close(vals[:1], vals[1:])
 
 
 @pytest.mark.slow
-def test_interleaved_checkpoint_converts_and_reshards_to_plain_1f1b(packs, reference, tmp_path):
-    run = tmp_path / "vpp2"
-    train(packs, run, 2, "parallel.pp=2", "parallel.vpp=2", "train.exit_after_steps=2")
+def test_interleaved_checkpoint_converts_and_reshards_to_plain_1f1b(packs, runs, reference, tmp_path):
+    run = runs("pp2-vpp2-half")
     saved = run / "ckpt" / "step_00000002"
     assert json.loads((saved / "meta.json").read_text())["layout"]["vpp"] == 2
     proc = subprocess.run([*_cli(), "convert", str(saved), str(tmp_path / "model"), "--verify"], cwd=REPO, env=_env(),
@@ -204,10 +237,8 @@ def test_interleaved_checkpoint_converts_and_reshards_to_plain_1f1b(packs, refer
     assert_close(losses(resharded), losses(reference)[2:])
 
 
-def test_reshard_tp2_to_tp1_continues_with_identical_losses(packs, tmp_path):
-    straight, half = tmp_path / "straight", tmp_path / "half"
-    train(packs, straight, 2, "parallel.tp=2")
-    train(packs, half, 2, "parallel.tp=2", "train.exit_after_steps=2")
+def test_reshard_tp2_to_tp1_continues_with_identical_losses(packs, runs, tmp_path):
+    straight, half = runs("tp2"), runs("tp2-half")
     resharded = tmp_path / "resharded"
     subprocess.run([*_cli(), "reshard", str(half / "ckpt"), str(resharded / "ckpt"), "parallel.tp=1"], check=True,
                    cwd=REPO, env=_env(), capture_output=True)
@@ -254,43 +285,18 @@ def test_killed_rank_restarts_and_resumes_from_latest_checkpoint(packs, tmp_path
     assert all(len(set(v)) == 1 for v in by_step.values()), by_step
 
 
-def test_curriculum_sequence_length_warmup_same_under_context_parallel(packs, tmp_path):
-    cur = ["train.curriculum.enabled=true", "train.curriculum.start_seq_len=32", "train.curriculum.warmup_steps=3",
-           "train.curriculum.multiple_of=16"]
-    single, cp2 = tmp_path / "single", tmp_path / "cp2"
-    train(packs, single, 1, *cur, launcher="python")
-    train(packs, cp2, 2, "parallel.cp=2", *cur)
+def test_curriculum_sequence_length_warmup_same_under_context_parallel(runs):
+    single, cp2 = runs("curriculum-single"), runs("curriculum-cp2")
     rows = [r for r in metrics(single) if "loss" in r]
     assert [r["seq_len"] for r in rows] == [32, 64, 64, 128]
     assert [r["tokens"] for r in rows] == [1024, 2048, 3072, 4096]  # split mode: same tokens per step
-    assert_close(losses(cp2), losses(single))
-
-
-# The learned patcher: its gate travels between pipeline stages and its compression term is
-# computed on whole sequences by every CP rank (megatron_adapters/merging.py).
-MERGING = ["model.patching=learned", "model.patch_size=4", "model.pattern=SDH*", "train.steps=3"]
-MERGING_LAYOUTS = [
-    pytest.param(2, ["zero.stage=1"], id="dp2-zero1"),
-    pytest.param(2, ["zero.stage=3"], id="dp2-zero3"),
-    pytest.param(2, ["parallel.cp=2"], id="cp2"),
-    pytest.param(2, ["parallel.pp=2"], id="pp2"),
-    pytest.param(2, ["parallel.tp=2", "parallel.sp=true"], id="tp2-sp"),
-    pytest.param(4, ["parallel.cp=2", "parallel.pp=2"], id="cp2-pp2"),
-]
-
-
-@pytest.fixture(scope="module")
-def merging_reference(packs, tmp_path_factory):
-    out = tmp_path_factory.mktemp("merging-single")
-    train(packs, out, 1, *MERGING, launcher="python")
-    return out
+    assert_same_training(cp2, single)
 
 
 @pytest.mark.parametrize("nproc,overrides", MERGING_LAYOUTS)
-def test_token_merging_same_losses_in_every_layout(packs, merging_reference, tmp_path, nproc, overrides):
-    run = tmp_path / "run"
-    train(packs, run, nproc, *MERGING, *overrides)
-    assert_close(losses(run), losses(merging_reference))
+def test_token_merging_same_losses_in_every_layout(runs, request, tmp_path, nproc, overrides):
+    run = runs(f"merging-{request.node.callspec.id}")
+    assert_same_training(run, runs("merging-single"))
     if "parallel.pp=2" in overrides and nproc == 2:  # a pipelined U-shape converts to the single-device model
         model = tmp_path / "model"
         subprocess.run([*_cli(), "convert", str(run / "ckpt"), str(model), "--verify"], check=True, cwd=REPO,
@@ -301,15 +307,9 @@ def test_token_merging_same_losses_in_every_layout(packs, merging_reference, tmp
 
 
 @pytest.mark.parametrize("patching", ["static", "entropy"])
-def test_token_merging_trains_under_tensor_parallel_with_the_same_losses(packs, tmp_path, patching):
-    # entropy: the adapted threshold (a buffer, not a parameter) must reach the checkpoint too.
-    blt = [f"model.patching={patching}", "model.patch_size=4", "model.pattern=SDH*", "model.entropy_adapt=true",
-           "train.steps=3"]
-    single, tp2 = tmp_path / "single", tmp_path / "tp2"
-    train(packs, single, 1, *blt, launcher="python")
-    recompute = ["train.activation_checkpointing=true"] if patching == "static" else []
-    train(packs, tp2, 2, *blt, "parallel.tp=2", *recompute)
-    assert_close(losses(tp2), losses(single))
+def test_token_merging_trains_under_tensor_parallel_with_the_same_losses(runs, tmp_path, patching):
+    single, tp2 = runs(f"tm-{patching}-single"), runs(f"tm-{patching}-tp2")
+    assert_same_training(tp2, single)
     models = {}
     for run in (single, tp2):
         verify = ["--verify"] if run == tp2 else []  # the TP=2 model on a probe batch == the converted one
