@@ -20,7 +20,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hyena_glt.tokenizer import BOS_ID, PAD_ID, ByteTokenizer, SeqType, reverse_complement
+from hyena_glt.alphabet import SeqType, reverse_complement
+from hyena_glt.tokenizer import BOS_ID, PAD_ID, ByteTokenizer
 
 _TOKENIZER = ByteTokenizer()
 CONSERVATION_FILL = 0.0

@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .alphabet import SeqType, detect_seq_type
+from hyena_glt.alphabet import SeqType, detect_seq_type
 
 FASTA_SUFFIXES = (".fa", ".fasta", ".fna", ".ffn", ".faa", ".frn", ".fas", ".mfa")
 COMPRESSED_SUFFIXES = ("", ".gz", ".bgz", ".gzip")

@@ -6,9 +6,10 @@ label in the header. Plain or gzip (detected by magic bytes).
   label. The delimiter is `,` for .csv, a tab for .tsv/.tab/.txt, else sniffed.
 * FASTA: `>id label=X ...`, `>id|X` or `>id X` (the last field after `|` or whitespace).
 
-Token-classification labels are one symbol per base (`00111000`) or space-separated tokens, one
-per base. Errors are ValueErrors naming the file and line (bytes that are not UTF-8, a
-corrupt gzip stream and malformed CSV included).
+A label is kept as the string it is in the file; what it means for each task kind (a class
+name, per-base labels `00111000` or space-separated tokens, a number) is hyena_glt.labels.
+Errors are ValueErrors naming the file and line (bytes that are not UTF-8, a corrupt gzip
+stream and malformed CSV included).
 """
 
 from __future__ import annotations
@@ -153,10 +154,3 @@ def read_labelled(path: str | Path, require_labels: bool = True) -> list[Labelle
                              "expected a label column or FASTA headers like '>id label=X'")
     return records
 
-
-def token_labels(label: str, length: int, where: str) -> list[str]:
-    """Per-base labels: one symbol per base, or whitespace/comma-separated tokens, one per base."""
-    tokens = label.replace(",", " ").split() if (" " in label or "," in label) else list(label)
-    if len(tokens) != length:
-        raise ValueError(f"{where}: {len(tokens)} token labels for a sequence of {length} bases")
-    return tokens

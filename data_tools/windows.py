@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from .alphabet import SeqType
+from hyena_glt.alphabet import SeqType
 
 SPLITS = ("train", "val", "test")
 SEQ_TYPE_NAMES = {SeqType.DNA: "DNA", SeqType.RNA: "RNA", SeqType.PROTEIN: "protein", SeqType.MIXED: "mixed"}

@@ -1,17 +1,16 @@
-"""Task heads on the pretrained backbone, a multi-task model, and their metrics.
+"""Task heads on the pretrained backbone, and a multi-task model.
 
 * `HyenaGLTForSequenceClassification`: masked mean pooling over the byte states -> pooler
   (dense + tanh) -> dropout -> classifier.
 * `HyenaGLTForTokenClassification`: dropout -> classifier at every byte (labels -100 ignored).
 * `HyenaGLTForSequenceRegression`: pooling as for classification -> `num_labels` outputs, MSE.
-* `HyenaGLTMultiTask`: one shared backbone, named heads (`TaskSpec`), `TaskSampler` picks the
-  task of each step by weight (a pure function of (seed, step): every data-parallel rank
-  agrees, and resuming needs no state), `MultiTaskMetrics` keeps per-task metrics (the
-  fine-tuning trainer's validation and `hyena-glt predict` use it).
+* `HyenaGLTMultiTask`: one shared backbone, named heads (`TaskSpec`). Training and evaluating
+  several tasks (`TaskSampler`, `MultiTaskMetrics`) is hyena_glt.multitask.
 
 Task kinds are a registry, `TASK_KINDS`: one `TaskKind` entry per kind holds everything that
 differs between kinds (head, loss and its denominator, predictions, metrics, label encoding,
-`predict` output). Adding a kind means adding one entry; nothing else looks at kind names.
+`predict` output). Adding a kind means adding one entry; nothing else looks at kind names. The
+metrics are hyena_glt.task_metrics, the label syntax and encoding hyena_glt.labels.
 
 Every head works on either backbone (plain or U-shaped, `model.build_backbone`). Losses are
 returned as (sum, count), like the LM's, so partial sums add up across ranks.
@@ -24,8 +23,7 @@ config seed) or a fine-tuned head directory (with head.json; loaded exactly).
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -35,8 +33,11 @@ from torch import nn
 
 from . import params
 from .config import HyenaGLTConfig
+from .labels import (class_label, pad_labels, record_where, regression_label, sort_labels, stack_labels,
+                     token_class_labels, token_labels)
 from .model import CONFIG_NAME, WEIGHTS_NAME, check_state_dict, write_pretrained
 from .registry import build_backbone
+from .task_metrics import classification_metrics, regression_metrics
 from .tokenizer import PAD_ID
 
 HEAD_NAME = "head.json"
@@ -83,40 +84,6 @@ class TokenHead(nn.Module):
         return self.out(self.dropout(hidden))
 
 
-# ---- metrics ----
-def classification_metrics(preds: torch.Tensor, labels: torch.Tensor, num_labels: int | None = None) -> dict:
-    """accuracy, MCC (Gorodkin's multi-class R_K; the usual MCC for two classes) and F1
-    (of class 1 for two classes, macro otherwise). Ignores labels == -100."""
-    preds, labels = preds.detach().reshape(-1).long(), labels.detach().reshape(-1).long()
-    keep = labels != -100
-    preds, labels = preds[keep], labels[keep]
-    n = int(labels.numel())
-    if n == 0:
-        return {"accuracy": float("nan"), "mcc": float("nan"), "f1": float("nan"), "n": 0}
-    K = int(num_labels or int(max(preds.max(), labels.max())) + 1)
-    cm = torch.zeros(K, K, dtype=torch.float64)
-    cm.index_put_((labels, preds), torch.ones(n, dtype=torch.float64), accumulate=True)
-    correct, t, p = cm.trace(), cm.sum(1), cm.sum(0)
-    cov = correct * n - (t * p).sum()
-    denom = math.sqrt(float((n * n - (p * p).sum()) * (n * n - (t * t).sum())))
-    mcc = float(cov) / denom if denom > 0 else 0.0
-    tp = cm.diag()
-    prec = tp / p.clamp_min(1)
-    rec = tp / t.clamp_min(1)
-    f1s = torch.where(prec + rec > 0, 2 * prec * rec / (prec + rec), torch.zeros_like(prec))
-    f1 = float(f1s[1]) if K == 2 else float(f1s.mean())
-    return {"accuracy": float(correct) / n, "mcc": mcc, "f1": f1, "n": n}
-
-
-def regression_metrics(preds: torch.Tensor, targets: torch.Tensor) -> dict:
-    p, t = preds.detach().reshape(-1).double(), targets.detach().reshape(-1).double()
-    mse = float(((p - t) ** 2).mean()) if p.numel() else float("nan")
-    pc, tc = p - p.mean(), t - t.mean()
-    denom = float(pc.norm() * tc.norm())
-    pearson = float((pc * tc).sum()) / denom if denom > 0 else 0.0
-    return {"mse": mse, "pearson": pearson, "n": int(p.numel())}
-
-
 # ---- task kinds: the registry ----
 @dataclass(frozen=True)
 class TaskKind:
@@ -147,14 +114,6 @@ class TaskKind:
     format_output: Callable[[torch.Tensor, int, list[str] | None], str]
 
 
-def _sort_labels(names) -> list[str]:
-    names = sorted(set(names))
-    try:
-        return sorted(names, key=float)
-    except ValueError:
-        return names
-
-
 def _class_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     flat = labels.reshape(-1).long()
     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), flat.clamp_min(0), reduction="none")
@@ -173,58 +132,14 @@ def _class_name(k: int, names: list[str] | None) -> str:
     return names[k] if names else str(k)
 
 
-def _class_index(label: str, index: dict, where: str) -> int:
-    if label not in index:
-        raise ValueError(f"{where}: label {label!r} not among the training labels {list(index)}")
-    return index[label]
-
-
 def _seq_cls_output(logits: torch.Tensor, n_ids: int, names: list[str] | None) -> str:
     probs = logits.float().softmax(-1)
     return f"{_class_name(int(probs.argmax()), names)}\t" + ",".join(f"{float(q):.4f}" for q in probs)
 
 
-def record_where(where: str, record) -> str:
-    """`FILE:LINE: record ID` (the line when the reader kept it)."""
-    line = getattr(record, "line", None)
-    return f"{where}{f':{line}' if line else ''}: record {record.id}"
-
-
-def _token_labels(raw: str, seq: str, where: str) -> list[str]:
-    from data_tools.labelled import token_labels  # the label-file syntax: one symbol / token per base
-
-    return token_labels(raw, len(seq), where)
-
-
-def _token_cls_label(raw: str, seq: str, index: dict, max_len: int, where: str) -> torch.Tensor:
-    toks = _token_labels(raw, seq, where)[:max_len]
-    bad = sorted(set(toks) - set(index))
-    if bad:
-        raise ValueError(f"{where}: token labels {bad} not among the training labels {list(index)}")
-    # The causal state at position i+1 has read base i: label it there; BOS gets none.
-    return torch.tensor([-100] + [index[t] for t in toks])
-
-
-def _pad_labels(labels: list, length: int) -> torch.Tensor:
-    out = torch.full((len(labels), length), -100, dtype=torch.long)
-    for i, lab in enumerate(labels):
-        out[i, : len(lab)] = lab
-    return out
-
-
 def _token_cls_output(logits: torch.Tensor, n_ids: int, names: list[str] | None) -> str:
     sym = [_class_name(k, names) for k in logits[1:n_ids].argmax(-1).tolist()]
     return ("" if all(len(x) == 1 for x in sym) else " ").join(sym)
-
-
-def _number(raw: str, seq: str, index: dict, max_len: int, where: str) -> torch.Tensor:
-    try:
-        value = torch.tensor([float(raw)])
-    except ValueError:
-        raise ValueError(f"{where}: regression label {raw!r} is not a number") from None
-    if not bool(torch.isfinite(value).all()):  # nan, inf, or too large for float32 (1e39)
-        raise ValueError(f"{where}: regression label {raw!r} is not a finite number")
-    return value
 
 
 def _mse_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -235,25 +150,24 @@ TASK_KINDS: dict[str, TaskKind] = {k.name: k for k in (
     TaskKind(
         "seq-cls", head=PooledHead, loss=_class_loss, weight=_labelled, predict=_argmax,
         metrics=classification_metrics, metric_keys=("accuracy", "mcc", "f1"),
-        label_names=lambda records, where: _sort_labels(r.label for r in records),
-        encode_label=lambda raw, seq, index, max_len, where: torch.tensor(_class_index(raw, index, where)),
-        collate_labels=lambda labels, length: torch.stack(labels),
+        label_names=lambda records, where: sort_labels(r.label for r in records),
+        encode_label=class_label, collate_labels=stack_labels,
         output_header="label\tprobabilities", format_output=_seq_cls_output,
     ),
     TaskKind(
         "token-cls", head=TokenHead, loss=_class_loss, weight=_labelled, predict=_argmax,
         metrics=classification_metrics, metric_keys=("accuracy", "mcc", "f1"),
-        label_names=lambda records, where: _sort_labels(
-            t for r in records for t in _token_labels(r.label, r.sequence, record_where(where, r))),
-        encode_label=_token_cls_label, collate_labels=_pad_labels,
+        label_names=lambda records, where: sort_labels(
+            t for r in records for t in token_labels(r.label, len(r.sequence), record_where(where, r))),
+        encode_label=token_class_labels, collate_labels=pad_labels,
         output_header="labels", format_output=_token_cls_output,
     ),
     TaskKind(
         "regression", head=PooledHead, loss=_mse_sum,
         weight=lambda labels: labels.new_tensor(float(labels.numel()), dtype=torch.float32),
         predict=lambda logits: logits.float(), metrics=lambda p, y, num_labels: regression_metrics(p, y),
-        metric_keys=("mse", "pearson"), label_names=lambda records, where: None, encode_label=_number,
-        collate_labels=lambda labels, length: torch.stack(labels),
+        metric_keys=("mse", "pearson"), label_names=lambda records, where: None, encode_label=regression_label,
+        collate_labels=stack_labels,
         output_header="prediction", format_output=lambda logits, n_ids, names: f"{float(logits[0]):.6g}",
     ),
 )}
@@ -476,61 +390,6 @@ class HyenaGLTMultiTask(nn.Module):
         check_state_dict(model, state, str(directory / WEIGHTS_NAME))
         model.load_state_dict(state, strict=True)
         return model
-
-
-class TaskSampler:
-    """Task of a step, drawn by weight from a generator seeded by (seed, step): deterministic,
-    identical on every rank, stateless across resumption."""
-
-    def __init__(self, weights: dict[str, float], seed: int = 0):
-        if not weights or any(not w > 0 for w in weights.values()):
-            raise ValueError(f"weights: need one or more tasks with weight > 0, got {weights}")
-        self.names = list(weights)
-        self.probs = torch.tensor([float(weights[n]) for n in self.names], dtype=torch.float64)
-        self.probs /= self.probs.sum()
-        self.seed = seed
-
-    def sample(self, step: int) -> str:
-        g = torch.Generator().manual_seed(params.param_seed(self.seed, f"task-sampler/{step}"))
-        return self.names[int(torch.multinomial(self.probs, 1, generator=g))]
-
-
-@dataclass
-class MultiTaskMetrics:
-    """Accumulates predictions (and optionally losses) per task; `compute()` -> {task: metrics}.
-    `merge` adds another instance's accumulations (e.g. another data-parallel rank's share)."""
-
-    tasks: dict[str, TaskSpec]
-    _preds: dict[str, list] = field(default_factory=dict)
-    _labels: dict[str, list] = field(default_factory=dict)
-    _loss: dict[str, list] = field(default_factory=dict)
-
-    def update(self, task: str, logits: torch.Tensor, labels: torch.Tensor, loss_sum=None, weight_sum=None) -> None:
-        pred = task_kind(self.tasks[task].kind).predict(logits.detach())
-        self._preds.setdefault(task, []).append(pred.reshape(-1).cpu())
-        self._labels.setdefault(task, []).append(labels.detach().reshape(-1).cpu())
-        if loss_sum is not None:
-            s, w = (float(x.detach()) if torch.is_tensor(x) else float(x) for x in (loss_sum, weight_sum))
-            self._loss.setdefault(task, []).append((s, w))
-
-    def merge(self, other: "MultiTaskMetrics") -> None:
-        for mine, theirs in ((self._preds, other._preds), (self._labels, other._labels), (self._loss, other._loss)):
-            for task, items in theirs.items():
-                mine.setdefault(task, []).extend(items)
-
-    def compute(self) -> dict[str, dict]:
-        out = {}
-        for task, preds in self._preds.items():
-            spec = self.tasks[task]
-            m = task_kind(spec.kind).metrics(torch.cat(preds), torch.cat(self._labels[task]), spec.num_labels)
-            if task in self._loss:
-                s, w = map(sum, zip(*self._loss[task]))
-                m["loss"] = s / max(w, 1e-8)
-            out[task] = m
-        return out
-
-    def reset(self) -> None:
-        self._preds.clear(), self._labels.clear(), self._loss.clear()
 
 
 def task_spec_dict(spec: TaskSpec) -> dict:

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# The alphabets live torch-free in data_tools.alphabet (all that `hyena-glt pack` needs of
-# the tokenizer); its users keep importing them from here.
-from data_tools.alphabet import SeqType, detect_seq_type, reverse_complement  # noqa: F401
+# The alphabets live torch-free in .alphabet (all that `hyena-glt pack` needs of the
+# tokenizer); its users keep importing them from here.
+from .alphabet import SeqType, detect_seq_type, reverse_complement  # noqa: F401
 
 PAD_ID, BOS_ID, EOS_ID, SEP_ID = 0, 1, 2, 3
 NUM_SPECIAL = 4

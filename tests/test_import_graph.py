@@ -19,11 +19,17 @@ Resolution:
 
 A cycle is a strongly connected component of more than one module; every one is listed,
 with the import lines that close it.
+
+Imports only go down: launch -> megatron_adapters / data_tools -> hyena_glt. `FORBIDDEN`
+lists, for every package, the project packages it must not import (lazy imports included);
+each offending import is named by module, target and file:line.
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +38,14 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("hyena_glt", "megatron_adapters", "data_tools", "launch")
 MODEL_PACKAGE = "hyena_glt"
 FRAMEWORKS = ("megatron", "deepspeed")
+# package -> the project packages it must not import: imports only go down
+# (launch -> megatron_adapters / data_tools -> hyena_glt).
+FORBIDDEN = {
+    "hyena_glt": ("data_tools", "launch", "megatron_adapters"),
+    "data_tools": ("launch", "megatron_adapters"),
+    "megatron_adapters": ("launch", "data_tools"),
+    "launch": (),
+}
 
 
 # ---------------------------------------------------------------------------- the graph
@@ -227,6 +241,25 @@ def framework_imports(root: Path, package: str, modules, edges, external, framew
     return problems
 
 
+def package_of(module: str) -> str:
+    return module.split(".")[0]
+
+
+def upward_imports(root: Path, modules, edges, forbidden=FORBIDDEN, package: str | None = None) -> list[str]:
+    """Every import of a module of package P (of `package` only, if given) into a package
+    that `forbidden[P]` lists, as `importer -> imported  (file:line, ...)`."""
+    problems = []
+    for m in sorted(modules):
+        if package is not None and package_of(m) != package:
+            continue
+        banned = forbidden.get(package_of(m), ())
+        for target, at in sorted(edges[m].items()):
+            if package_of(target) in banned:
+                where = ", ".join(f"{modules[m].relative_to(root)}:{n}" for n in sorted(set(at)))
+                problems.append(f"{m} -> {target}  ({where})")
+    return problems
+
+
 # ---------------------------------------------------------------------------- the project
 
 
@@ -247,10 +280,26 @@ def test_model_package_is_framework_free(graph):
     assert not problems, f"{MODEL_PACKAGE} must not import {' or '.join(FRAMEWORKS)}:\n  " + "\n  ".join(problems)
 
 
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_imports_only_go_down(graph, package):
+    modules, edges, _ = graph
+    problems = upward_imports(REPO, modules, edges, package=package)
+    assert not problems, (f"{package} must not import {', '.join(FORBIDDEN[package])} "
+                          "(imports only go down: launch -> megatron_adapters / data_tools -> hyena_glt):\n  "
+                          + "\n  ".join(problems))
+
+
+def test_every_package_has_its_direction():
+    assert set(FORBIDDEN) == set(PACKAGES)
+    for package, banned in FORBIDDEN.items():
+        assert package not in banned and set(banned) <= set(PACKAGES), package
+
+
 def test_the_graph_sees_the_whole_project(graph):
     modules, edges, _ = graph
     assert {"hyena_glt", "hyena_glt.model", "launch.cli", "data_tools.loader", "megatron_adapters"} <= set(modules)
-    assert any(m.startswith("hyena_glt.") for m in edges["hyena_glt"])  # the __init__'s relative imports
+    assert any(m.startswith("hyena_glt.") for m in edges["hyena_glt.model"])  # relative imports
+    assert "hyena_glt.alphabet" in edges["data_tools.windows"]  # absolute imports across packages
     assert any(edges[m] for m in modules if m.startswith("launch."))
 
 
@@ -305,6 +354,19 @@ def test_checker_finds_lazy_relative_and_submodule_cycles(tmp_path):
     assert problems == ["pkg.model imports megatron.core via pkg.model -> other.x (other/x.py:2)"], problems
 
 
+def test_checker_finds_upward_imports(tmp_path):
+    _write(tmp_path, {
+        "low/__init__.py": "",
+        "low/core.py": "import os\n\ndef f():\n    from high.app import run  # lazy, still upward\n",
+        "low/ok.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from high import app\n",
+        "high/__init__.py": "",
+        "high/app.py": "from low.core import f\n\ndef run():\n    return f()\n",
+    })
+    modules, edges, _ = build_graph(tmp_path, ("low", "high"))
+    problems = upward_imports(tmp_path, modules, edges, {"low": ("high",), "high": ()})
+    assert problems == ["low.core -> high.app  (low/core.py:4)"], problems
+
+
 def test_checker_on_an_acyclic_package(tmp_path):
     _write(tmp_path, {
         "pkg/__init__.py": "from .a import f\n",
@@ -315,3 +377,19 @@ def test_checker_on_an_acyclic_package(tmp_path):
     assert find_cycles(edges) == []
     assert "numpy" in external["pkg.b"] and "os" in external["pkg.a"]
     assert framework_imports(tmp_path, "pkg", modules, edges, external) == []
+
+
+# ---------------------------------------------------------------------------- the lazy model package
+
+
+def test_model_package_exports_resolve_lazily():
+    """`hyena_glt/__init__.py` imports its parts on first use (PEP 562): importing the
+    alphabet (all `hyena-glt pack` takes from it) loads no torch, and every public name
+    still resolves from the package."""
+    code = ("import sys; import hyena_glt.alphabet; from hyena_glt import SeqType; "
+            "print('torch' in sys.modules); import hyena_glt; "
+            "missing = [n for n in hyena_glt.__all__ if getattr(hyena_glt, n, None) is None]; "
+            "print(missing, set(hyena_glt.__all__) <= set(dir(hyena_glt)))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["False", "[] True"], proc.stdout

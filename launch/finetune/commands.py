@@ -185,7 +185,8 @@ def _predict(args) -> int:
     import torch
 
     from data_tools.labelled import LabelledRecord, read_labelled
-    from hyena_glt.heads import TASKS_NAME, HyenaGLTMultiTask, MultiTaskMetrics, TaskSpec, load_head_model, task_kind
+    from hyena_glt.heads import TASKS_NAME, HyenaGLTMultiTask, TaskSpec, load_head_model, task_kind
+    from hyena_glt.multitask import MultiTaskMetrics
 
     from launch.finetune.data import collate, encode_examples, fmt_metrics
 

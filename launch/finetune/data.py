@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hyena_glt.heads import record_where, task_kind
+from hyena_glt.heads import task_kind
+from hyena_glt.labels import record_where
 from hyena_glt.tokenizer import PAD_ID, ByteTokenizer
 
 

@@ -27,7 +27,9 @@ import os
 import shutil
 from pathlib import Path
 from support.data import forget_completed
-from data_tools import pack, shards
+from data_tools import shards
+from data_tools.pack import file_pass, shared_hashes
+from data_tools.pack import workers as pack_workers
 import argparse
 import importlib
 import subprocess
@@ -282,7 +284,7 @@ def _digests(out: Path) -> dict[str, str]:
 @pytest.mark.parametrize("workers, ahead", [(1, None), (2, None), (3, 20_000)])
 def test_pack_bytes_match_stored_hashes(tmp_path, hash_inputs, monkeypatch, workers, ahead):
     if ahead is not None:
-        monkeypatch.setattr(pack, "_ahead_bases", lambda opts: ahead)
+        monkeypatch.setattr(pack_workers, "_ahead_bases", lambda opts: ahead)
     out = tmp_path / "out"
     rc, _, err = run_cli("pack", *hash_inputs, "--out", out, *OPTIONS, "--workers", workers)
     assert rc == 0, err
@@ -333,7 +335,7 @@ def test_shared_shard_hash_follows_parts_as_they_land(tmp_path, monkeypatch):
     """The job hashes a shard written by several workers part by part, and the part being
     written only as far as its worker says it is on disk: bytes past that point (zeros here,
     as in a file another process is still filling) must never be hashed."""
-    monkeypatch.setattr(pack._SharedShardHashes, "STEP", 64)
+    monkeypatch.setattr(shared_hashes.SharedShardHashes, "STEP", 64)
     rng = np.random.default_rng(0)
     final = rng.integers(0, 256, 1000, dtype=np.uint8).tobytes()
     tar = tmp_path / ".train-00000-000000.tar.tmp"
@@ -346,9 +348,9 @@ def test_shared_shard_hash_follows_parts_as_they_land(tmp_path, monkeypatch):
             f.write(final[start:end])
 
     written: set[int] = set()
-    hashes = pack._SharedShardHashes(tmp_path, written)
+    hashes = shared_hashes.SharedShardHashes(tmp_path, written)
     for pos, end in enumerate(ends):
-        hashes.planned(pos, pack.FilePlan(pos, None, True, ends={"train-00000-000000": end}))
+        hashes.planned(pos, file_pass.FilePlan(pos, None, True, ends={"train-00000-000000": end}))
 
     def drain():
         while hashes.todo:

@@ -1,8 +1,10 @@
 """The sequence alphabets: seq types, their detection and the reverse complement.
 
-Plain Python, no torch and no numpy: `hyena-glt pack` needs these and nothing else of the
-model package, and importing torch (1-3 s) would be most of a small pack's time and make
-every fork of a pack worker several times dearer. `hyena_glt.tokenizer` re-exports them.
+Plain Python, no torch and no numpy: `hyena-glt pack` (data_tools) needs these and nothing
+else of the model package, and importing torch (1-3 s) would be most of a small pack's time
+and make every fork of a pack worker several times dearer. Importing this module loads no
+torch: the package's `__init__` imports its parts lazily. `hyena_glt.tokenizer` re-exports
+these names.
 """
 
 from __future__ import annotations
