@@ -1,11 +1,18 @@
 """The only place where megatron-core is adapted to run without CUDA (CPU + gloo).
 
-megatron-core 0.16 assumes a GPU in three places (measured, see shared/notes/cpu-stack.md):
+megatron-core 0.16.1 (the pinned version) assumes a GPU in three places, found by running the
+parallel tests on CPU and reading the library's source:
 
-1. `torch.cuda.current_device()` as the device of sequence-parallel buffers, pipeline p2p
-   buffers and the global memory buffer;
-2. `torch.zeros(..., device="cuda")` inside the pipeline schedules;
-3. `torch.cuda.synchronize()` after batched p2p and in dist_checkpointing saves.
+1. `torch.cuda.current_device()` as the device of sequence-parallel buffers
+   (megatron/core/tensor_parallel/mappings.py), pipeline p2p buffers and the global memory
+   buffer;
+2. `torch.zeros(..., device="cuda")` inside the pipeline schedules
+   (megatron/core/pipeline_parallel/schedules.py);
+3. `torch.cuda.synchronize()` after batched p2p (pipeline_parallel/p2p_communication.py) and
+   in dist_checkpointing saves.
+
+Every CPU run of the project goes through these patches: megatron_adapters/groups.py applies
+them in `initialize_parallel`, and tests/parallel/ runs each layout on CPU with gloo.
 
 `apply_cpu_patches()` fixes 1 and 3 process-wide, `cuda_to_cpu()` is a context manager
 that fixes 2 around a schedule call. Both do nothing when CUDA is available, so the same
