@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: env demo test bench clean gpu-check gpu-wheels
+.PHONY: env demo test test-fast bench clean gpu-check gpu-wheels
 
 env: $(STAMP)
 
@@ -23,7 +23,11 @@ demo: env
 	$(VENV)/bin/hyena-glt demo
 
 test: env
-	$(PY) -m pytest -q
+	HYENA_GLT_REQUIRE_VTX=1 $(PY) -m pytest -q
+
+# The inner loop: every test that starts no other process and takes seconds (< 3 min in all).
+test-fast: env
+	$(PY) -m pytest -q -m "not distributed and not slow"
 
 bench: env
 	$(VENV)/bin/hyena-glt bench ops

@@ -37,6 +37,52 @@ def diphtheriae() -> Path:
     return genome_path("c_diphtheriae_nctc11397.fasta.gz")
 
 
+@pytest.fixture(scope="session")
+def tiny_packs(tmp_path_factory) -> Path:
+    """The packs the tiny trainer runs use (as tests/training/test_train.py's `packs`): E. coli
+    K-12 as training windows (DIR/train) and phage lambda held out (DIR/val), seq-len 128."""
+    d = tmp_path_factory.mktemp("tiny_packs")
+    for name, out, val in (("ecoli_k12_w3110.fasta.gz", "train", "0"), ("lambda_phage.fasta.gz", "val", "1")):
+        rc, _, err = run_cli("pack", genome_path(name), "--out", d / out, "--seq-len", "128", "--val-fraction", val,
+                             "--progress", "none")
+        assert rc == 0, err
+    return d
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread in this process, and OMP_NUM_THREADS=1 for the processes it starts, for
+    a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): the tiny models gain nothing
+    from a second thread and lose several times over to OpenMP waits when the cores are busy."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("OMP_NUM_THREADS", "1")
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def vortex_available() -> None:
+    """Vortex (PyPI vtx==1.1.0), what the Evo 2 interop tests compare against. Missing: the
+    test is skipped (a developer without vtx), or fails with the reason when
+    HYENA_GLT_REQUIRE_VTX=1 (what `make test` sets: there a missing vtx is a broken install)."""
+    import os
+
+    from support.evo2_oracle import vortex_unavailable_reason
+
+    reason = vortex_unavailable_reason()
+    if reason is None:
+        return
+    if os.environ.get("HYENA_GLT_REQUIRE_VTX", "") not in ("", "0"):
+        pytest.fail(f"HYENA_GLT_REQUIRE_VTX is set and {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,8 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="end-to-end demo on the bundled E. coli genome (tiny model, CPU)")
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--steps", type=positive_int, default=None, help="override the number of training steps")
+    p.add_argument("--eval-windows", type=positive_int, default=None, metavar="N",
+                   help="score at most N held-out windows in the evaluation (default: all of them)")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser(
@@ -30,7 +32,7 @@ def register(sub) -> None:
 def _demo(args) -> int:
     from launch.training.demo import run_demo
 
-    return run_demo(args.out, steps=args.steps)
+    return run_demo(args.out, steps=args.steps, eval_windows=args.eval_windows)
 
 
 def _train(args) -> int:

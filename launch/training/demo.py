@@ -21,7 +21,7 @@ from pathlib import Path
 
 from launch.net import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # launch/training/demo.py -> the repository
 GENOME = REPO / "data" / "genomes" / "ecoli_k12_w3110.fasta.gz"
 HELD_OUT = REPO / "data" / "genomes" / "ecoli_contig_nmasked.fasta.gz"
 CONFIG = REPO / "configs" / "tiny.yaml"
@@ -59,7 +59,8 @@ def loss_curve_png(metrics: Path, out: Path) -> None:
     fig.savefig(out)
 
 
-def run_demo(out: str = "runs/demo", steps: int | None = None, nproc: int = 2) -> int:
+def run_demo(out: str = "runs/demo", steps: int | None = None, nproc: int = 2,
+             eval_windows: int | None = None) -> int:
     out_dir = Path(out).resolve()
     packed, held_out = out_dir / "packed", out_dir / "packed_heldout"
     ckpt, model_dir = out_dir / "checkpoints", out_dir / "model"
@@ -92,7 +93,8 @@ def run_demo(out: str = "runs/demo", steps: int | None = None, nproc: int = 2) -
                             "3/4 convert the distributed checkpoint to one single-device model (and verify logits)")
     print("\n=== 4/4 evaluate on the held-out windows", flush=True)
     # One thread: small models gain little from two, and lose a lot when the cores are busy.
-    proc = subprocess.run([*exe, "eval", "--model", str(model_dir), "--data", str(held_out), "--split", "val"],
+    limit = ["--max-windows", str(eval_windows)] if eval_windows else []
+    proc = subprocess.run([*exe, "eval", "--model", str(model_dir), "--data", str(held_out), "--split", "val", *limit],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode != 0:
         print(proc.stderr, file=sys.stderr)

@@ -16,12 +16,15 @@ from launch.bench import gpu
 from launch.training.config import TrainConfig
 
 
+@pytest.mark.distributed  # the training cases run under torchrun
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU fallback runs only where there is no CUDA device")
 def test_cpu_fallback_writes_report_and_exits_zero(tmp_path):
     out = tmp_path / "out"
-    rc, stdout, _ = run_cli("bench", "gpu", "--out", out, "--lengths", "256", "--steps", "2")
+    rc, stdout, _ = run_cli("bench", "gpu", "--out", out, "--lengths", "256", "--steps", "2", "--peak-tflops", "100")
     assert rc == 0, stdout
     result = json.loads((out / gpu.RESULT_JSON).read_text())
+    assert result["train"]["peak_tflops"] == 100
     text = (out / gpu.RESULT_TXT).read_text()
     assert result["passed"] and not result["cuda"]
     p = result["parity"]
@@ -34,7 +37,19 @@ def test_cpu_fallback_writes_report_and_exits_zero(tmp_path):
         assert "error" not in c and c["tokens_per_s"] > 0 and len(c["losses"]) == 2
     for name in ("hyena-256", "attention-only-256"):
         c = cases[name]
-        assert c["mfu"] == pytest.approx(c["tokens_per_s"] * c["train_flops_per_token"] / 790e12)
+        # MFU by hand, from the report's raw numbers: FLOPs per token, time per step, the peak given
+        model = TrainConfig.load(gpu.CPU_CONFIG, [f"model.pattern={c['pattern']}"]).model
+        f = c["forward_flops_per_token"]
+        assert f["matmul"] == 2 * (_linear_macs(model) + model.d_model * model.vocab_size)  # every Linear + the output
+        assert f["attention"] == c["pattern"].count("*") * 2 * model.d_model * (256 + 1)
+        assert f["total"] == f["matmul"] + f["attention"] + f["conv"] and (f["conv"] > 0) == ("H" in c["pattern"])
+        assert c["train_flops_per_token"] == 3 * f["total"]  # forward + backward (twice the forward)
+        tokens = c["global_batch"] * c["seq_len"]
+        assert tokens == 1024 and len(c["step_tokens_per_s"]) == 2 and all(t > 0 for t in c["step_tokens_per_s"])
+        assert c["tokens_per_s"] == c["step_tokens_per_s"][1]  # the median of the steps after the first (warm-up)
+        flops_per_s = c["tokens_per_s"] * c["train_flops_per_token"]
+        assert c["model_tflops_per_s"] == pytest.approx(flops_per_s / 1e12, rel=1e-12)
+        assert c["mfu"] == pytest.approx(flops_per_s / (1 * 100e12), rel=1e-12)  # 1 process, --peak-tflops 100
     assert "mfu" not in cases["token-merging-256"]  # the FLOPs formula counts the plain model only
     assert result["train"]["hyena_vs_attention"]["256"] == pytest.approx(
         cases["hyena-256"]["tokens_per_s"] / cases["attention-only-256"]["tokens_per_s"])
@@ -60,11 +75,12 @@ def test_flops_count_every_matmul_of_the_model(pattern):
 
 
 def test_conv_flops_are_the_textbook_count():
-    assert gpu.conv_flops_per_token(10, "S", 7, 8192) == 2 * 10 * 7  # direct FIR
-    assert gpu.conv_flops_per_token(10, "D", 128, 8192) == 2 * 10 * 128
+    from hyena_glt.kinds import direct_conv_flops, fft_conv_flops
+
+    assert direct_conv_flops(10, 7) == 2 * 10 * 7  # S, D and the featurizer: a direct FIR
+    assert direct_conv_flops(10, 128) == 2 * 10 * 128
     n = 2 * 8192  # H: FFT convolution of size 2L: three transforms and the products
-    assert gpu.conv_flops_per_token(10, "H", 8192, 8192) == pytest.approx(
-        10 * (7.5 * n * math.log2(n) + 6 * (n // 2 + 1)) / 8192)
+    assert fft_conv_flops(10, 8192) == pytest.approx(10 * (7.5 * n * math.log2(n) + 6 * (n // 2 + 1)) / 8192)
 
 
 def test_1b_matmul_flops_are_6n():

@@ -68,10 +68,28 @@ def test_bench_pack_reports_ratios(tmp_path):
         cases = [r["case"] for r in c["results"]]
         assert cases[0].startswith("read only") and "pack --workers 1" in cases and "pack --workers 2" in cases
         assert c["results"][0]["ratio_to_read"] == 1.0
-        assert all(r["mbp_per_s"] > 0 for r in c["results"])
-        two = c["results"][cases.index("pack --workers 2")]
+        assert all(r["mbp_per_s"] > 0 and r["seconds"] > 0 for r in c["results"])
+        by = {r["case"]: r for r in c["results"]}
+        read = c["results"][0]
+        for r in c["results"]:  # recomputed from the reported numbers, up to their rounding
+            assert _near(r["mbp_per_s"], c["bases"] / r["seconds"] / 1e6, 0.05, r["mbp_per_s"] * 5e-5 / r["seconds"]), r
+            # ratio to reading only: the ratio of the rates, the inverse ratio of the times (the same bases)
+            assert _near(r["ratio_to_read"], r["mbp_per_s"] / read["mbp_per_s"], 5e-4,
+                         r["ratio_to_read"] * (0.05 / r["mbp_per_s"] + 0.05 / read["mbp_per_s"])), (r, read)
+            assert _near(r["ratio_to_read"], read["seconds"] / r["seconds"], 5e-4,
+                         r["ratio_to_read"] * (5e-5 / r["seconds"] + 5e-5 / read["seconds"])), (r, read)
+        two = by["pack --workers 2"]
         assert two["speedup_over_1_worker"] > 0 and two["paired_speedup_over_1_worker"] > 0
+        one = by["pack --workers 1"]
+        assert _near(two["speedup_over_1_worker"], one["seconds"] / two["seconds"], 5e-4,
+                     two["speedup_over_1_worker"] * (5e-5 / one["seconds"] + 5e-5 / two["seconds"])), (one, two)
         # Timed as `hyena-glt pack` runs (no torch), and the workers made the same pack.
         assert c["timed_without_torch"] and c["same_output_for_every_worker_count"]
     assert len(report["collections"][1]["files"]) == 6
     assert report["collections"][1]["inputs"].startswith("6 file(s): 2 copies of")
+
+
+def _near(reported: float, recomputed: float, rounded: float, inputs_rounded: float) -> bool:
+    """`reported` is `recomputed` rounded to +-`rounded`, give or take what rounding the numbers it is
+    recomputed from moves it (`inputs_rounded`)."""
+    return abs(reported - recomputed) <= rounded + inputs_rounded + 1e-12

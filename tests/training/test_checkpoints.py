@@ -483,6 +483,57 @@ def test_damage_table(case: Case, packs, base, reference, tmp_path):
     case.after(c)
 
 
+# ---------------------------------------------------------------- SIGTERM (preemption)
+def lines(out: Path) -> list[str]:
+    return (out / "metrics.jsonl").read_text().splitlines()
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoint_holds_the_weights_of_its_step(packs, tmp_path):
+    """SIGTERM (what SLURM sends before a preemption) in the middle of a run: the run finishes the
+    step it is on, saves it and exits 0. That checkpoint equals, tensor for tensor and bit for bit
+    (model and optimizer), the one the same run writes when train.exit_after_steps stops it at that
+    step; and it converts to a model that loads with those weights."""
+    from launch.checkpoint import read_tensors
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*_cli(), *train_args(packs, out, "train.steps=500")], cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not (out / "metrics.jsonl").exists():
+            time.sleep(0.2)
+        while time.time() < deadline and proc.poll() is None and len(lines(out)) < 2:  # 2 steps logged
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        text, _ = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, text[-3000:]
+    step = len(losses(out))
+    assert 2 <= step < 500
+    assert f"saving at step {step} and exiting" in text and latest(out) == f"step_{step:08d}"
+    saved = out / "ckpt" / f"step_{step:08d}"
+    assert intact(saved) and json.loads((saved / "meta.json").read_text())["step"] == step
+    ref = tmp_path / "ref"
+    proc = run(train_args(packs, ref, "train.steps=500", f"train.exit_after_steps={step}"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = ref / "ckpt" / f"step_{step:08d}"
+    assert losses(ref) == losses(out)
+    for name in (MODEL, OPTIM):
+        got, expected = read_tensors(saved / name), read_tensors(want / name)
+        assert got.keys() == expected.keys() and got, name
+        for k in expected:
+            assert torch.equal(got[k], expected[k]), (name, k)
+    from conftest import run_cli
+
+    rc, _, err = run_cli("convert", out / "ckpt", tmp_path / "model")
+    assert rc == 0, err
+    model = HyenaGLTForCausalLM.from_pretrained(tmp_path / "model").state_dict()
+    weights = read_tensors(saved / MODEL)
+    assert all(torch.equal(model[k], weights[k]) for k in weights) and set(weights) <= set(model)
+
+
 # ---------------------------------------------------------------- kill at random moments
 def _step_tmp(ckpt: Path, step: int) -> list[Path]:
     return list(ckpt.glob(f"step_{step:08d}.*.tmp"))
