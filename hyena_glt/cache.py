@@ -1,6 +1,8 @@
 """The inference cache: what a causal LM keeps to continue a sequence without recomputing it.
 
-Per block (layer index -> dict of tensors, batch first):
+Per block (layer index -> dict of tensors, batch first), what its layer kind declares
+(hyena_glt/kinds.py: `cache` the layout, `cache_state` the tensors and their shapes); for the
+built-in kinds:
 * Hyena operator: `feat` the featurizer's last K-1 inputs; `S`/`D` filters `fir` their last
   K-1 inputs (finite filters: a FIR state); `H` `modal` one value per channel and pole,
   s_t = exp(-rate) s_{t-1} + z_t (the long filter in modal form has an exact recurrence).
@@ -9,6 +11,7 @@ Per block (layer index -> dict of tensors, batch first):
   capacity) and `n` the slots in use (the capacity doubles as keys arrive).
 Input features: `motif` the motif branch's last inputs; `seq_type` (B,) of the batch.
 `lengths` (B,) counts the positions each row has consumed: the next one is at `lengths`.
+`kinds` maps each block to its kind's code: how its entry stacks (`stack`) is the kind's layout.
 
 Rows may have different lengths (prompts of different lengths, `stack`): Hyena states do
 not depend on position, and attention masks keys by position, so rows never mix.
@@ -20,7 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-PAD_POSITION = 1 << 62  # a padded key: later than every query (exact as a float, for F.pad)
+from .kinds import CACHE_KV, CACHE_RECURRENT, layer_kind
+from .operators import PAD_POSITION  # attention's padded-key position, part of this module's API
 
 
 @dataclass
@@ -29,6 +33,7 @@ class InferenceCache:
     layers: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     motif: torch.Tensor | None = None
     seq_type: torch.Tensor | None = None
+    kinds: dict[int, str] = field(default_factory=dict)  # block index -> its layer kind's code
 
     @classmethod
     def empty(cls, batch_size: int, seq_type: torch.Tensor | None = None, device=None) -> "InferenceCache":
@@ -44,8 +49,9 @@ class InferenceCache:
 
     @classmethod
     def stack(cls, caches: list["InferenceCache"]) -> "InferenceCache":
-        """One batch from caches of single rows (or batches) of any lengths. Attention
-        caches are left-padded to the longest; padded keys are masked by position."""
+        """One batch from caches of single rows (or batches) of any lengths. Each block's
+        entries stack by its kind's cache layout: recurrent states concatenate, KV caches are
+        left-padded to the longest (padded keys are masked by position)."""
         if not caches:
             raise ValueError("stack: no caches")
         if len(caches) == 1:
@@ -55,18 +61,41 @@ class InferenceCache:
             out.seq_type = torch.cat([c.seq_type for c in caches])
         if caches[0].motif is not None:
             out.motif = torch.cat([c.motif for c in caches])
-        for i, first in caches[0].layers.items():
-            if "k" not in first:
-                out.layers[i] = {k: torch.cat([c.layers[i][k] for c in caches]) for k in first}
-                continue
-            longest = max(c.layers[i]["n"] for c in caches)
-            ks, vs, ps = [], [], []
-            for c in caches:
-                n = c.layers[i]["n"]
-                k, v, p = c.layers[i]["k"][:, :, :n], c.layers[i]["v"][:, :, :n], c.layers[i]["pos"][:, :n]
-                pad = longest - n
-                ks.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
-                vs.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
-                ps.append(torch.nn.functional.pad(p, (pad, 0), value=PAD_POSITION))
-            out.layers[i] = {"k": torch.cat(ks), "v": torch.cat(vs), "pos": torch.cat(ps), "n": longest}
+        for i in caches[0].layers:
+            code = caches[0].kinds[i]
+            if any(c.kinds.get(i) != code for c in caches):
+                raise ValueError(f"stack: block {i} holds different layer kinds across the caches (different models)")
+            out.kinds[i] = code
+            out.layers[i] = _STACK[layer_kind(code).cache]([c.layers[i] for c in caches])
         return out
+
+
+def _stack_recurrent(entries: list[dict]) -> dict:
+    """Fixed-size states per row: rows simply concatenate."""
+    return {k: torch.cat([e[k] for e in entries]) for k in entries[0]}
+
+
+def _stack_kv(entries: list[dict]) -> dict:
+    """Keys/values by position: left-pad every row to the longest; padded keys get
+    PAD_POSITION, so attention never sees them."""
+    longest = max(e["n"] for e in entries)
+    ks, vs, ps = [], [], []
+    for e in entries:
+        n = e["n"]
+        k, v, p = e["k"][:, :, :n], e["v"][:, :, :n], e["pos"][:, :n]
+        pad = longest - n
+        ks.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
+        vs.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
+        ps.append(torch.nn.functional.pad(p, (pad, 0), value=PAD_POSITION))
+    return {"k": torch.cat(ks), "v": torch.cat(vs), "pos": torch.cat(ps), "n": longest}
+
+
+_STACK = {CACHE_RECURRENT: _stack_recurrent, CACHE_KV: _stack_kv}
+
+
+def layer_state_shapes(config, length: int) -> dict[int, dict[str, tuple[int, ...]]]:
+    """Per block, the shape (one sequence) of every tensor its cache entry holds after
+    `length` positions, as each layer's kind declares it (attention: without the spare
+    capacity its K/V buffers grow into): the memory a long generation plans for, without
+    running the model."""
+    return {i: dict(layer_kind(code).cache_state(config, length)) for i, code in enumerate(config.layers)}

@@ -14,31 +14,36 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .kinds import STAGE_SEPARATOR, layer_kind, registered_codes, unknown_code_hint, unknown_codes
 from .tokenizer import BYTE_VOCAB_SIZE
 
-# One character per layer. '|' marks a pipeline-stage boundary and is not a layer.
-OPERATORS = {
-    "S": "hyena_se",  # short explicit filter, shared within channel groups
-    "D": "hyena_mr",  # medium explicit filter x fixed per-channel exponential decay
-    "H": "hyena_li",  # long implicit (modal) filter, blocked modal scan
-    "*": "attention",  # causal multi-head attention with RoPE
-}
-STAGE_SEPARATOR = "|"
+# One character per layer, each a layer kind registered in hyena_glt.kinds (S, D, H, * built
+# in, more from plug-ins). STAGE_SEPARATOR ('|') marks a pipeline-stage boundary, not a layer.
 
 # Token merging (hyena_glt/blt): how bytes are grouped into patches for the global model.
-PATCHING = ("none", "static", "entropy", "learned", "dual", "optimal")
-ENTROPY_MODES = ("threshold", "monotonic", "topk", "dual", "optimal")
+# Compare a config's `patching` with these names, never with the literal.
+PATCHING_NONE, PATCHING_STATIC, PATCHING_ENTROPY, PATCHING_LEARNED = "none", "static", "entropy", "learned"
 # Entropy patching modes that may also be named as `patching` (shorthand for patching
 # 'entropy' + that entropy_mode; the config stores the long form, so every consumer that
 # handles entropy patching, e.g. the tensor-parallel layout check, handles these too).
 PATCHING_ALIASES = ("dual", "optimal")
+PATCHING = (PATCHING_NONE, PATCHING_STATIC, PATCHING_ENTROPY, PATCHING_LEARNED, *PATCHING_ALIASES)
+ENTROPY_MODES = ("threshold", "monotonic", "topk", *PATCHING_ALIASES)
 MERGE_RELAXATIONS = ("ste", "soft")
+MLP_ACTIVATIONS = ("silu", "gelu", "identity")
+NORM_EPS_PLACEMENTS = ("inside", "outside")
+
+
+def _one_of(values) -> str:
+    quoted = [repr(v) for v in values]
+    return ", ".join(quoted[:-1]) + f" or {quoted[-1]}" if len(quoted) > 1 else quoted[0]
 
 
 class HyenaGLTConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
-    pattern: str = Field("SDH*", description="layer string over S, D, H, * ('|' = pipeline stage boundary)")
+    pattern: str = Field("SDH*", description="one layer-kind code per layer (hyena_glt.kinds: S, D, H, * and "
+                         "plug-ins' codes); '|' = pipeline stage boundary")
     d_model: int = Field(256, gt=0)
     num_heads: int = Field(4, gt=0)
     vocab_size: int = Field(BYTE_VOCAB_SIZE, description="at least the byte tokenizer's 260 ids")
@@ -81,7 +86,8 @@ class HyenaGLTConfig(BaseModel):
     seed: int = Field(0, ge=0)
     # Token merging (BLT U-shape, hyena_glt/blt). 'none' = the plain byte-level model.
     patching: str = Field(
-        "none", description="'none', 'static', 'entropy', 'learned', or 'dual' / 'optimal' (= 'entropy' with that entropy_mode)")
+        PATCHING_NONE, description=f"one of {', '.join(PATCHING)}; "
+        f"{' / '.join(PATCHING_ALIASES)} = '{PATCHING_ENTROPY}' with that entropy_mode")
     patch_size: float = Field(4.0, ge=1, description="target mean patch length in bytes (static: the fixed length)")
     min_patch: int = Field(1, ge=1, description="shortest complete patch (bytes)")
     max_patch: int = Field(16, ge=1, description="longest patch (bytes); a boundary is forced after this many")
@@ -90,8 +96,8 @@ class HyenaGLTConfig(BaseModel):
         description="patch slots per sequence as a fraction of its byte length, P = ceil(L * patch_budget); "
         "0 = ceil(L / patch_size) for static, ceil(L / min_patch) otherwise (never overflows)",
     )
-    local_encoder_pattern: str = Field("S", description="layers of the byte-level local encoder (S, D, H, *)")
-    local_decoder_pattern: str = Field("S", description="layers of the byte-level local decoder (S, D, H, *)")
+    local_encoder_pattern: str = Field("S", description="layers of the byte-level local encoder (layer-kind codes)")
+    local_decoder_pattern: str = Field("S", description="layers of the byte-level local decoder (layer-kind codes)")
     bridge_window: int = Field(4, ge=1, description="earlier complete patches each byte attends to")
     position_periods: list[int] = Field(
         default_factory=list, description="genomic periodic position features, e.g. [3, 8, 10, 21, 147]; [] = off"
@@ -127,9 +133,10 @@ class HyenaGLTConfig(BaseModel):
     @field_validator("pattern")
     @classmethod
     def _pattern(cls, v: str) -> str:
-        bad = sorted(set(v) - set(OPERATORS) - {STAGE_SEPARATOR})
+        bad = unknown_codes(v)
         if bad:
-            raise ValueError(f"pattern: unknown layer code(s) {bad}; allowed: S, D, H, * and '|' for stage boundaries")
+            raise ValueError(f"pattern: unknown layer code(s) {bad}; registered: {registered_codes()}, and "
+                             f"{STAGE_SEPARATOR!r} for stage boundaries ({unknown_code_hint()})")
         stages = v.split(STAGE_SEPARATOR)
         if not v.replace(STAGE_SEPARATOR, ""):
             raise ValueError("pattern: must contain at least one layer")
@@ -140,15 +147,15 @@ class HyenaGLTConfig(BaseModel):
     @field_validator("mlp_activation", "first_mlp_activation")
     @classmethod
     def _activation(cls, v: str | None, info) -> str | None:
-        if v is not None and v not in ("silu", "gelu", "identity"):
-            raise ValueError(f"{info.field_name}: must be 'silu', 'gelu' or 'identity', got {v!r}")
+        if v is not None and v not in MLP_ACTIVATIONS:
+            raise ValueError(f"{info.field_name}: must be {_one_of(MLP_ACTIVATIONS)}, got {v!r}")
         return v
 
     @field_validator("norm_eps_placement")
     @classmethod
     def _eps_placement(cls, v: str) -> str:
-        if v not in ("inside", "outside"):
-            raise ValueError(f"norm_eps_placement: must be 'inside' or 'outside', got {v!r}")
+        if v not in NORM_EPS_PLACEMENTS:
+            raise ValueError(f"norm_eps_placement: must be {_one_of(NORM_EPS_PLACEMENTS)}, got {v!r}")
         return v
 
     @field_validator("motif_kernel_sizes")
@@ -178,7 +185,7 @@ class HyenaGLTConfig(BaseModel):
             if given != mode and not assignment:
                 raise ValueError(f"patching: {mode!r} means entropy patching with entropy_mode {mode!r}, "
                                  f"but entropy_mode is {given!r}")
-            data = {**data, "patching": "entropy", "entropy_mode": mode}
+            data = {**data, "patching": PATCHING_ENTROPY, "entropy_mode": mode}
         return data
 
     @field_validator("entropy_mode")
@@ -192,15 +199,16 @@ class HyenaGLTConfig(BaseModel):
     @classmethod
     def _relaxation(cls, v: str) -> str:
         if v not in MERGE_RELAXATIONS:
-            raise ValueError(f"merge_relaxation: must be 'ste' or 'soft', got {v!r}")
+            raise ValueError(f"merge_relaxation: must be {_one_of(MERGE_RELAXATIONS)}, got {v!r}")
         return v
 
     @field_validator("local_encoder_pattern", "local_decoder_pattern", "entropy_pattern")
     @classmethod
     def _local_pattern(cls, v: str, info) -> str:
-        bad = sorted(set(v) - set(OPERATORS))
+        bad = unknown_codes(v) + ([STAGE_SEPARATOR] if STAGE_SEPARATOR in v else [])
         if not v or bad:
-            raise ValueError(f"{info.field_name}: need one or more layer codes from S, D, H, * (no '|'), got {v!r}")
+            raise ValueError(f"{info.field_name}: need one or more layer codes from {registered_codes()} "
+                             f"(no {STAGE_SEPARATOR!r}), got {v!r}")
         return v
 
     @field_validator("position_periods")
@@ -213,8 +221,8 @@ class HyenaGLTConfig(BaseModel):
     @model_validator(mode="after")
     def _patching_combinations(self) -> "HyenaGLTConfig":
         if self.patching in PATCHING_ALIASES:  # an assignment keeps the alias: store the long form
-            self.__dict__.update(patching="entropy", entropy_mode=self.patching)
-        if self.patching == "none":
+            self.__dict__.update(patching=PATCHING_ENTROPY, entropy_mode=self.patching)
+        if self.patching == PATCHING_NONE:
             return self
         if self.min_patch > self.max_patch:
             raise ValueError(f"min_patch: {self.min_patch} must be <= max_patch={self.max_patch}")
@@ -222,17 +230,17 @@ class HyenaGLTConfig(BaseModel):
             raise ValueError(
                 f"patch_size: {self.patch_size} must lie in [min_patch, max_patch] = [{self.min_patch}, {self.max_patch}]"
             )
-        if self.patching == "static" and self.patch_size != int(self.patch_size):
+        if self.patching == PATCHING_STATIC and self.patch_size != int(self.patch_size):
             raise ValueError(f"patch_size: static patching needs a whole number of bytes, got {self.patch_size}")
         if self.patch_budget and self.patch_budget * self.max_patch < 1:
             raise ValueError(
                 f"patch_budget: {self.patch_budget} leaves fewer slots than even max_patch={self.max_patch}-byte "
                 f"patches need; use >= {1 / self.max_patch:.4g} (or 0 for automatic)"
             )
-        if self.patch_adapt and self.patching != "entropy":
+        if self.patch_adapt and self.patching != PATCHING_ENTROPY:
             raise ValueError(f"patch_adapt: needs entropy patching (the complexity estimate is the entropy model's "
                              f"trailing mean entropy), got patching={self.patching!r}")
-        if self.patching == "entropy" and self.entropy_d_model % self.num_filter_groups:
+        if self.patching == PATCHING_ENTROPY and self.entropy_d_model % self.num_filter_groups:
             raise ValueError(
                 f"entropy_d_model: {self.entropy_d_model} must be divisible by num_filter_groups={self.num_filter_groups}"
             )
@@ -275,16 +283,18 @@ class HyenaGLTConfig(BaseModel):
 
     def short_conv_halo(self) -> int:
         """Positions before its own that any short causal convolution of the model reads
-        (taps - 1): what a context-parallel chunk must cover."""
+        (taps - 1): what a context-parallel chunk must cover. Each layer kind declares its
+        own (`LayerKind.halo`); the featurizer's is the floor for every model, the rule the
+        striped models have always been checked with."""
         patterns = [self.layers]
-        if self.patching != "none":
+        if self.patching != PATCHING_NONE:
             patterns += [self.local_encoder_pattern, self.local_decoder_pattern]
-            if self.patching == "entropy":
+            if self.patching == PATCHING_ENTROPY:
                 patterns.append(self.entropy_pattern)
-        taps = [self.featurizer_len] + ([self.short_filter_len] if any("S" in p for p in patterns) else [])
+        halos = [self.featurizer_len - 1] + [layer_kind(c).halo(self) for c in sorted(set("".join(patterns)))]
         if self.motif_branch:
-            taps += list(self.motif_kernel_sizes)
-        return max(taps) - 1
+            halos += [k - 1 for k in self.motif_kernel_sizes]
+        return max(halos)
 
     @property
     def head_dim(self) -> int:
@@ -305,7 +315,7 @@ class HyenaGLTConfig(BaseModel):
         """The fixed number of patch slots for sequences of `seq_len` bytes (static shapes)."""
         if self.patch_budget:
             return max(1, math.ceil(seq_len * self.patch_budget))
-        if self.patching == "static":
+        if self.patching == PATCHING_STATIC:
             return max(1, math.ceil(seq_len / int(self.patch_size)))
         return max(1, math.ceil(seq_len / self.min_patch))
 

@@ -6,6 +6,12 @@ exact path. The operator reaches them through its spec's convolution backend (lo
 context-parallel). Every tensor is laid out channel-first, and a filter
 built with `tp > 1` holds the contiguous channel slice `tp_rank` of it (whole groups).
 
+What the Hyena operator asks of its filter, whatever the kind: `convolve(z, spec)` (the
+layer's causal convolution with skip, through the spec's backend: `spec.short_conv` for a
+short filter, `spec.long_conv` for a long one, which context parallelism routes by the
+kind's declared path), `extend(z, state)` (inference: the convolution without skip, continued
+from a cache state) and `cache_key` (the name of that state in the cache entry).
+
 * `ShortConv`: explicit taps per channel (the featurizer over x1/x2/v, length 3).
 * `GroupedShortFilter` (`S`): explicit length-7 taps shared by each channel group.
 * `DecayedMediumFilter` (`D`): explicit taps per group times a fixed per-channel
@@ -24,7 +30,7 @@ import torch
 from torch import nn
 
 from . import params
-from .fftconv import causal_conv
+from .fftconv import causal_conv, fir_extend
 from .modal import modal_conv, modal_path
 
 
@@ -43,7 +49,16 @@ class ShortConv(nn.Module):
         return _channel_slice(self.weight, channels)
 
 
-class GroupedShortFilter(nn.Module):
+class _FiniteFilter(nn.Module):
+    """A filter with finite taps: its inference state is the last taps-1 inputs (a FIR history)."""
+
+    cache_key = "fir"
+
+    def extend(self, z: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return fir_extend(z, self.filter(), state)
+
+
+class GroupedShortFilter(_FiniteFilter):
     """`S`: one explicit short filter per channel group, plus a per-channel skip."""
 
     def __init__(self, d_model: int, groups: int, taps: int, tp: int = 1, skip: bool = True):
@@ -56,13 +71,16 @@ class GroupedShortFilter(nn.Module):
     def filter(self, length: int | None = None, channels: slice | None = None) -> torch.Tensor:
         return _channel_slice(self.weight.repeat_interleave(self.group_size, dim=0), channels)
 
+    def convolve(self, z: torch.Tensor, spec) -> torch.Tensor:
+        return spec.short_conv(z, self.filter(), self.skip)
+
 
 def decay_rates(d_model: int, r_min: float, r_max: float) -> torch.Tensor:
     """Per-channel decay rates, log-spaced over all d_model channels (sliced later under TP)."""
     return torch.logspace(math.log10(r_min), math.log10(r_max), d_model, dtype=torch.float64).float()
 
 
-class DecayedMediumFilter(nn.Module):
+class DecayedMediumFilter(_FiniteFilter):
     """`D`: explicit taps per group times a fixed exponential decay per channel."""
 
     def __init__(self, d_model: int, groups: int, taps: int, r_min: float, r_max: float, tp: int = 1, tp_rank: int = 0,
@@ -90,6 +108,9 @@ class DecayedMediumFilter(nn.Module):
     def conv(self, z: torch.Tensor, channels: slice | None = None) -> torch.Tensor:
         """The layer's causal convolution (with skip) of z (B, C, L) over its own channels."""
         return causal_conv(z, self.filter(channels=channels), _channel_slice(self.skip, channels))
+
+    def convolve(self, z: torch.Tensor, spec) -> torch.Tensor:
+        return spec.long_conv(z, self)
 
 
 class _ModalTaps(torch.autograd.Function):
@@ -133,6 +154,8 @@ class _ModalTaps(torch.autograd.Function):
 class ModalFilter(nn.Module):
     """`H`: long implicit filter in modal form, `order` real decaying modes per channel."""
 
+    cache_key = "modal"
+
     def __init__(self, d_model: int, order: int, max_seq_len: int, tp: int = 1):
         super().__init__()
         # Time constants 1/rate spread log-uniformly from 1 position to the full context.
@@ -153,6 +176,9 @@ class ModalFilter(nn.Module):
             return causal_conv(z, self.filter(z.shape[-1], channels), skip)
         y, _ = modal_conv(z, _channel_slice(self.residues, channels), _channel_slice(self.log_rates, channels))
         return y + skip.to(z.dtype)[:, None] * z
+
+    def convolve(self, z: torch.Tensor, spec) -> torch.Tensor:
+        return spec.long_conv(z, self)
 
     @torch.no_grad()
     def extend(self, z: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

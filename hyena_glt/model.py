@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import params
-from .config import HyenaGLTConfig
+from .config import PATCHING_NONE, HyenaGLTConfig
 from .genomic import MotifBranch, SeqTypeEmbedding
 from .cache import InferenceCache
 from .layers import Block, make_norm
@@ -166,6 +166,7 @@ class HyenaGLTModel(ByteBackbone, nn.Module):
             if upto is not None and n == upto:
                 return x
             x, cache.layers[i] = layer.extend(x, positions, cache.layers.get(i), conservation)
+            cache.kinds[i] = layer.code  # how the entry stacks with another row's is its kind's
         return x if upto is not None else self.final_norm(x)
 
 
@@ -255,7 +256,7 @@ class HyenaGLTForCausalLM(CausalLM):
 
     @staticmethod
     def accepts(config: HyenaGLTConfig) -> bool:
-        return config.patching == "none"
+        return config.patching == PATCHING_NONE
 
     def __init__(self, config: HyenaGLTConfig, initialize: bool = True, spec: ModelSpec = LOCAL,
                  stage: Stage | None = None):

@@ -15,22 +15,45 @@ groups across ranks at TP > 1.
 
 Linear layers, convolution backends and the attention kernel come from the spec
 (spec.py): the same modules run on one device and in every parallel layout.
+
+The end of the file registers the four built-in layer kinds (hyena_glt/kinds.py): for each,
+how its mixer is built and what the rest of the system asks of it (FLOPs, activation and
+cache memory, tensor- and context-parallel rules, its Evo 2 block type).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .config import HyenaGLTConfig
 from .fftconv import fir_extend
 from .filters import DecayedMediumFilter, GroupedShortFilter, ModalFilter, ShortConv
+from .kind_record import (
+    CACHE_KV,
+    CACHE_RECURRENT,
+    CP_FIR,
+    CP_HALO,
+    CP_KV_GATHER,
+    CP_MODAL,
+    TABLE,
+    LayerKind,
+    direct_conv_flops,
+    fft_conv_flops,
+    register_kind,
+)
 from .spec import LOCAL, ModelSpec
+
+if TYPE_CHECKING:  # hyena_glt.config imports the registry, which imports this module
+    from .config import HyenaGLTConfig
 
 # Inference (`extend`): single device, batch-first. Every mixer continues a sequence from its
 # cache entry (hyena_glt/cache.py) and returns the new one; `position_ids` (B, T) are global.
+
+PAD_POSITION = 1 << 62  # a padded key: later than every query (exact as a float, for F.pad)
 
 
 def split_interleaved(u: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -40,38 +63,54 @@ def split_interleaved(u: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch
     return tuple(u[:, :, :, k].reshape(B, C3 // 3, L) for k in range(3))
 
 
+def short_filter(cfg: HyenaGLTConfig, spec: ModelSpec) -> nn.Module:
+    return GroupedShortFilter(cfg.d_model, cfg.num_filter_groups, cfg.short_filter_len, spec.tp, cfg.short_filter_skip)
+
+
+def medium_filter(cfg: HyenaGLTConfig, spec: ModelSpec) -> nn.Module:
+    return DecayedMediumFilter(cfg.d_model, cfg.num_filter_groups, cfg.medium_filter_len, cfg.medium_decay_min,
+                               cfg.medium_decay_max, spec.tp, spec.tp_rank, cfg.medium_decay)
+
+
+def modal_filter(cfg: HyenaGLTConfig, spec: ModelSpec) -> nn.Module:
+    return ModalFilter(cfg.d_model, cfg.modal_order, cfg.max_seq_len, spec.tp)
+
+
+# The filter of each built-in Hyena kind; the kinds themselves are registered at the end of the file.
+HYENA_FILTERS: dict[str, Callable[[HyenaGLTConfig, ModelSpec], nn.Module]] = {
+    "S": short_filter, "D": medium_filter, "H": modal_filter}
+
+
 def make_filter(code: str, cfg: HyenaGLTConfig, spec: ModelSpec = LOCAL) -> nn.Module:
     """The S, D or H filter of this rank's channels (whole groups)."""
-    spec.local(cfg.num_filter_groups, "num_filter_groups")
-    if code == "S":
-        return GroupedShortFilter(cfg.d_model, cfg.num_filter_groups, cfg.short_filter_len, spec.tp, cfg.short_filter_skip)
-    if code == "D":
-        return DecayedMediumFilter(cfg.d_model, cfg.num_filter_groups, cfg.medium_filter_len, cfg.medium_decay_min,
-                                   cfg.medium_decay_max, spec.tp, spec.tp_rank, cfg.medium_decay)
-    if code == "H":
-        return ModalFilter(cfg.d_model, cfg.modal_order, cfg.max_seq_len, spec.tp)
-    raise ValueError(f"no Hyena filter for layer code {code!r}")
+    if code not in HYENA_FILTERS:
+        raise ValueError(f"no Hyena filter for layer code {code!r}")
+    spec.local(cfg.num_filter_groups, "num_filter_groups")  # whole groups per rank, or a clear error
+    return HYENA_FILTERS[code](cfg, spec)
 
 
 class HyenaOperator(nn.Module):
-    def __init__(self, code: str, cfg: HyenaGLTConfig, out_std: float, spec: ModelSpec = LOCAL):
+    """The Hyena operator of layer kind `code`. Its filter (`make_filter`, or `filter_factory`
+    for a kind of a plug-in) decides how z is convolved (`convolve`) and what its cache
+    entry keeps (`extend`, under `cache_key`); the operator never branches on the kind."""
+
+    def __init__(self, code: str, cfg: HyenaGLTConfig, out_std: float, spec: ModelSpec = LOCAL,
+                 filter_factory: Callable[[HyenaGLTConfig, ModelSpec], nn.Module] | None = None):
         super().__init__()
         self.code, self.spec = code, spec
         self.groups = spec.local(cfg.num_filter_groups, "num_filter_groups")  # split_interleaved sees local groups
         self.in_proj = spec.column_linear(cfg.d_model, 3 * cfg.d_model, cfg.init_std)
         self.featurizer = ShortConv(3 * cfg.d_model // spec.tp, cfg.featurizer_len)
-        self.filter = make_filter(code, cfg, spec)
+        self.filter = filter_factory(cfg, spec) if filter_factory else make_filter(code, cfg, spec)
+        # Context parallelism picks a long filter's path by the kind's declaration (kinds.LayerKind.cp).
+        self.filter.code = code
         self.out_proj = spec.row_linear(cfg.d_model, cfg.d_model, out_std, bias=cfg.mixer_out_bias)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         spec = self.spec
         u = spec.short_conv(spec.to_channels(self.in_proj(x)), self.featurizer.weight)
         x1, x2, v = split_interleaved(u, self.groups)
-        z = x2 * v
-        if self.code == "S":
-            z = spec.short_conv(z, self.filter.filter(), self.filter.skip)
-        else:
-            z = spec.long_conv(z, self.filter)
+        z = self.filter.convolve(x2 * v, spec)
         return self.out_proj(spec.from_channels(x1 * z))
 
     def extend(self, x: torch.Tensor, position_ids: torch.Tensor, state: dict | None) -> tuple[torch.Tensor, dict]:
@@ -79,15 +118,11 @@ class HyenaOperator(nn.Module):
         u, feat = fir_extend(self.in_proj(x).transpose(1, 2), self.featurizer.weight, state.get("feat"))
         x1, x2, v = split_interleaved(u, self.groups)
         z = x2 * v
-        if self.code == "H":
-            y, filt_state = self.filter.extend(z, state.get("modal"))
-            new = {"feat": feat, "modal": filt_state}
-        else:
-            y, filt_state = fir_extend(z, self.filter.filter(), state.get("fir"))
-            new = {"feat": feat, "fir": filt_state}
+        key = self.filter.cache_key
+        y, filt_state = self.filter.extend(z, state.get(key))
         if self.filter.skip is not None:
             y = y + self.filter.skip.to(z.dtype)[:, None] * z
-        return self.out_proj((x1 * y).transpose(1, 2)), new
+        return self.out_proj((x1 * y).transpose(1, 2)), {"feat": feat, key: filt_state}
 
 
 def rope(x: torch.Tensor, position_ids: torch.Tensor, base: float, position_scale: float = 1.0) -> torch.Tensor:
@@ -108,8 +143,6 @@ def rope(x: torch.Tensor, position_ids: torch.Tensor, base: float, position_scal
 class CausalSelfAttention(nn.Module):
     """Multi-head causal attention. qkv rows laid out (head, q|k|v, head_dim) so a contiguous
     tensor-parallel split hands each rank whole heads."""
-
-    code = "*"
 
     def __init__(self, cfg: HyenaGLTConfig, out_std: float, spec: ModelSpec = LOCAL):
         super().__init__()
@@ -155,8 +188,6 @@ def _append_kv(state: dict | None, k: torch.Tensor, v: torch.Tensor, pos: torch.
     """Write new keys/values after the first `n` of the cache, growing its capacity by
     doubling (amortised O(1) per token, not a copy of the whole cache every step). Unused
     slots hold PAD_POSITION, so attention never sees them."""
-    from .cache import PAD_POSITION
-
     B, h, T, hd = k.shape
     if state is None:
         state = {"k": k.new_zeros(B, h, 0, hd), "v": v.new_zeros(B, h, 0, hd),
@@ -207,8 +238,95 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: 
 
 
 def make_mixer(code: str, cfg: HyenaGLTConfig, spec: ModelSpec = LOCAL) -> nn.Module:
+    """The mixer of a block of kind `code`, built by the kind's registered `build`."""
     # GPT-2 style: residual-branch outputs scaled down with depth.
     out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
-    if code == "*":
-        return CausalSelfAttention(cfg, out_std, spec)
-    return HyenaOperator(code, cfg, out_std, spec)
+    if code not in TABLE:  # config validation loaded the plug-ins; a bare code can still be wrong
+        raise ValueError(f"unknown layer code {code!r}; registered: {', '.join(TABLE)}")
+    return TABLE[code].build(cfg, out_std, spec)
+
+
+# ---------------------------------------------------------------------------- the built-in kinds
+# What the rest of the system asks of S, D, H and * (hyena_glt/kinds.py lists the readers).
+
+
+def _hyena_flops(filter_flops: Callable[[HyenaGLTConfig, int], float]):
+    def flops(cfg: HyenaGLTConfig, L: int) -> dict[str, float]:
+        D = cfg.d_model
+        return {"matmul": 2.0 * (3 * D * D + D * D),  # in_proj D -> 3D, out_proj D -> D
+                "conv": direct_conv_flops(3 * D, cfg.featurizer_len) + filter_flops(cfg, L)}
+
+    return flops
+
+
+def _hyena_activations(cfg: HyenaGLTConfig, seq_len: int, tp: int) -> float:
+    # projections, featurizer, convolution and gates: 10 values of d_model/tp per token
+    return 10 * cfg.d_model / tp
+
+
+def _hyena_state(filter_state: Callable[[HyenaGLTConfig], dict[str, tuple[int, ...]]]):
+    def state(cfg: HyenaGLTConfig, length: int) -> dict[str, tuple[int, ...]]:
+        return {"feat": (3 * cfg.d_model, cfg.featurizer_len - 1), **filter_state(cfg)}
+
+    return state
+
+
+def _featurizer_halo(cfg: HyenaGLTConfig) -> int:
+    return cfg.featurizer_len - 1
+
+
+def _hyena_kind(code: str, name: str, description: str, filter_flops, filter_state, filter_params: tuple[str, ...],
+                cp: str, halo, evo2: str) -> LayerKind:
+    return LayerKind(
+        code=code, name=name, description=description,
+        build=lambda cfg, out_std, spec: HyenaOperator(code, cfg, out_std, spec),
+        flops=_hyena_flops(filter_flops), activations=_hyena_activations,
+        cache=CACHE_RECURRENT, cache_state=_hyena_state(filter_state),
+        # Rows (group, channel, x1|x2|v) and filter channels split contiguously: whole groups per rank.
+        tp_split={"in_proj.weight": 0, "out_proj.weight": 1, "featurizer.weight": 0,
+                  **{f"filter.{p}": 0 for p in filter_params}},
+        cp=cp, halo=halo, evo2=evo2)
+
+
+register_kind(_hyena_kind(
+    "S", "hyena_se", "Hyena operator, short explicit filter shared within channel groups",
+    filter_flops=lambda cfg, L: direct_conv_flops(cfg.d_model, cfg.short_filter_len),
+    filter_state=lambda cfg: {"fir": (cfg.d_model, cfg.short_filter_len - 1)},
+    filter_params=("weight", "skip"), cp=CP_HALO,
+    halo=lambda cfg: max(cfg.featurizer_len, cfg.short_filter_len) - 1, evo2="hcs"))
+register_kind(_hyena_kind(
+    "D", "hyena_mr", "Hyena operator, medium explicit filter times a fixed per-channel exponential decay",
+    filter_flops=lambda cfg, L: direct_conv_flops(cfg.d_model, cfg.medium_filter_len),
+    filter_state=lambda cfg: {"fir": (cfg.d_model, cfg.medium_filter_len - 1)},
+    filter_params=("weight", "skip"), cp=CP_FIR, halo=_featurizer_halo, evo2="hcm"))
+register_kind(_hyena_kind(
+    "H", "hyena_li", "Hyena operator, long implicit (modal) filter",
+    filter_flops=lambda cfg, L: fft_conv_flops(cfg.d_model, L),
+    filter_state=lambda cfg: {"modal": (cfg.d_model, cfg.modal_order)},
+    filter_params=("residues", "log_rates", "skip"), cp=CP_MODAL, halo=_featurizer_halo, evo2="hcl"))
+
+
+def _attention_flops(cfg: HyenaGLTConfig, L: int) -> dict[str, float]:
+    D = cfg.d_model
+    # qkv D -> 3D and out D -> D; QK^T and AV over the (L+1)/2 keys a causal query sees on average
+    return {"matmul": 2.0 * (3 * D * D + D * D), "attention": 2.0 * 2 * D * (L + 1) / 2}
+
+
+def _attention_activations(cfg: HyenaGLTConfig, seq_len: int, tp: int) -> float:
+    # qkv, context and output 5 x d_model/tp, plus the attention probabilities, heads/tp x
+    # seq_len per token (K/V are gathered over CP: every key of the context)
+    return 5 * cfg.d_model / tp + cfg.num_heads / tp * seq_len
+
+
+def _attention_state(cfg: HyenaGLTConfig, length: int) -> dict[str, tuple[int, ...]]:
+    kv = (cfg.num_heads, length, cfg.head_dim)
+    return {"k": kv, "v": kv, "pos": (length,)}
+
+
+register_kind(LayerKind(
+    code="*", name="attention", description="causal multi-head attention with RoPE",
+    build=lambda cfg, out_std, spec: CausalSelfAttention(cfg, out_std, spec),
+    flops=_attention_flops, activations=_attention_activations,
+    cache=CACHE_KV, cache_state=_attention_state,
+    tp_split={"qkv_proj.weight": 0, "out_proj.weight": 1},  # rows (head, q|k|v, head_dim): whole heads per rank
+    cp=CP_KV_GATHER, evo2="attn"))

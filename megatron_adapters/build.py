@@ -31,7 +31,7 @@ import torch.distributed as dist
 from megatron.core.enums import ModelType
 from torch import nn
 
-from hyena_glt.config import HyenaGLTConfig
+from hyena_glt.config import PATCHING_NONE, HyenaGLTConfig
 from hyena_glt.loss import default_loss_weights
 from hyena_glt.model import HyenaGLTForCausalLM, Stage
 from hyena_glt.blt.ushape import BLTForCausalLM
@@ -103,7 +103,7 @@ class PipelineStage(nn.Module):
             self.add_module(name, child)
         self.__dict__["lm"] = lm  # not a child: its parts are registered above
         self.config, self.hyena_config, self.ctx = mcfg, lm.config, ctx
-        self.merging = lm.config.patching != "none"
+        self.merging = lm.config.patching != PATCHING_NONE
         self.tied = lm.config.tie_embeddings
         self.is_first, self.is_last = lm.stage.first, lm.stage.last
         if vp_stage is not None:
@@ -217,7 +217,7 @@ class ParallelModel(nn.Module):
         if any(tuple(mb["input_ids"].shape) != (B, L) for mb in micro_batches):
             raise ValueError("all micro-batches must have the same (batch, length) shape")
         check_layout(pcfg, self.config, seq_length=L)
-        is_merging = self.config.patching != "none"
+        is_merging = self.config.patching != PATCHING_NONE
         local = [localize_batch(mb, ctx, self.device, is_merging) for mb in micro_batches]
 
         compute = torch.promote_types(self.dtype, torch.float32)

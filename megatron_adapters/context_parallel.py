@@ -7,7 +7,9 @@ The sequence of length L is cut into 2*cp chunks; CP rank r holds chunks r and 2
   precede it; they come from the neighbouring rank by point-to-point halo exchange (or
   from this rank's own first chunk, for the middle of the sequence), both chunks are then
   convolved as a batch of two.
-* `D` and `H` (long) convolutions, two exact paths (`parallel.cp_long_conv`):
+* `D` and `H` (long) convolutions, two exact paths (`parallel.cp_long_conv`), picked by the
+  CP path the filter's layer kind declares (`LayerKind.cp` in hyena_glt/kinds.py: `fir` for
+  a finite filter, `modal` for a modal one), never by the filter's class:
   - `state` (default): `D` is finite (K taps), so it is one more halo exchange of K-1
     positions (when a chunk covers the halo; otherwise the all-to-all below). `H` runs its
     modal form on each chunk from a zero state, all-gathers every chunk's end state (one
@@ -29,10 +31,8 @@ import torch.nn.functional as F
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
 from hyena_glt.fftconv import causal_conv
-from hyena_glt.filters import ModalFilter
+from hyena_glt.kinds import CP_FIR, CP_LONG_CONV_KINDS, CP_LONG_CONV_PATHS, CP_LONG_CONV_STATE, CP_MODAL, layer_kind
 from hyena_glt.modal import modal_carry, modal_conv, state_scan
-
-from .parallel_config import CP_LONG_CONV_PATHS
 
 
 # Payload bytes this process handed to CP collectives, forward and backward, keyed
@@ -158,19 +158,25 @@ def channel_to_seq(y: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return out.permute(1, 0, 2, 3, 4).reshape(B, cp * Cl, 2 * n)
 
 
-def long_conv(z: torch.Tensor, filt: torch.nn.Module, group: dist.ProcessGroup, path: str = "state") -> torch.Tensor:
-    """`D` / `H` causal convolution (with skip) of zigzag-local z (B, C, 2n) over the full context."""
+def long_conv(z: torch.Tensor, filt: torch.nn.Module, group: dist.ProcessGroup,
+              path: str = CP_LONG_CONV_STATE) -> torch.Tensor:
+    """The long causal convolution (with skip) of zigzag-local z (B, C, 2n) over the full
+    context, by filter `filt` of a block of kind `filt.code`."""
     if path not in CP_LONG_CONV_PATHS:
         raise ValueError(f"cp_long_conv={path!r}: expected one of {CP_LONG_CONV_PATHS}")
+    kind = layer_kind(filt.code)
+    if kind.cp not in CP_LONG_CONV_KINDS:
+        raise ValueError(f"layer kind {kind.code!r} ({kind.origin}) declares the context-parallel path {kind.cp!r}, "
+                         f"which has no long convolution: declare one of {CP_LONG_CONV_KINDS} or use spec.short_conv")
     with _operation("long_conv"):
-        return _long_conv(z, filt, group, path)
+        return _long_conv(z, filt, kind.cp, group, path)
 
 
-def _long_conv(z: torch.Tensor, filt: torch.nn.Module, group: dist.ProcessGroup, path: str) -> torch.Tensor:
+def _long_conv(z: torch.Tensor, filt: torch.nn.Module, cp_path: str, group: dist.ProcessGroup, path: str) -> torch.Tensor:
     n = z.shape[-1] // 2
-    if path == "state" and isinstance(filt, ModalFilter):
+    if path == CP_LONG_CONV_STATE and cp_path == CP_MODAL:
         return modal_state_conv(z, filt, group)
-    if path == "state" and filt.weight.shape[-1] - 1 <= n:
+    if path == CP_LONG_CONV_STATE and cp_path == CP_FIR and filt.weight.shape[-1] - 1 <= n:
         return short_conv(z, filt.filter(), group, filt.skip)
     cp, r = group.size(), group.rank()
     zc = seq_to_channel(z, group)
@@ -178,8 +184,8 @@ def _long_conv(z: torch.Tensor, filt: torch.nn.Module, group: dist.ProcessGroup,
     return channel_to_seq(filt.conv(zc, channels=slice(r * c_local, (r + 1) * c_local)), group)
 
 
-def modal_state_conv(z: torch.Tensor, filt: ModalFilter, group: dist.ProcessGroup) -> torch.Tensor:
-    """`H` over CP by its modal state: chunk i's outputs are its own convolution from a zero
+def modal_state_conv(z: torch.Tensor, filt: torch.nn.Module, group: dist.ProcessGroup) -> torch.Tensor:
+    """A modal filter (`residues`, `log_rates`, `skip`; the `H` kind) over CP by its modal state: chunk i's outputs are its own convolution from a zero
     state plus what the state after chunk i-1 adds; that state is the scan
     S_i = exp(-rate n) S_{i-1} + s_i over every chunk's own end state s_i."""
     cp, r = group.size(), group.rank()

@@ -1,9 +1,11 @@
 """One parallel configuration, its validation, and the rank <-> coordinates map.
 
-`ParallelConfig` names the model-parallel sizes (tp, cp, pp, virtual stages) and whether
-sequence parallelism is on; data parallelism is whatever remains of the world size.
-`check_layout` checks every constraint the parallel model relies on *before* any process
-group exists, and raises one `ParallelConfigError` whose single line names the numbers.
+`ParallelConfig` names the model-parallel sizes (tp, cp, pp, virtual stages), whether
+sequence parallelism is on and the ZeRO stage; data parallelism is whatever remains of the
+world size. `check_layout` checks every constraint the parallel model relies on *before* any
+process group exists, and raises one `ParallelConfigError` whose single line names the
+numbers. It is the one home of the layout rules: the training config (TrainConfig), `train
+--dry-run`, the parallel builder and every step ask it, none re-checks a rule itself.
 
 Rank order is megatron-core's default "tp-cp-ep-dp-pp" (tp fastest, pp slowest):
     rank = tp_rank + tp * (cp_rank + cp * (dp_rank + dp * pp_rank))
@@ -15,11 +17,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hyena_glt.config import HyenaGLTConfig
+from hyena_glt.config import PATCHING_ENTROPY, PATCHING_NONE, HyenaGLTConfig
+from hyena_glt.kinds import CP_LONG_CONV_PATHS, CP_LONG_CONV_STATE  # how D/H convolutions cross CP ranks
 
-
-# How D/H convolutions cross CP ranks (context_parallel.long_conv).
-CP_LONG_CONV_PATHS = ("state", "all2all")
+# ZeRO stage 3 partitions the parameters themselves (deepspeed_zero.py).
+ZERO_PARAMETER_STAGE = 3
 
 
 class ParallelConfigError(ValueError):
@@ -33,7 +35,8 @@ class ParallelConfig:
     pp: int = 1  # pipeline stages (physical)
     sp: bool = False  # sequence parallel inside each TP group (needs tp > 1)
     vpp: int | None = None  # virtual stages per pipeline rank (interleaved 1F1B); None = plain 1F1B
-    cp_long_conv: str = "state"  # D/H convolutions under CP: halo + modal state, or all-to-all
+    cp_long_conv: str = CP_LONG_CONV_STATE  # D/H convolutions under CP: halo + modal state, or all-to-all
+    zero_stage: int = 0  # DeepSpeed ZeRO stage of the run (0: none); stage 3 partitions the parameters
 
     @property
     def model_parallel_size(self) -> int:
@@ -123,7 +126,7 @@ def _token_merging_errors(pcfg: ParallelConfig, cfg: HyenaGLTConfig) -> list[str
     """Token merging (merging.py) runs in every layout; its entropy patcher's byte LM is
     sharded over TP like the other blocks."""
     errors = []
-    if cfg.patching == "entropy" and pcfg.tp * pcfg.cp > 1:
+    if cfg.patching == PATCHING_ENTROPY and pcfg.tp * pcfg.cp > 1:
         from hyena_glt.blt import entropy_config
 
         ent, tp, tc = entropy_config(cfg), pcfg.tp, pcfg.tp * pcfg.cp
@@ -157,7 +160,10 @@ def check_layout(
     if vpp is not None and (vpp < 2 or pp < 2):
         errors.append(f"vpp={vpp} needs vpp >= 2 and pp >= 2 (got pp={pp}); use vpp=1 (parallel.vpp) for plain 1F1B")
     if pcfg.sp and tp < 2:
-        errors.append(f"sequence parallel needs tp > 1, got tp={tp}")
+        errors.append(f"sequence parallel needs tp > 1, got tp={tp} (parallel.sp, parallel.tp)")
+    if pcfg.zero_stage == ZERO_PARAMETER_STAGE and pp > 1:
+        errors.append(f"zero.stage={ZERO_PARAMETER_STAGE} shards parameters and cannot run with pipeline parallelism "
+                      f"(pp={pp}); use stage 1 or 2")
     if world_size is not None and world_size % (tp * cp * pp):
         errors.append(f"world size {world_size} is not divisible by tp*cp*pp = {tp}*{cp}*{pp} = {tp * cp * pp}")
     tc = tp * cp
@@ -175,7 +181,7 @@ def check_layout(
         value = getattr(cfg, field, plain)
         if value != plain and tp * cp * pp > 1:
             errors.append(f"{field}={value!r} is not supported by the parallel layouts (only {plain!r}); use data parallelism only (tp=cp=pp=1)")
-    if cfg.patching != "none":
+    if cfg.patching != PATCHING_NONE:
         errors += _token_merging_errors(pcfg, cfg)
     stages = pcfg.num_stages
     counts = cfg.stage_layer_counts
@@ -187,7 +193,8 @@ def check_layout(
         errors.append(f"{cfg.num_layers} layers cannot fill pp*vpp = {pp}*{vpp or 1} = {stages} pipeline stages")
     if seq_length is not None:
         if seq_length % (2 * cp):
-            errors.append(f"sequence length {seq_length} is not divisible by 2*cp = {2 * cp} (zigzag chunks)")
+            errors.append(f"sequence length {seq_length} is not divisible by 2*cp = {2 * cp} (zigzag chunks; "
+                          "train.seq_len, parallel.cp)")
         elif pcfg.sp and (seq_length // cp) % tp:
             errors.append(f"sequence length per CP rank {seq_length // cp} is not divisible by tp={tp} (sequence parallel)")
         elif cp > 1:

@@ -1,15 +1,19 @@
 """The sharding plan: which slice of each canonical parameter a rank holds.
 
-One rule table, keyed by the parameter's canonical (single-device) name, serves three
+One rule set, keyed by the parameter's canonical (single-device) name, serves three
 users: building (draw the full tensor, keep the slice), `shard_state_dict` (offline, no
 process groups) and `gather_full_state_dict` (concatenate slices back). Only tensor
 parallelism slices parameters; context and data parallelism replicate them and pipeline
 parallelism picks which layers a rank holds (see parallel_config.stage_layers).
 
 TP splits are contiguous along one dim, which is what megatron-core's Column/Row parallel
-layers and VocabParallelEmbedding do. Contiguous works for the Hyena projections because
-their rows are laid out (group, channel, x1|x2|v): rank r gets whole groups
-[r*G/tp, (r+1)*G/tp), and the featurizer, filter and skip rows follow the same channel order.
+layers and VocabParallelEmbedding do. A block's mixer parameters split as its layer kind
+declares (`LayerKind.tp_split` in hyena_glt/kinds.py: the Hyena projections, featurizer and
+filters on their channel dim, attention's qkv rows and output columns); the rules below
+cover what every block and model has besides (MLP, vocabulary). Contiguous works for the
+Hyena projections because their rows are laid out (group, channel, x1|x2|v): rank r gets
+whole groups [r*G/tp, (r+1)*G/tp), and the featurizer, filter and skip rows follow the same
+channel order.
 """
 
 from __future__ import annotations
@@ -21,18 +25,16 @@ from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
 from torch import nn
 
 from hyena_glt import params
+from hyena_glt.kinds import mixer_tp_split
 
-# (regex on the canonical name, dim split across TP ranks)
-_TP_RULES: list[tuple[re.Pattern, int]] = [
+_MIXER = ".mixer."
+
+# (regex on the canonical name, dim split across TP ranks) for everything but the mixers
+_MODEL_TP_RULES: list[tuple[re.Pattern, int]] = [
     # column parallel: output rows
-    (re.compile(r"\.mixer\.(in_proj|qkv_proj)\.weight$"), 0),
     (re.compile(r"\.mlp\.(gate_proj|up_proj)\.weight$"), 0),
     # row parallel: input columns
-    (re.compile(r"\.mixer\.out_proj\.weight$"), 1),
     (re.compile(r"\.mlp\.down_proj\.weight$"), 1),
-    # Hyena channel (or channel-group) dim 0
-    (re.compile(r"\.mixer\.featurizer\.weight$"), 0),
-    (re.compile(r"\.mixer\.filter\.(weight|skip|residues|log_rates)$"), 0),
     # vocab parallel
     (re.compile(r"^model\.embed\.weight$"), 0),
     (re.compile(r"^lm_head\.weight$"), 0),
@@ -41,7 +43,10 @@ _TP_RULES: list[tuple[re.Pattern, int]] = [
 
 def tp_split_dim(name: str) -> int | None:
     """Dim along which `name` is split across TP ranks, or None if every TP rank holds all of it."""
-    for pattern, dim in _TP_RULES:
+    _, mixer, inside = name.rpartition(_MIXER)
+    if mixer:
+        return mixer_tp_split().get(inside)
+    for pattern, dim in _MODEL_TP_RULES:
         if pattern.search(name):
             return dim
     return None

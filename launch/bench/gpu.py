@@ -140,37 +140,21 @@ def forward_check(use_cuda: bool) -> dict:
 
 
 # ---------------------------------------------------------------------------- model FLOPs
-def fft_flops(n: int) -> float:
-    """A real FFT (or inverse) of size n: half a complex one's 5 n log2 n."""
-    return 2.5 * n * math.log2(n)
-
-
-def conv_flops_per_token(channels: int, code: str, taps: int, L: int) -> float:
-    """Forward FLOPs per token of a causal depthwise convolution, counted by the textbook
-    algorithm, not by whichever kernel hyena_glt picks (those change; the count must not):
-    an explicit filter (featurizer, S, D) as a direct FIR, 2 per tap; the implicit H filter
-    as an FFT convolution of size 2L (transform z and h, 6 per complex product, transform back)."""
-    if code != "H":
-        return 2.0 * channels * taps
-    n = 2 * L
-    return channels * (3 * fft_flops(n) + 6 * (n // 2 + 1)) / L
-
-
 def forward_flops_per_token(cfg, L: int) -> dict:
     """Model FLOPs of one forward, per token, of a plain striped model (docs/performance.md):
-    matmuls (projections, gated MLP, output layer), causal attention, convolutions."""
+    matmuls (projections, gated MLP, output layer), causal attention, convolutions. Each
+    block's mixer counts what its layer kind declares (`LayerKind.flops`, hyena_glt/kinds.py);
+    the gated MLP and the output layer are the model's."""
+    from hyena_glt.kinds import FLOP_TERMS, mixer_flops
+
     D, H, V = cfg.d_model, cfg.mlp_hidden, cfg.vocab_size
-    matmul = 2.0 * D * V  # output layer (tied or not, one D x V product)
-    attention = conv = 0.0
+    total = dict.fromkeys(FLOP_TERMS, 0.0)
+    total["matmul"] = 2.0 * D * V  # output layer (tied or not, one D x V product)
     for code in cfg.layers:
-        matmul += 2.0 * (3 * D * D + D * D) + 3 * 2.0 * D * H  # in/qkv + out projections; gate, up, down
-        if code == "*":
-            attention += 2.0 * 2 * D * (L + 1) / 2  # QK^T and AV over the (L+1)/2 keys a causal query sees on average
-        else:
-            conv += conv_flops_per_token(3 * D, "featurizer", cfg.featurizer_len, L)
-            taps = {"S": cfg.short_filter_len, "D": cfg.medium_filter_len, "H": L}[code]
-            conv += conv_flops_per_token(D, code, taps, L)
-    return {"matmul": matmul, "attention": attention, "conv": conv, "total": matmul + attention + conv}
+        for term, flops in mixer_flops(code, cfg, L).items():
+            total[term] += flops
+        total["matmul"] += 3 * 2.0 * D * H  # gated MLP: gate, up, down
+    return {**total, "total": sum(total.values())}
 
 
 def train_flops_per_token(cfg, L: int) -> float:

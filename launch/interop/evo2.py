@@ -31,14 +31,46 @@ import yaml
 # Rows map one to one, ours[(r + 4) % V] = evo[r]: a bijection, so export(import(x)) gives
 # back x's rows exactly (Evo 2 rows 508..511 land on our specials, ours 260..511 on its
 # 256..507).
+from hyena_glt.config import PATCHING_NONE
 from hyena_glt.tokenizer import NUM_SPECIAL
 
 EVO2_VOCAB_SIZE = 512
 
 # ---------------------------------------------------------------------------- configs
 
-LAYER_FIELDS = {"hcs_layer_idxs": "S", "hcm_layer_idxs": "D", "hcl_layer_idxs": "H", "attn_layer_idxs": "*"}
+# Vortex's four block types (short, medium and long Hyena filters, attention). Which layer
+# kind each is, is the kind's declaration (`LayerKind.evo2`, hyena_glt/kinds.py); a Vortex
+# config lists a type's blocks in `<type>_layer_idxs`.
+HCS, HCM, HCL, ATTN = "hcs", "hcm", "hcl", "attn"
+VORTEX_BLOCKS = (HCS, HCM, HCL, ATTN)
+HYENA_BLOCKS = (HCS, HCM, HCL)
+LAYER_FIELDS = {f"{block}_layer_idxs": block for block in VORTEX_BLOCKS}  # Vortex field -> block type
 _REQUIRED = object()
+
+
+def block_kinds() -> dict[str, str]:
+    """Vortex block type -> the code of the registered layer kind that is it."""
+    from hyena_glt.kinds import KINDS
+
+    found = {k.evo2: code for code, k in KINDS.items() if k.evo2 is not None}
+    unknown = sorted(set(found) - set(VORTEX_BLOCKS))
+    if unknown:
+        raise ValueError(f"layer kind(s) {[found[b] for b in unknown]} declare Evo 2 block type(s) {unknown}; "
+                         f"Vortex has {', '.join(VORTEX_BLOCKS)}")
+    return found
+
+
+def layer_field_codes() -> dict[str, str]:
+    """Vortex layer-index field (`hcs_layer_idxs`, ...) -> the code of its layer kind."""
+    codes = block_kinds()
+    return {field: codes[block] for field, block in LAYER_FIELDS.items() if block in codes}
+
+
+def _blocks(pattern: str) -> dict[str, str | None]:
+    """Each layer code of `pattern` -> its Vortex block type (None: the kind has none)."""
+    from hyena_glt.kinds import layer_kind
+
+    return {c: layer_kind(c).evo2 for c in dict.fromkeys(pattern)}
 
 # Fields Vortex reads that define the model; config_from_evo2 maps or checks each one.
 MODEL_FIELDS = frozenset({
@@ -121,8 +153,9 @@ def config_from_evo2(evo: dict):
             raise ValueError(f"{key}: {shown} means {meaning}; hyena-glt needs {need!r}")
 
     n = int(_value(evo, "num_layers"))
+    codes = block_kinds()
     kinds: dict[int, str] = {}
-    for field, code in LAYER_FIELDS.items():
+    for field, code in layer_field_codes().items():
         for i in evo.get(field) or []:
             if not isinstance(i, int) or not 0 <= i < n:
                 raise ValueError(f"{field}: {i!r} is not a layer index in 0..{n - 1}")
@@ -133,26 +166,29 @@ def config_from_evo2(evo: dict):
     if missing:
         raise ValueError(f"layers {missing} are in none of {', '.join(LAYER_FIELDS)}")
     pattern = "".join(kinds[i] for i in range(n))
+    blocks = set(_blocks(pattern).values())
 
     D = int(_value(evo, "hidden_size"))
     filters = int(_value(evo, "num_filters", D))
     if filters > D or D % filters:
         raise ValueError(f"num_filters: {filters} must divide hidden_size={D} (Vortex asserts it)")
     groups = {}
-    if "S" in pattern:
+    if HCS in blocks:
         groups["hcs_filter_groups"] = int(_value(evo, "hcs_filter_groups"))
         if int(_value(evo, "hcs_filter_length")) >= 128:
             raise ValueError(f"hcs_filter_length: {evo['hcs_filter_length']} >= 128 gives Vortex's short filters a "
-                             "skip term and FFT path; hyena-glt's S filters of Evo 2 have neither (needs < 128)")
-    if "D" in pattern:
+                             f"skip term and FFT path; hyena-glt's {codes[HCS]} filters of Evo 2 have neither "
+                             "(needs < 128)")
+    if HCM in blocks:
         groups["hcm_filter_groups"] = int(_value(evo, "hcm_filter_groups"))
         if int(_value(evo, "hcm_filter_length")) < 128:
             raise ValueError(f"hcm_filter_length: {evo['hcm_filter_length']} < 128 leaves Vortex's medium filters "
-                             "without their skip term; hyena-glt's D filters have one (needs >= 128)")
+                             f"without their skip term; hyena-glt's {codes[HCM]} filters have one (needs >= 128)")
     if len(set(groups.values())) > 1:
         raise ValueError(f"hcs_filter_groups ({groups['hcs_filter_groups']}) != hcm_filter_groups "
-                         f"({groups['hcm_filter_groups']}): hyena-glt has one num_filter_groups for S and D filters")
-    hyena = any(c in pattern for c in "SDH")
+                         f"({groups['hcm_filter_groups']}): hyena-glt has one num_filter_groups for "
+                         f"{codes[HCS]} and {codes[HCM]} filters")
+    hyena = bool(blocks & set(HYENA_BLOCKS))
 
     act = _value(evo, "mlp_activation", "gelu")
     if act not in ("gelu", "silu"):
@@ -164,10 +200,10 @@ def config_from_evo2(evo: dict):
         inner = multiple * ((int(2 * D * 4 / 3) + multiple - 1) // multiple)
 
     mha_bias, hyena_bias = bool(evo.get("mha_out_proj_bias", True)), bool(evo.get("hyena_out_proj_bias", False))
-    if "*" in pattern and hyena and mha_bias != hyena_bias:
+    if ATTN in blocks and hyena and mha_bias != hyena_bias:
         raise ValueError(f"mha_out_proj_bias ({mha_bias}) != hyena_out_proj_bias ({hyena_bias}): hyena-glt has one "
                          "mixer_out_bias for Hyena and attention blocks")
-    out_bias = mha_bias if "*" in pattern else hyena_bias
+    out_bias = mha_bias if ATTN in blocks else hyena_bias
 
     interpolated = bool(evo.get("use_interpolated_rotary_pos_emb", False))
     fields = dict(
@@ -184,32 +220,34 @@ def config_from_evo2(evo: dict):
     if hyena:
         fields.update(featurizer_len=int(_value(evo, "short_filter_length")),
                       modal_order=int(_value(evo, "state_size")))
-    if "S" in pattern:
+    if HCS in blocks:
         fields["short_filter_len"] = int(evo["hcs_filter_length"])
-    if "D" in pattern:
+    if HCM in blocks:
         fields["medium_filter_len"] = int(evo["hcm_filter_length"])
     return _validated(fields)
 
 
 def export_refusals(cfg) -> list[str]:
     """What in `cfg` a Vortex / Evo 2 model cannot express, each naming the option ([] = exportable)."""
-    layers = cfg.layers
+    blocks = _blocks(cfg.layers)
     out = []
 
     def need(option: str, ok: bool, why: str) -> None:
         if not ok:
             out.append(f"{option}={getattr(cfg, option)!r} ({why})")
 
-    need("patching", cfg.patching == "none", "Evo 2 is a plain byte-level model")
+    missing = [c for c, block in blocks.items() if block is None]
+    need("pattern", not missing, f"layer kind(s) {missing} have no Evo 2 / Vortex block type")
+    need("patching", cfg.patching == PATCHING_NONE, "Evo 2 is a plain byte-level model")
     for option in ("seq_type_embedding", "motif_branch", "conservation"):
         need(option, not getattr(cfg, option), "no Evo 2 counterpart")
     need("tie_embeddings", cfg.tie_embeddings, "Evo 2 ties its output layer to the embedding")
     need("vocab_size", cfg.vocab_size == EVO2_VOCAB_SIZE, f"Evo 2 has {EVO2_VOCAB_SIZE} ids")
     need("norm_eps_placement", cfg.norm_eps_placement == "outside", "Evo 2 adds eps outside the square root")
-    if "D" in layers:
+    if HCM in blocks.values():
         need("medium_decay", not cfg.medium_decay, "Evo 2 runs its medium filters without a fixed decay")
         need("medium_filter_len", cfg.medium_filter_len >= 128, "Vortex gives filters under 128 taps no skip term")
-    if "S" in layers:
+    if HCS in blocks.values():
         need("short_filter_skip", not cfg.short_filter_skip, "Evo 2's short filters have no skip term")
         need("short_filter_len", cfg.short_filter_len < 128, "Vortex gives filters of 128+ taps a skip term")
     first, rest = cfg.first_mlp_activation, cfg.mlp_activation
@@ -227,8 +265,8 @@ def config_to_evo2(cfg, model_name: str = "hyena-glt-export") -> dict:
     refusals = export_refusals(cfg)
     if refusals:
         raise ValueError(f"cannot be expressed as an Evo 2 / Vortex model: {'; '.join(refusals)}")
-    layers = cfg.layers
-    idx = {field: [i for i, c in enumerate(layers) if c == code] for field, code in LAYER_FIELDS.items()}
+    layers, blocks = cfg.layers, _blocks(cfg.layers)
+    idx = {field: [i for i, c in enumerate(layers) if blocks[c] == block] for field, block in LAYER_FIELDS.items()}
     evo2_style = cfg.first_mlp_activation not in (None, cfg.mlp_activation)
     evo = {
         "model_name": model_name,
@@ -379,7 +417,11 @@ def tensor_rules(cfg, export: bool = False) -> list[Rule]:
         Rule("embedding_layer.weight", "model.embed.weight", _vocab_to_ours, _vocab_to_evo),
         Rule("norm.scale", "model.final_norm.weight", _same_tensor, _same_tensor),
     ]
+    blocks = _blocks(cfg.layers)
     for i, code in enumerate(cfg.layers):
+        block = blocks[code]
+        if block is None:
+            raise ValueError(f"layer {i}: layer kind {code!r} has no Evo 2 / Vortex block type")
         e, o = f"blocks.{i}.", f"model.layers.{i}."
         rules += [
             Rule(e + "pre_norm.scale", o + "mixer_norm.weight", _same_tensor, _same_tensor),
@@ -388,7 +430,7 @@ def tensor_rules(cfg, export: bool = False) -> list[Rule]:
             Rule(e + "mlp.l2.weight", o + "mlp.up_proj.weight", _same_tensor, _same_tensor),
             Rule(e + "mlp.l3.weight", o + "mlp.down_proj.weight", _same_tensor, _same_tensor),
         ]
-        if code == "*":
+        if block == ATTN:
             m = e + "inner_mha_cls."
             # File rows (head, q|k|v, head_dim), as ours; Vortex reorders them only after loading.
             rules += [
@@ -405,9 +447,9 @@ def tensor_rules(cfg, export: bool = False) -> list[Rule]:
                 Rule(f + "short_filter_weight", o + "mixer.featurizer.weight", _xcorr_to_ours, _xcorr_to_evo),
                 Rule(e + "out_filter_dense.weight", o + "mixer.out_proj.weight", _same_tensor, _same_tensor),
             ]
-            if code == "S":
+            if block == HCS:
                 rules.append(Rule(f + "h", o + "mixer.filter.weight", _xcorr_to_ours, _xcorr_to_evo))
-            elif code == "D":
+            elif block == HCM:
                 rules += [Rule(f + "h", o + "mixer.filter.weight", _lag_to_ours, _lag_to_evo),
                           Rule(f + "D", o + "mixer.filter.skip", _same_tensor, _same_tensor)]
             else:
@@ -694,7 +736,7 @@ def register(sub) -> None:
 
 def _import_cmd(args) -> int:
     cfg, n = import_evo2(args.checkpoint, args.config, args.out, progress=sys.stderr.isatty())
-    counts = {c: cfg.layers.count(c) for c in "SDH*"}
+    counts = {code: cfg.layers.count(code) for code in block_kinds().values()}
     print(f"imported {args.checkpoint} ({n} tensors; {cfg.num_layers} layers {counts}, d_model {cfg.d_model}) "
           f"-> {args.out} (bos_token false: the commands feed it raw bytes, as Evo 2)")
     return 0

@@ -15,12 +15,14 @@ from __future__ import annotations
 import re
 import warnings
 from pathlib import Path
-from typing import Literal, Union
+from typing import Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hyena_glt import HyenaGLTConfig
+from hyena_glt.heads import TASK_KINDS
+from hyena_glt.kinds import CP_LONG_CONV_PATHS, CP_LONG_CONV_STATE
 from launch.training.curriculum import CurriculumConfig, validate_curriculum
 
 
@@ -34,8 +36,10 @@ class ParallelSection(_Section):
     pp: int = Field(1, ge=1, description="pipeline-parallel size")
     vpp: int = Field(1, ge=1, description="virtual pipeline stages per pipeline rank (interleaved 1F1B); 1: plain 1F1B")
     sp: bool = Field(False, description="sequence parallel (needs tp > 1)")
-    cp_long_conv: Literal["state", "all2all"] = Field(
-        "state", description="D/H convolutions under cp > 1: halo + modal state (O(halo + state) traffic) or all-to-all")
+    # Its values, like every layout rule, are checked by megatron_adapters.parallel_config.check_layout.
+    cp_long_conv: str = Field(
+        CP_LONG_CONV_STATE, description=f"D/H convolutions under cp > 1, one of {', '.join(CP_LONG_CONV_PATHS)}: "
+        "halo + modal state (O(halo + state) traffic) or all-to-all")
 
 
 class ZeroSection(_Section):
@@ -90,7 +94,7 @@ class DataSection(_Section):
 class TaskSection(_Section):
     """One task head co-trained with the language model (megatron_adapters/task_heads.py)."""
 
-    kind: str = Field(description="a task kind of hyena_glt.heads.TASK_KINDS: seq-cls, token-cls, regression")
+    kind: str = Field(description=f"a task kind of hyena_glt.heads.TASK_KINDS: {', '.join(TASK_KINDS)}")
     train: str = Field(description="labelled training file: CSV/TSV (sequence,label) or FASTA with labels in the "
                        "headers (data_tools/labelled.py)")
     val: str | None = Field(None, description="labelled validation file: the task's metrics at every evaluation")
@@ -129,16 +133,17 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
+        from megatron_adapters.parallel_config import check_layout
+
         t, p = self.train, self.parallel
         if t.global_batch_size % t.micro_batch_size:
             raise ValueError(
                 f"train.global_batch_size={t.global_batch_size} must be a multiple of "
                 f"train.micro_batch_size={t.micro_batch_size}"
             )
-        if p.sp and p.tp == 1:
-            raise ValueError("parallel.sp=true needs parallel.tp > 1")
-        if self.zero.stage == 3 and p.pp > 1:
-            raise ValueError(f"zero.stage=3 shards parameters and cannot run with pipeline parallelism (parallel.pp={p.pp}); use stage 1 or 2")
+        # Every layout rule that does not need the world size (layout_for adds it): the same
+        # function the parallel builder and each step call.
+        check_layout(self.parallel_config(), self.model, seq_length=t.seq_len)
         validate_curriculum(t.curriculum, t.seq_len, p.cp)
         for name, task in self.tasks.items():
             if not _TASK_NAME.match(name):
@@ -146,8 +151,6 @@ class TrainConfig(_Section):
             if task.global_batch_size is not None and task.global_batch_size % t.micro_batch_size:
                 raise ValueError(f"tasks.{name}.global_batch_size={task.global_batch_size} must be a multiple of "
                                  f"train.micro_batch_size={t.micro_batch_size}")
-        if t.seq_len % (2 * p.cp):
-            raise ValueError(f"train.seq_len={t.seq_len} must be divisible by 2*parallel.cp={2 * p.cp} (zigzag context split)")
         return self
 
     @classmethod
@@ -183,7 +186,7 @@ class TrainConfig(_Section):
 
         p = self.parallel
         return ParallelConfig(tp=p.tp, cp=p.cp, pp=p.pp, sp=p.sp, vpp=p.vpp if p.vpp > 1 else None,
-                              cp_long_conv=p.cp_long_conv)
+                              cp_long_conv=p.cp_long_conv, zero_stage=self.zero.stage)
 
     def micro_batches_per_rank(self, dp: int) -> int:
         """Micro-batches each data-parallel rank runs per step; ValueError (one line naming the

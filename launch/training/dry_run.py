@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from hyena_glt.kinds import layer_kind
 from launch.training.config import TrainConfig
 
 MIB = 2**20
@@ -64,19 +65,15 @@ def state_bytes(params: int, zero_stage: int, dp_cp: int) -> tuple[int, int, int
     return part(p), part(p), part(2 * p)
 
 
-def _layer_values(kind: str, cfg, tc: TrainConfig) -> tuple[float, float]:
+def _layer_values(code: str, cfg, tc: TrainConfig) -> tuple[float, float]:
     """(values kept per token for backward, of them the block input) for one block on one
-    rank. Hyena blocks (S, D, H): norms and residuals 4 x d_model (/tp under SP); projections,
-    featurizer, convolution and gates 10 x d_model/tp; the MLP 4 x hidden/tp. Attention (*):
-    5 x d_model/tp for qkv, context and output, plus the attention probabilities,
-    heads/tp x seq_len per token (K/V are gathered over CP)."""
+    rank: norms and residuals 4 x d_model (/tp under SP), the MLP 4 x hidden/tp, and the
+    mixer what its layer kind declares (`LayerKind.activations`, hyena_glt/kinds.py; the
+    Hyena kinds 10 x d_model/tp, attention 5 x d_model/tp plus heads/tp x seq_len)."""
     tp = tc.parallel.tp
     rep = cfg.d_model / tp if tc.parallel.sp else cfg.d_model
     mlp = 4 * cfg.mlp_hidden / tp
-    if kind == "*":
-        mixer = 5 * cfg.d_model / tp + cfg.num_heads / tp * tc.train.seq_len
-    else:
-        mixer = 10 * cfg.d_model / tp
+    mixer = layer_kind(code).activations(cfg, tc.train.seq_len, tp)
     return 4 * rep + mixer + mlp, rep
 
 

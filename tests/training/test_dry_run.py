@@ -20,7 +20,7 @@ def dry_run(world: int, *overrides: str, config: Path = TINY):
 INVALID = [
     pytest.param(3, ["parallel.tp=2"], "world size 3 is not divisible by tp*cp*pp", id="world-not-divisible"),
     pytest.param(4, ["parallel.tp=4", "model.num_heads=2"], "num_heads=2 is not divisible by tp*cp", id="tp-heads"),
-    pytest.param(2, ["parallel.cp=2", "train.seq_len=510"], "divisible by 2*parallel.cp=4", id="cp-seq-len"),
+    pytest.param(2, ["parallel.cp=2", "train.seq_len=510"], "sequence length 510 is not divisible by 2*cp = 4", id="cp-seq-len"),
     pytest.param(2, ["parallel.vpp=2"], "vpp=2 needs vpp >= 2 and pp >= 2", id="vpp-without-pp"),
     pytest.param(8, ["parallel.pp=4", "parallel.vpp=4"], "8 layers cannot fill pp*vpp = 4*4 = 16", id="vpp-layers"),
     pytest.param(2, ["parallel.pp=2", "parallel.vpp=2", "train.micro_batch_size=2", "train.global_batch_size=6"],
@@ -28,7 +28,7 @@ INVALID = [
     pytest.param(4, ["train.micro_batch_size=8"], "global_batch_size=16 must be a multiple of train.micro_batch_size "
                  "x dp = 8 x 4", id="global-batch-dp"),
     pytest.param(1, ["train.micro_batch_size=3"], "multiple of train.micro_batch_size=3", id="global-batch-micro"),
-    pytest.param(2, ["parallel.sp=true"], "parallel.sp=true needs parallel.tp > 1", id="sp-without-tp"),
+    pytest.param(2, ["parallel.sp=true"], "sequence parallel needs tp > 1", id="sp-without-tp"),
     pytest.param(4, ["parallel.tp=4", "parallel.sp=true", "train.seq_len=6"], "not divisible by tp=4 (sequence "
                  "parallel)", id="sp-seq-len"),
     pytest.param(4, ["parallel.cp=4", "train.seq_len=32"], "shorter than the 6-position halo", id="cp-halo"),
