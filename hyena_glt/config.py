@@ -30,6 +30,8 @@ PATCHING_ALIASES = ("dual", "optimal")
 PATCHING = (PATCHING_NONE, PATCHING_STATIC, PATCHING_ENTROPY, PATCHING_LEARNED, *PATCHING_ALIASES)
 ENTROPY_MODES = ("threshold", "monotonic", "topk", *PATCHING_ALIASES)
 MERGE_RELAXATIONS = ("ste", "soft")
+# The MLP activations by name; layers.ACTIVATIONS maps each to torch.nn.functional's function of
+# that name ("identity": none), so adding one is adding its name here.
 MLP_ACTIVATIONS = ("silu", "gelu", "identity")
 NORM_EPS_PLACEMENTS = ("inside", "outside")
 
@@ -51,7 +53,7 @@ class HyenaGLTConfig(BaseModel):
     mlp_ratio: float = Field(8 / 3, gt=0, description="gated-MLP hidden size = round(mlp_ratio * d_model)")
     mlp_multiple_of: int = Field(16, gt=0, description="MLP hidden size is rounded up to this multiple")
     # Hidden quirk made explicit: one trainer ran every MLP after layer 1 with an identity activation.
-    mlp_activation: str = Field("silu", description="'silu' or 'gelu' or 'identity'")
+    mlp_activation: str = Field("silu", description=_one_of(MLP_ACTIVATIONS))
     short_filter_len: int = Field(7, gt=0)
     featurizer_len: int = Field(3, gt=0)
     medium_filter_len: int = Field(128, gt=0)

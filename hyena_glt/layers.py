@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import params
-from .config import HyenaGLTConfig
+from .config import MLP_ACTIVATIONS, HyenaGLTConfig
 from .operators import make_mixer
 from .spec import LOCAL, ModelSpec
 
@@ -34,7 +34,13 @@ def make_norm(cfg: HyenaGLTConfig) -> RMSNorm:
     return RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_eps_placement)
 
 
-ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "identity": lambda t: t}
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+# The function of each MLP activation that the config accepts (config.MLP_ACTIVATIONS, the one
+# list of their names): torch.nn.functional's function of that name, or none for "identity".
+ACTIVATIONS = {name: _identity if name == "identity" else getattr(F, name) for name in MLP_ACTIVATIONS}
 
 
 class GatedMLP(nn.Module):

@@ -115,6 +115,19 @@ def stage_layers(cfg: HyenaGLTConfig, num_stages: int) -> list[list[int]]:
     return out
 
 
+def zigzag_chunks(cp: int) -> int:
+    """Chunks a sequence is cut into under context parallelism: two per CP rank (zigzag, so
+    every rank gets an equal share of the causal work). A sequence length must be a multiple
+    of it; `zigzag_splits` is that rule, asked by check_layout and by the training curriculum
+    (whose lengths are all multiples of its `multiple_of`)."""
+    return 2 * cp
+
+
+def zigzag_splits(seq_length: int, cp: int) -> bool:
+    """Whether a sequence of `seq_length` splits into the zigzag chunks of `cp` ranks."""
+    return seq_length % zigzag_chunks(cp) == 0
+
+
 # Model features the model-parallel modules do not implement (yet): config field -> the only
 # value they accept under tp/cp/pp > 1. A config using one is rejected instead of silently
 # computing another model; with tp = cp = pp = 1 the single-device model is replicated over
@@ -192,14 +205,14 @@ def check_layout(
     elif cfg.num_layers < stages:
         errors.append(f"{cfg.num_layers} layers cannot fill pp*vpp = {pp}*{vpp or 1} = {stages} pipeline stages")
     if seq_length is not None:
-        if seq_length % (2 * cp):
-            errors.append(f"sequence length {seq_length} is not divisible by 2*cp = {2 * cp} (zigzag chunks; "
+        if not zigzag_splits(seq_length, cp):
+            errors.append(f"sequence length {seq_length} is not divisible by 2*cp = {zigzag_chunks(cp)} (zigzag chunks; "
                           "train.seq_len, parallel.cp)")
         elif pcfg.sp and (seq_length // cp) % tp:
             errors.append(f"sequence length per CP rank {seq_length // cp} is not divisible by tp={tp} (sequence parallel)")
         elif cp > 1:
             # A halo comes from the neighbouring chunk only, so a chunk must cover a full halo.
-            chunk, need = seq_length // (2 * cp), cfg.short_conv_halo()
+            chunk, need = seq_length // zigzag_chunks(cp), cfg.short_conv_halo()
             if chunk < need:
                 errors.append(
                     f"zigzag chunk length {seq_length}/(2*cp) = {chunk} is shorter than the "

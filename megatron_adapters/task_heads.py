@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from hyena_glt import params
+from hyena_glt.config import PATCHING_NONE
 from hyena_glt.heads import TaskSpec, make_head, task_kind
 from hyena_glt.tokenizer import PAD_ID
 
@@ -142,7 +143,7 @@ class TaskHeadsModel(nn.Module):
             name = mb["task"]
             if name not in self.tasks:
                 raise ValueError(f"task micro-batch names task {name!r}; the model has {names}")
-            lb = localize_batch({"input_ids": mb["input_ids"]}, ctx, device, self.config.patching != "none")
+            lb = localize_batch({"input_ids": mb["input_ids"]}, ctx, device, self.config.patching != PATCHING_NONE)
             lb.update(task=name, index=i, mask=(mb["input_ids"] != PAD_ID).to(device), labels=mb["labels"].to(device))
             count = float(task_kind(self.tasks[name].kind).weight(mb["labels"]))
             counts[names.index(name)] += count * spec.whole_loss_scale  # whole-sequence work on every CP rank

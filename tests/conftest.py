@@ -49,11 +49,11 @@ def tiny_packs(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """torch on one thread in this process, and OMP_NUM_THREADS=1 for the processes it starts, for
-    a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): the tiny models gain nothing
-    from a second thread and lose several times over to OpenMP waits when the cores are busy."""
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """torch on one thread in the test process, and OMP_NUM_THREADS=1 for the processes it
+    starts: the tiny models gain nothing from a second thread, and under load (other processes
+    on the 2 cores) OpenMP's waiting threads made single tests 10-20x slower (measured)."""
     import torch
 
     threads = torch.get_num_threads()

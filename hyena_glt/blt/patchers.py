@@ -40,7 +40,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import params
-from ..config import HyenaGLTConfig
+from ..config import (
+    PATCHING_ENTROPY,
+    PATCHING_LEARNED,
+    PATCHING_NONE,
+    PATCHING_STATIC,
+    HyenaGLTConfig,
+)
 from ..layers import Block, make_norm
 from ..loss import default_loss_weights, weighted_cross_entropy
 from ..spec import LOCAL, ModelSpec
@@ -70,14 +76,14 @@ def _quantile(x: torch.Tensor, q: float) -> float:
 
 def sub_config(config: HyenaGLTConfig, pattern: str) -> HyenaGLTConfig:
     """The same model settings with another layer pattern (for the local and entropy models)."""
-    return config.model_copy(update={"pattern": pattern, "patching": "none"})
+    return config.model_copy(update={"pattern": pattern, "patching": PATCHING_NONE})
 
 
 def patcher_lag(config: HyenaGLTConfig) -> int:
     """Bytes after p that the boundary at p depends on (the bridge's read lag): the lookahead
     of `optimal` entropy patching, else 0. A function of the config alone, so a stage that
     does not hold the patcher knows it too."""
-    return config.patch_lookahead if config.patching == "entropy" and config.entropy_mode == "optimal" else 0
+    return config.patch_lookahead if config.patching == PATCHING_ENTROPY and config.entropy_mode == "optimal" else 0
 
 
 class StaticPatcher(nn.Module):
@@ -96,7 +102,7 @@ class StaticPatcher(nn.Module):
 def entropy_config(config: HyenaGLTConfig) -> HyenaGLTConfig:
     """The entropy patcher's small byte LM: `entropy_pattern` at width `entropy_d_model`."""
     d = config.entropy_d_model
-    return config.model_copy(update={"pattern": config.entropy_pattern, "patching": "none", "d_model": d,
+    return config.model_copy(update={"pattern": config.entropy_pattern, "patching": PATCHING_NONE, "d_model": d,
                                      "num_heads": max(1, d // 64)})
 
 
@@ -436,10 +442,10 @@ class AdaptiveTokenMerger(nn.Module):
 
 
 def make_patcher(config: HyenaGLTConfig, spec: ModelSpec = LOCAL) -> nn.Module:
-    if config.patching == "static":
+    if config.patching == PATCHING_STATIC:
         return StaticPatcher(config)
-    if config.patching == "entropy":
+    if config.patching == PATCHING_ENTROPY:
         return EntropyPatcher(config, spec)
-    if config.patching == "learned":
+    if config.patching == PATCHING_LEARNED:
         return AdaptiveTokenMerger(config)
     raise ValueError(f"patching: no patcher for {config.patching!r} (the plain model has none)")

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import params
-from ..config import HyenaGLTConfig
+from ..config import PATCHING, PATCHING_NONE, HyenaGLTConfig
 from ..layers import Block, make_norm
 from ..model import ByteBackbone, CausalLM, CausalLMOutput, LayerStack, Stage
 from ..spec import LOCAL, ModelSpec
@@ -67,9 +67,10 @@ class BLTModel(ByteBackbone, nn.Module):
 
     def __init__(self, config: HyenaGLTConfig, spec: ModelSpec = LOCAL, stage: Stage | None = None):
         super().__init__()
-        if config.patching == "none":
-            raise ValueError("patching: BLTModel needs patching 'static', 'entropy', 'learned', 'dual' or 'optimal' "
-                             "(use HyenaGLTModel for 'none')")
+        if config.patching == PATCHING_NONE:
+            *merging, last = (repr(m) for m in PATCHING if m != PATCHING_NONE)
+            raise ValueError(f"patching: BLTModel needs patching {', '.join(merging)} or {last} "
+                             f"(use HyenaGLTModel for {PATCHING_NONE!r})")
         stage = stage or Stage.whole(config.num_layers)
         self.config, self.spec, self.stage = config, spec, stage
         enc_cfg = sub_config(config, config.local_encoder_pattern)
@@ -187,7 +188,7 @@ class BLTForCausalLM(CausalLM):
 
     @staticmethod
     def accepts(config: HyenaGLTConfig) -> bool:
-        return config.patching != "none"
+        return config.patching != PATCHING_NONE
 
     def __init__(self, config: HyenaGLTConfig, initialize: bool = True, spec: ModelSpec = LOCAL,
                  stage: Stage | None = None):

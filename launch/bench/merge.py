@@ -31,9 +31,22 @@ import numpy as np
 import torch
 
 from hyena_glt import HyenaGLTConfig, build_causal_lm
+from hyena_glt.config import (
+    PATCHING,
+    PATCHING_ALIASES,
+    PATCHING_ENTROPY,
+    PATCHING_LEARNED,
+    PATCHING_NONE,
+    PATCHING_STATIC,
+)
 from hyena_glt.params import initialize
 
 from .ops import _in_child
+
+# A patching mode with this suffix also turns on the complexity-adaptive merge ratio (patch_adapt).
+ADAPT_SUFFIX = "-adapt"
+# The patchers calibrated to the input's mean before timing or training (static needs none).
+CALIBRATED = (PATCHING_ENTROPY, PATCHING_LEARNED)
 
 DEFAULT_GENOME = Path(__file__).resolve().parents[2] / "data" / "genomes" / "ecoli_k12_w3110.fasta.gz"
 LN2 = math.log(2)
@@ -45,9 +58,9 @@ def add_arguments(p) -> None:
     p.add_argument("--local", default="S", help="local encoder and decoder layers of the U-shape")
     p.add_argument("--lengths", default="16384,32768",
                    help="comma-separated byte lengths for throughput (the default keeps a run of every mode near 10 min on 2 cores)")
-    p.add_argument("--patchers", default="none,static,entropy,learned,dual,optimal,optimal-adapt",
-                   help="patching modes; dual and optimal are entropy modes, '-adapt' adds the complexity-adaptive "
-                   "merge ratio (patch_adapt)")
+    p.add_argument("--patchers", default=",".join((*PATCHING, "optimal" + ADAPT_SUFFIX)),
+                   help=f"patching modes; {' and '.join(PATCHING_ALIASES)} are entropy modes, "
+                   f"'{ADAPT_SUFFIX}' adds the complexity-adaptive merge ratio (patch_adapt)")
     p.add_argument("--patch-size", type=float, default=4.0, help="mean patch length for every patcher")
     p.add_argument("--slack", type=float, default=1.25, help="patch slots = slack * L / patch size (entropy, learned)")
     p.add_argument("--repeats", type=int, default=2, help="rounds over all models (each a warm-up + a timed step); the fastest round is reported")
@@ -60,7 +73,8 @@ def add_arguments(p) -> None:
     p.add_argument("--train-threads", type=int, default=1,
                    help="threads for part 3 (1: the CPU-time budget is exact even on a busy machine)")
     p.add_argument("--genome", default=str(DEFAULT_GENOME), help="gzip FASTA for inputs and training")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads in each timed process (default: torch's own count, every core)")
 
 
 def read_genome(path: str | Path) -> np.ndarray:
@@ -77,16 +91,16 @@ def read_genome(path: str | Path) -> np.ndarray:
 
 def model_config(patching: str, d_model: int, pattern: str, local: str, patch_size: float, slack: float, L: int) -> HyenaGLTConfig:
     kw = dict(pattern=pattern, d_model=d_model, num_heads=max(2, d_model // 32), num_filter_groups=16, max_seq_len=L)
-    adapt = patching.endswith("-adapt")
-    patching = patching.removesuffix("-adapt")
-    if patching != "none":
-        static = patching == "static"
+    adapt = patching.endswith(ADAPT_SUFFIX)
+    patching = patching.removesuffix(ADAPT_SUFFIX)
+    if patching != PATCHING_NONE:
+        static = patching == PATCHING_STATIC
         kw.update(patching=patching, patch_size=patch_size, local_encoder_pattern=local, local_decoder_pattern=local,
                   min_patch=1, max_patch=max(8, int(2 * patch_size)),
                   patch_budget=0 if static else min(1.0, slack / patch_size),
                   patch_adapt=adapt,
                   # the thresholds follow the jointly trained entropy model
-                  entropy_adapt=patching in ("entropy", "dual", "optimal"))
+                  entropy_adapt=patching in (PATCHING_ENTROPY, *PATCHING_ALIASES))
     return HyenaGLTConfig(**kw)
 
 
@@ -135,9 +149,9 @@ def _throughput_job(cfg: HyenaGLTConfig, ids: torch.Tensor, repeats: int, thread
     torch.set_num_threads(threads)
     model = build_causal_lm(cfg).train()
     info = {}
-    if cfg.patching in ("entropy", "learned"):
+    if cfg.patching in CALIBRATED:
         model.calibrate_patcher(ids)
-    if cfg.patching != "none":
+    if cfg.patching != PATCHING_NONE:
         with torch.no_grad():
             pi = model(ids).patch_info
         info = {"slots": pi.num_slots, "patches": int(pi.num_patches.sum()), "overflow": int(pi.overflow.sum()),
@@ -159,7 +173,7 @@ def _position_job(kind: str, L: int, D: int, repeats: int, threads: int, patch_s
 
     torch.set_num_threads(threads)
     cfg = HyenaGLTConfig(pattern="S", d_model=D, num_heads=max(2, D // 32), num_filter_groups=16,
-                         patching="static", patch_size=int(patch_size), max_patch=max(8, int(2 * patch_size)))
+                         patching=PATCHING_STATIC, patch_size=int(patch_size), max_patch=max(8, int(2 * patch_size)))
     pm = BLTPositionManager(cfg)
     initialize(pm, 0)
     g = torch.Generator().manual_seed(0)
@@ -201,7 +215,7 @@ def _train_job(cfg: HyenaGLTConfig, genome: np.ndarray, seconds: float, L: int, 
     rng = np.random.default_rng(0)
     val = [_batch(_windows(genome, batch, L, np.random.default_rng(1000 + i), split, len(genome))) for i in range(4)]
     model = build_causal_lm(cfg).train()
-    if cfg.patching in ("entropy", "learned"):
+    if cfg.patching in CALIBRATED:
         model.calibrate_patcher(_batch(_windows(genome, batch, L, rng, 0, split))["input_ids"])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
     steps, t0, c0 = 0, time.perf_counter(), time.process_time()
@@ -232,6 +246,7 @@ def _train_job(cfg: HyenaGLTConfig, genome: np.ndarray, seconds: float, L: int, 
 
 
 def run(args) -> int:
+    args.threads = args.threads or torch.get_num_threads()
     threads = args.threads
     lengths = [int(x) for x in args.lengths.split(",") if x]
     patchers = [p.strip() for p in args.patchers.split(",") if p.strip()]
@@ -256,7 +271,7 @@ def run(args) -> int:
                 r = _in_child(_throughput_job, cfg, ids, 1, threads)
                 if name not in best or r["seconds"] < best[name]["seconds"]:
                     best[name] = {**r, "peak_mib": min(r["peak_mib"], best.get(name, r)["peak_mib"])}
-        base = best["none"]["seconds"] if "none" in best else None
+        base = best[PATCHING_NONE]["seconds"] if PATCHING_NONE in best else None
         for name in patchers:
             r = best[name]
             r.update(model=name, L=L, bytes_per_s=L / r["seconds"], speedup=(base / r["seconds"]) if base else None)

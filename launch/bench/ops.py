@@ -33,7 +33,8 @@ def add_arguments(p) -> None:
     p.add_argument("--lengths", default="4096,16384,65536", help="comma-separated sequence lengths")
     p.add_argument("--ops", default="HDS*", help="layer codes to measure")
     p.add_argument("--repeats", type=int, default=2, help="timed repetitions (after one warm-up)")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads in each timed process (default: torch's own count, every core)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
 
@@ -111,6 +112,7 @@ def _in_child(target, *args) -> dict:
 
 
 def run(args) -> int:
+    args.threads = args.threads or torch.get_num_threads()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     lengths = [int(x) for x in args.lengths.split(",")]
     rows, convs = [], []

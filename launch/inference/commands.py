@@ -87,6 +87,8 @@ def _info(args) -> int:
     import torch
 
     from hyena_glt import HyenaGLTConfig, build_causal_lm, family_of, inspect_pretrained
+    from hyena_glt.config import PATCHING_NONE
+    from hyena_glt.kinds import KINDS
 
     path = Path(args.config)
     if path.is_dir():
@@ -106,10 +108,10 @@ def _info(args) -> int:
         with torch.device("meta"):  # count without allocating (works for 40B configs)
             model = build_causal_lm(cfg, initialize=False)
         n_params = model.num_parameters()
-    counts = {c: cfg.layers.count(c) for c in "SDH*"}
+    counts = {c: cfg.layers.count(c) for c in KINDS}
     print(f"{what}: pattern {cfg.pattern}: {cfg.num_layers} layers {counts}, d_model {cfg.d_model}, "
           f"{n_params:,} parameters")
-    if cfg.patching != "none":
+    if cfg.patching != PATCHING_NONE:
         print(f"token merging: {cfg.patching} patcher, mean patch {cfg.patch_size:g} bytes, "
               f"local encoder {cfg.local_encoder_pattern}, local decoder {cfg.local_decoder_pattern}")
     return 0

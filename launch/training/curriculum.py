@@ -9,7 +9,7 @@ Training starts on short sequences and grows to `train.seq_len` over `warmup_ste
         start_seq_len: 512
         warmup_steps: 1000
         schedule: geometric   # or linear
-        multiple_of: 256      # every length a multiple (static shapes; 2*cp for context parallel)
+        multiple_of: 256      # every length a multiple (static shapes); itself a multiple of 2*cp
         mode: split           # split: (B, L) -> (B*L/s, s), same tokens per step; truncate: first s
 
 `seq_len_at(step, cfg)` is the length of a 1-based step; `apply_curriculum(batch, s)` reshapes
@@ -65,8 +65,13 @@ def validate_curriculum(cur: CurriculumConfig, seq_len: int, cp: int = 1) -> Non
         raise ValueError(f"curriculum.start_seq_len: {cur.start_seq_len} is below multiple_of={cur.multiple_of}")
     if final % cur.multiple_of:
         raise ValueError(f"curriculum.multiple_of: {cur.multiple_of} must divide the final length {final}")
-    if cp > 1 and cur.multiple_of % (2 * cp):
-        raise ValueError(f"curriculum.multiple_of: {cur.multiple_of} must be a multiple of 2*cp={2 * cp} for context parallel")
+    # Every curriculum length is a multiple of multiple_of, so it must pass the layout's
+    # sequence-length rule (check_layout asks the same one at each step).
+    from megatron_adapters.parallel_config import zigzag_chunks, zigzag_splits
+
+    if not zigzag_splits(cur.multiple_of, cp):
+        raise ValueError(f"curriculum.multiple_of: {cur.multiple_of} must be a multiple of 2*cp={zigzag_chunks(cp)} "
+                         f"(every curriculum length is cut into 2*cp zigzag chunks; parallel.cp={cp})")
     if cur.mode == "split" and seq_len % cur.multiple_of:
         raise ValueError(f"curriculum.multiple_of: {cur.multiple_of} must divide train.seq_len={seq_len} in split mode")
 

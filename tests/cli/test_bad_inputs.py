@@ -12,6 +12,7 @@ one line naming the file; --skip-bad-files skips and records it, with exit code 
 
 from __future__ import annotations
 
+import bz2
 import errno
 import gzip
 import hashlib
@@ -19,20 +20,19 @@ import io
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
-import pytest
-from conftest import genome_path, run_cli
-from support.data import read_fasta, write_fasta
-from launch.cli import main as cli_main
-import bz2
 import struct
 import subprocess
 import sys
 import zlib
-from support.data import manifest, pack_samples
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
+import pytest
+from conftest import genome_path, run_cli
+from support.data import manifest, pack_samples, read_fasta, write_fasta
+
+from launch.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "tiny.yaml"

@@ -36,7 +36,6 @@ LR = 0.003  # configs/tiny.yaml
 MIN_LR_RATIO = 0.5  # the default is 0.1
 BETAS = (0.8, 0.9)  # the default is (0.9, 0.95)
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_args(packs: Path, out: Path, *overrides: str) -> list:

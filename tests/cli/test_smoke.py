@@ -16,7 +16,6 @@ import math
 import pytest
 from conftest import run_cli
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def finite(x) -> bool:

@@ -57,13 +57,8 @@ def _pack(*args) -> None:
 
 
 @pytest.fixture(scope="module")
-def packs(tmp_path_factory):
-    from conftest import genome_path
-
-    d = tmp_path_factory.mktemp("packs")
-    _pack(genome_path("ecoli_k12_w3110.fasta.gz"), "--out", d / "train", "--seq-len", "128", "--val-fraction", "0")
-    _pack(genome_path("lambda_phage.fasta.gz"), "--out", d / "val", "--seq-len", "128", "--val-fraction", "1")
-    return d
+def packs(tiny_packs):
+    return tiny_packs
 
 
 def _submit_training(slurm: LocalSlurm, packs: Path, out: Path, **env) -> str:

@@ -16,26 +16,33 @@ holds torch costs several times more).
 
 from __future__ import annotations
 
+import argparse
 import hashlib
-import tarfile
-import numpy as np
-import pytest
-from conftest import run_cli
-from support.data import manifest, pack_samples, read_fasta, revcomp, write_fasta
+import importlib
 import io
 import os
 import shutil
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
-from support.data import forget_completed
+
+import numpy as np
+import pytest
+from conftest import run_cli
+from support.data import (
+    forget_completed,
+    manifest,
+    pack_samples,
+    read_fasta,
+    revcomp,
+    write_fasta,
+)
+
 from data_tools import shards
 from data_tools.pack import file_pass, shared_hashes
 from data_tools.pack import workers as pack_workers
-import argparse
-import importlib
-import subprocess
-import sys
 from launch.cli import COMMAND_MODULES
-
 
 SEQ_LEN, STRIDE, MIN_LEN, MAX_N = 3000, 2500, 700, 0.1
 

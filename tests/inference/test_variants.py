@@ -192,7 +192,7 @@ def test_bad_records_are_counted_and_reported_and_the_rest_scored(model_dir, sma
     lines = [
         f"chrA\t50\tgood_snv\t{a[49]}\t{'C' if a[49] != 'C' else 'G'}\t.\tPASS\t.",
         f"chrA\t100\tmismatch\t{wrong}\tT\t.\t.\t.",
-        f"chrZ\t10\tunknown\tA\tG\t.\t.\t.",
+        "chrZ\t10\tunknown\tA\tG\t.\t.\t.",
         f"chrA\t200\tsym\t{a[199]}\t<DEL>\t.\t.\t.",
         f"chrA\t210\tbnd\t{a[209]}\t{a[209]}]chrB:5]\t.\t.\t.",
         f"chrA\t300\ttoolong\t{long_del}\t{a[299]}\t.\t.\t.",

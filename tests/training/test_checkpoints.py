@@ -23,25 +23,27 @@ refused run leaves the checkpoint dir exactly as it was.
 from __future__ import annotations
 
 import contextlib
-import pickle
-import shutil
-from pathlib import Path
-import pytest
-from support import slow_saves_env
-import torch
-from hyena_glt import HyenaGLTConfig, HyenaGLTForCausalLM
 import errno
 import hashlib
 import json
 import os
+import pickle
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
+import pytest
+import torch
+from support import slow_saves_env
+from support.training import CONFIG, STEPS, metrics, train_argv
+
+from hyena_glt import HyenaGLTConfig, HyenaGLTForCausalLM
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -131,8 +133,7 @@ def test_finetune_resume_never_unpickles(tmp_path, capsys):
 def pretraining_checkpoint(tmp_path):
     """A one-process pretraining model, one optimizer step, saved with launch.checkpoint."""
     from launch.checkpoint import save_checkpoint
-    from launch.training.optimizer import AdamWSettings
-    from launch.training.optimizer import PlainOptimizer
+    from launch.training.optimizer import AdamWSettings, PlainOptimizer
     from megatron_adapters.build import build_parallel_model
     from megatron_adapters.groups import destroy_parallel, initialize_parallel
     from megatron_adapters.parallel_config import ParallelConfig
@@ -193,8 +194,6 @@ def test_no_pickle_loads_in_training_code():
 # Checkpoints you can trust: a locked checkpoint.dir, pruning by step number, verified
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIG = REPO / "configs" / "tiny.yaml"
-STEPS = 4
 MODEL = "model-tp00-pp00.safetensors"
 OPTIM = "optim-tp00-pp00.safetensors"
 
@@ -209,19 +208,9 @@ def _env(**extra) -> dict:
     return env
 
 
-def train_args(packs: Path, out: Path, *overrides: str) -> list[str]:
-    return ["train", "--config", str(CONFIG), f"train.steps={STEPS}", "train.seq_len=128", "train.global_batch_size=8",
-            "train.micro_batch_size=2", "train.warmup_steps=1", "train.eval_batches=2", f"data.train={packs / 'train'}",
-            f"data.val={packs / 'val'}", f"out_dir={out}", f"checkpoint.dir={out / 'ckpt'}", *overrides]
-
-
 def run(args: list[str], env: dict | None = None, prefix: list[str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*(prefix or _cli()), *args], cwd=REPO, env=env or _env(), capture_output=True, text=True,
                           timeout=600)
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
 def losses(out: Path) -> list[float]:
@@ -249,22 +238,15 @@ def intact(step_dir: Path) -> bool:
 
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def packs(tmp_path_factory):
-    from conftest import genome_path
-
-    d = tmp_path_factory.mktemp("packs")
-    for src, out, val in (("ecoli_k12_w3110.fasta.gz", "train", "0"), ("lambda_phage.fasta.gz", "val", "1")):
-        subprocess.run([*_cli(), "pack", str(genome_path(src)), "--out", str(d / out), "--seq-len", "128",
-                        "--val-fraction", val, "--progress", "none"], check=True, cwd=REPO, env=_env(),
-                       capture_output=True)
-    return d
+def packs(tiny_packs):
+    return tiny_packs
 
 
 @pytest.fixture(scope="module")
 def reference(packs, tmp_path_factory) -> list[float]:
     """The per-step losses of an uninterrupted run."""
     out = tmp_path_factory.mktemp("reference")
-    proc = run(train_args(packs, out))
+    proc = run(train_argv(packs, out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return losses(out)
 
@@ -273,7 +255,7 @@ def reference(packs, tmp_path_factory) -> list[float]:
 def base(packs, tmp_path_factory) -> Path:
     """A run stopped after 2 of 4 steps: ckpt/step_00000001, step_00000002, latest -> step 2."""
     out = tmp_path_factory.mktemp("base")
-    proc = run(train_args(packs, out, "train.exit_after_steps=2", "checkpoint.every=1", "checkpoint.keep=5"))
+    proc = run(train_argv(packs, out, "train.exit_after_steps=2", "checkpoint.every=1", "checkpoint.keep=5"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert latest(out) == "step_00000002" and intact(out / "ckpt" / "step_00000001")
     assert not (out / "ckpt" / "LOCK").exists()  # released at exit
@@ -408,7 +390,7 @@ class Case:
 
 
 def _train(*overrides: str):
-    return lambda c: train_args(c.packs, c.out, *overrides)
+    return lambda c: train_argv(c.packs, c.out, *overrides)
 
 
 CASES = [
@@ -440,7 +422,7 @@ CASES = [
          lambda c: [p.unlink() for p in [c.out / "ckpt" / "latest", *(c.out / "ckpt").glob("step_*/meta.json")]],
          _train(), 2, lambda c: ["no intact checkpoint", str(c.out / "ckpt" / "step_00000002" / "meta.json"), "missing"],
          _unchanged),
-    Case("bad-data-val-path-fails-at-start", None, lambda c: [*train_args(c.packs, c.out), "data.val=/nonexistent/val"],
+    Case("bad-data-val-path-fails-at-start", None, lambda c: [*train_argv(c.packs, c.out), "data.val=/nonexistent/val"],
          2, lambda c: ["data.val", "/nonexistent/val", "does not exist"], _nothing_trained),
     Case("convert-damaged-dir-falls-back", lambda c: _truncate(c.out / "ckpt" / "step_00000002" / MODEL),
          lambda c: ["convert", str(c.out / "ckpt"), str(c.out / "model")], 0,
@@ -497,7 +479,7 @@ def test_sigterm_checkpoint_holds_the_weights_of_its_step(packs, tmp_path):
     from launch.checkpoint import read_tensors
 
     out = tmp_path / "run"
-    proc = subprocess.Popen([*_cli(), *train_args(packs, out, "train.steps=500")], cwd=REPO, env=_env(),
+    proc = subprocess.Popen([*_cli(), *train_argv(packs, out, "train.steps=500")], cwd=REPO, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 240
@@ -516,7 +498,7 @@ def test_sigterm_checkpoint_holds_the_weights_of_its_step(packs, tmp_path):
     saved = out / "ckpt" / f"step_{step:08d}"
     assert intact(saved) and json.loads((saved / "meta.json").read_text())["step"] == step
     ref = tmp_path / "ref"
-    proc = run(train_args(packs, ref, "train.steps=500", f"train.exit_after_steps={step}"))
+    proc = run(train_argv(packs, ref, "train.steps=500", f"train.exit_after_steps={step}"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     want = ref / "ckpt" / f"step_{step:08d}"
     assert losses(ref) == losses(out)
@@ -547,7 +529,7 @@ def test_sigkill_during_saves_then_resume_gives_the_uninterrupted_losses(packs, 
     metrics.jsonl holds one line per step."""
     delay = 0.5
     out, ckpt = tmp_path / "run", tmp_path / "run" / "ckpt"
-    args = train_args(packs, out, "checkpoint.every=1", "checkpoint.keep=2")
+    args = train_argv(packs, out, "checkpoint.every=1", "checkpoint.keep=2")
     # (the step whose save is hit, seconds after its temporary folder appears)
     kills = [(2, 0.25), (3, 0.75), (4, 1.25), (4, 1.75)]
     seen = []
@@ -618,7 +600,7 @@ def test_not_enough_disk_for_one_checkpoint_fails_at_start(packs, tmp_path, monk
     from launch.training.config import TrainConfig
     from launch.training.startup import check_start, checkpoint_bytes
 
-    cfg = TrainConfig.load(CONFIG, train_args(packs, tmp_path)[3:])
+    cfg = TrainConfig.load(CONFIG, train_argv(packs, tmp_path)[3:])
     n, need = checkpoint_bytes(cfg.model)
     assert need == n * 12 and n > 100_000
     real = shutil.disk_usage

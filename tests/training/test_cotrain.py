@@ -49,9 +49,9 @@ def task_files(tmp_path_factory) -> Path:
 
 
 def task_overrides(d: Path) -> list[str]:
-    return [f"tasks.gc.kind=seq-cls", f"tasks.gc.train={d / 'gc_train.csv'}", f"tasks.gc.val={d / 'gc_val.csv'}",
+    return ["tasks.gc.kind=seq-cls", f"tasks.gc.train={d / 'gc_train.csv'}", f"tasks.gc.val={d / 'gc_val.csv'}",
             f"tasks.gc.weight={WEIGHTS['gc']}", "tasks.gc.global_batch_size=4",
-            f"tasks.coding.kind=token-cls", f"tasks.coding.train={d / 'coding_train.tsv'}",
+            "tasks.coding.kind=token-cls", f"tasks.coding.train={d / 'coding_train.tsv'}",
             f"tasks.coding.weight={WEIGHTS['coding']}"]
 
 

@@ -15,14 +15,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 from conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 4
 BF16_REL_TOL = 1e-3
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train(packs: Path, out: Path, precision: str) -> tuple[list[float], float, str]:

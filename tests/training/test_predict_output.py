@@ -11,7 +11,6 @@ from conftest import run_cli
 
 from hyena_glt import HyenaGLTConfig, HyenaGLTForCausalLM
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 TRAIN = ["ACGTACGTAC", "GGGCCCGGGC", "ATATATATAT", "GCGCGCATAT", "TTTTAAAACC", "CAGTCAGTCA"] * 3
 
