@@ -20,18 +20,16 @@ import torch
 from hyena_glt.config import HyenaGLTConfig
 from hyena_glt.fftconv import causal_conv, causal_conv_blocked, conv_path, causal_conv_fft, causal_conv_reference
 from hyena_glt.filters import ModalFilter
+from hyena_glt.kinds import KINDS, layer_kind
 from hyena_glt.layers import Block
 from hyena_glt.params import initialize
 
 from hyena_glt.modal import modal_conv, modal_path
 
-OPS = {"H": "long implicit (modal)", "D": "medium regularized", "S": "short explicit", "*": "attention (SDPA)"}
-
-
 def add_arguments(p) -> None:
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--lengths", default="4096,16384,65536", help="comma-separated sequence lengths")
-    p.add_argument("--ops", default="HDS*", help="layer codes to measure")
+    p.add_argument("--ops", default=None, help="layer codes to measure (default: every registered layer kind)")
     p.add_argument("--repeats", type=int, default=2, help="timed repetitions (after one warm-up)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads in each timed process (default: torch's own count, every core)")
@@ -120,11 +118,12 @@ def run(args) -> int:
     print(f"# bench ops: d_model={args.d_model}, batch 1, {args.dtype}, fwd+bwd, device={args.device} ({device_name}), "
           f"threads={args.threads}, repeats={args.repeats}", flush=True)
     print(f"{'layer':<26}{'L':>8}{'fwd+bwd ms':>12}{'peak MiB':>10}", flush=True)
+    codes = args.ops or "".join(KINDS)
     for L in lengths:
-        for code in args.ops:
+        for code in codes:
             r = _in_child(_layer_job, code, args.d_model, L, args.device, dtype, args.repeats, args.threads)
-            rows.append({"layer": code, "name": OPS[code], "L": L, **r})
-            print(f"{code + ' ' + OPS[code]:<26}{L:>8}{r['seconds'] * 1e3:>12.1f}{r['peak_mib']:>10.0f}", flush=True)
+            rows.append({"layer": code, "name": layer_kind(code).name, "L": L, **r})
+            print(f"{code + ' ' + layer_kind(code).name:<26}{L:>8}{r['seconds'] * 1e3:>12.1f}{r['peak_mib']:>10.0f}", flush=True)
     by = {(r["layer"], r["L"]): r["seconds"] for r in rows}
     ratios = []
     for L in lengths:

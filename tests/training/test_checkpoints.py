@@ -40,6 +40,7 @@ from typing import Callable
 
 import pytest
 import torch
+from conftest import run_cli
 from support import slow_saves_env
 from support.training import CONFIG, STEPS, metrics, train_argv
 
@@ -269,7 +270,7 @@ class Ctx:
     packs: Path
     reference: list[float]
     before: dict = field(default_factory=dict)  # snapshot of out before the command
-    proc: subprocess.CompletedProcess | None = None
+    proc: "Ran | subprocess.CompletedProcess | None" = None
     holder: subprocess.Popen | None = None
 
 
@@ -361,20 +362,30 @@ def _final_eval_failed_steps_kept(c: Ctx) -> None:
     assert latest(c.out) == "step_00000004" and intact(c.out / "ckpt" / "step_00000004")
 
 
-# A writer that fails with ENOSPC on the 2nd file of the next save (the model file written, the
-# optimizer file not): monkeypatched inside the CLI process.
-_ENOSPC = (
-    "import errno, sys\nimport launch.checkpoint.io as c\nreal, calls = c.save_file, []\n"
-    "def full(*a, **k):\n    calls.append(1)\n    if len(calls) == 2:\n"
-    "        raise OSError(errno.ENOSPC, 'No space left on device')\n    return real(*a, **k)\n"
-    "c.save_file = full\nfrom launch.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-)
-# An evaluation that fails (its data became unreadable mid-run), monkeypatched inside the CLI process.
-_EVAL_FAILS = (
-    "import sys\nimport launch.training.trainer as t\n"
-    "def fail(self):\n    raise ValueError('simulated: the validation data became unreadable')\n"
-    "t.Trainer.evaluate = fail\nfrom launch.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-)
+def _disk_fills(mp: pytest.MonkeyPatch) -> None:
+    """The tensor writer fails with ENOSPC on the 2nd file of the next save (the model file
+    written, the optimizer file not)."""
+    import launch.checkpoint.io as io
+
+    real, calls = io.save_file, []
+
+    def full(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, **k)
+
+    mp.setattr(io, "save_file", full)
+
+
+def _evaluation_fails(mp: pytest.MonkeyPatch) -> None:
+    """An evaluation that fails (its data became unreadable mid-run)."""
+    import launch.training.trainer as t
+
+    def fail(self):
+        raise ValueError("simulated: the validation data became unreadable")
+
+    mp.setattr(t.Trainer, "evaluate", fail)
 
 
 @dataclass
@@ -386,7 +397,7 @@ class Case:
     fragments: Callable[[Ctx], list[str]]
     after: Callable[[Ctx], None]
     from_base: bool = True
-    prefix: list[str] | None = None
+    patch: Callable[[pytest.MonkeyPatch], None] | None = None  # applied inside the command's process
 
 
 def _train(*overrides: str):
@@ -432,24 +443,36 @@ CASES = [
          lambda c: [str(c.out / "ckpt" / "step_00000002" / MODEL), "1000 bytes"], _nothing_converted),
     Case("failed-save-enospc", None, _train(), 2,
          lambda c: ["saving checkpoint step_00000004", "No space left on device", "as they were"], _failed_save,
-         prefix=[sys.executable, "-c", _ENOSPC]),
+         patch=_disk_fills),
     Case("final-evaluation-fails-after-the-final-save", None, _train(), 2,
          lambda c: ["saved checkpoint", "validation data became unreadable"], _final_eval_failed_steps_kept,
-         prefix=[sys.executable, "-c", _EVAL_FAILS]),
+         patch=_evaluation_fails),
 ]
 
 
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_damage_table(case: Case, packs, base, reference, tmp_path):
+def test_damage_table(case: Case, packs, base, reference, tmp_path, monkeypatch):
+    """Each command runs in this process (the CLI's own entry point, `run_cli`): a fresh
+    interpreter per case would cost ~4 s of imports, 20 times over."""
     out = tmp_path / "run"
     if case.from_base:
         shutil.copytree(base, out)
     c = Ctx(out=out, packs=packs, reference=reference)
+    monkeypatch.delenv("HYENA_GLT_DEBUG", raising=False)
     try:
         if case.damage:
             case.damage(c)
         c.before = snapshot(out)
-        c.proc = run(case.command(c), prefix=case.prefix)
+        if case.patch:
+            case.patch(monkeypatch)
+        c.proc = Ran(*run_cli(*case.command(c)))
     finally:
         if c.holder is not None:
             c.holder.kill()
