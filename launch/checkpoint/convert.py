@@ -31,8 +31,16 @@ def resolve_checkpoint(path: str | Path, kinds: tuple[str, ...] = ("model",), lo
     else the newest intact checkpoint of the checkpoint.dir `path` (by step number; `log` says
     which damaged ones were passed over and why). Only files whose names start with `kinds`
     are verified (what the caller reads)."""
-    from launch.checkpoint import (META, CheckpointError, check_checkpoint, damage_report, describe, find_intact, step_dirs,
-                             step_of)
+    from launch.checkpoint import (
+        META,
+        CheckpointError,
+        check_checkpoint,
+        damage_report,
+        describe,
+        find_intact,
+        step_dirs,
+        step_of,
+    )
 
     path = Path(path)
     if not path.exists():
@@ -61,13 +69,11 @@ TASKS_DIR = "tasks"  # where convert writes a co-trained checkpoint's multi-task
 
 
 def convert(ckpt: str | Path, out_dir: str | Path, log=_warn):
-    from hyena_glt import HyenaGLTConfig
-    from hyena_glt import build_causal_lm
+    from hyena_glt import HyenaGLTConfig, build_causal_lm
     from hyena_glt.heads import HyenaGLTMultiTask
     from hyena_glt.model import check_state_dict
-    from megatron_adapters.task_heads import is_head_parameter
-
     from launch.checkpoint import full_model_state, read_meta
+    from megatron_adapters.task_heads import is_head_parameter
 
     path = resolve_checkpoint(ckpt, ("model",), log)
     meta = read_meta(path)
@@ -105,7 +111,6 @@ def _verify(path: Path, out_dir: Path, meta: dict) -> float:
     if proc.returncode != 0:
         raise RuntimeError(f"--verify: the sharded model failed to run:\n{proc.stderr[-3000:]}")
     from hyena_glt import load_causal_lm
-
     from launch.checkpoint import read_tensors
 
     sharded = read_tensors(result)["logits"]
@@ -121,11 +126,10 @@ def _probe_worker(ckpt: str, result: str) -> None:
     import torch.distributed as dist
 
     from hyena_glt import HyenaGLTConfig
-    from megatron_adapters.groups import destroy_parallel, initialize_parallel
-    from megatron_adapters.parallel_config import ParallelConfig
-
     from launch.checkpoint import ShardReader, read_meta
     from megatron_adapters.build import build_parallel_model
+    from megatron_adapters.groups import destroy_parallel, initialize_parallel
+    from megatron_adapters.parallel_config import ParallelConfig
 
     meta = read_meta(ckpt)
     lay = meta["layout"]
@@ -161,12 +165,20 @@ def reshard(ckpt: str | Path, out_dir: str | Path, overrides: list[str], log=_wa
     import shutil
 
     from hyena_glt import HyenaGLTConfig
+    from launch.checkpoint import (
+        CheckpointError,
+        ShardReader,
+        commit,
+        new_folder,
+        read_meta,
+        step_dirs,
+        write_meta,
+        write_shards,
+    )
+    from launch.training.config import TrainConfig, apply_override
     from megatron_adapters.parallel_config import make_layout
     from megatron_adapters.state_dict import shard_state_dict
     from megatron_adapters.task_heads import is_head_parameter
-
-    from launch.checkpoint import CheckpointError, ShardReader, commit, new_folder, read_meta, step_dirs, write_meta, write_shards
-    from launch.training.config import TrainConfig, apply_override
 
     path = resolve_checkpoint(ckpt, ("model", "optim"), log)
     meta = read_meta(path)

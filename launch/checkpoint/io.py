@@ -15,8 +15,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-
-
 FORMAT = "hyena-glt-distributed-checkpoint"
 VERSION = 1
 META = "meta.json"

@@ -11,9 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
-
-
-from launch.checkpoint.io import CheckpointError, LOCK
+from launch.checkpoint.io import LOCK, CheckpointError
 
 
 def _process_start(pid: int) -> float | None:

@@ -8,8 +8,6 @@ import shutil
 import uuid
 from pathlib import Path
 
-
-
 from launch.checkpoint.io import LOCK, step_dirs, step_of
 
 

@@ -10,10 +10,22 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_adapters.sharding import tp_concat, tp_slice
+from launch.checkpoint.io import (
+    FORMAT,
+    META,
+    STATE,
+    CheckpointError,
+    file_record,
+    oneline,
+    open_tensors,
+    read_json,
+    read_tensors,
+    rng_file,
+    set_rng_state_tensors,
+    step_of,
+)
 from megatron_adapters.deepspeed_zero import is_zero3_partitioned
-
-from launch.checkpoint.io import CheckpointError, FORMAT, META, STATE, oneline, file_record, open_tensors, read_json, read_tensors, rng_file, set_rng_state_tensors, step_of
+from megatron_adapters.sharding import tp_concat, tp_slice
 
 
 def read_meta(path: str | Path) -> dict:

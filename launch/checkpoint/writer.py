@@ -12,8 +12,21 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-
-from launch.checkpoint.io import CheckpointError, FORMAT, META, STATE, VERSION, oneline, rng_file, rng_state_tensors, shard_file, step_name, write_json, write_tensors, write_text_atomic
+from launch.checkpoint.io import (
+    FORMAT,
+    META,
+    STATE,
+    VERSION,
+    CheckpointError,
+    oneline,
+    rng_file,
+    rng_state_tensors,
+    shard_file,
+    step_name,
+    write_json,
+    write_tensors,
+    write_text_atomic,
+)
 from launch.checkpoint.pruning import prune, remove_checkpoint
 
 

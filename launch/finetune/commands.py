@@ -136,10 +136,9 @@ def _finetune(args) -> int:
     from hyena_glt import HyenaGLTConfig
     from hyena_glt.heads import HyenaGLTMultiTask, TaskSpec, head_model_class
     from hyena_glt.model import CONFIG_NAME
-    from megatron_adapters.groups import destroy_parallel
-
     from launch.finetune.data import prepare_task
-    from launch.finetune.trainer import Finetuner, FinetuneJob, start_data_parallel
+    from launch.finetune.trainer import FinetuneJob, Finetuner, start_data_parallel
+    from megatron_adapters.groups import destroy_parallel
 
     _check_args(args)
     config_file = Path(args.model) / CONFIG_NAME
@@ -187,7 +186,6 @@ def _predict(args) -> int:
     from data_tools.labelled import LabelledRecord, read_labelled
     from hyena_glt.heads import TASKS_NAME, HyenaGLTMultiTask, TaskSpec, load_head_model, task_kind
     from hyena_glt.multitask import MultiTaskMetrics
-
     from launch.finetune.data import collate, encode_examples, fmt_metrics
 
     if not args.input and not args.sequence:

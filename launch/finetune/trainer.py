@@ -41,8 +41,14 @@ from torch import nn
 
 from hyena_glt.multitask import MultiTaskMetrics, TaskSampler
 from hyena_glt.params import param_seed
-
-from launch.checkpoint import latest_checkpoint, load_checkpoint, read_meta, read_state_tensors, save_checkpoint, write_json
+from launch.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_meta,
+    read_state_tensors,
+    save_checkpoint,
+    write_json,
+)
 from launch.finetune.data import collate, fmt_metrics
 from launch.training.metrics import progress
 from launch.training.optimizer import AdamWSettings, PlainOptimizer, lr_at

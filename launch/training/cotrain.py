@@ -30,7 +30,6 @@ import torch.distributed as dist
 from data_tools.permutation import epoch_picks
 from hyena_glt.heads import TaskSpec, task_spec_dict
 from hyena_glt.multitask import MultiTaskMetrics
-
 from launch.finetune.data import PreparedTask, collate, prepare_task
 
 LOSS_KEY = "task/{}/loss"

@@ -25,11 +25,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from megatron.core import parallel_state as ps
+from torch import nn
 
 from megatron_adapters import deepspeed_zero as zero
 from megatron_adapters.sharding import tp_split_dim
+
 
 @dataclass(frozen=True)
 class AdamWSettings:

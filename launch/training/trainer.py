@@ -31,13 +31,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from launch.training.curriculum import apply_curriculum, seq_len_at
-
+from launch.checkpoint.io import oneline
+from launch.training.config import TrainConfig
 from launch.training.cotrain import TaskBatches, check_resume, evaluate_tasks, load_tasks, step_record, task_meta
+from launch.training.curriculum import apply_curriculum, seq_len_at
 from launch.training.metrics import LN2, MetricsLog, progress
 from launch.training.optimizer import lr_at
-from launch.training.config import TrainConfig
-from launch.checkpoint.io import oneline
 from launch.training.startup import check_start
 
 
@@ -77,11 +76,10 @@ def _autocast_factory(precision: str, device: torch.device):
 class Trainer:
     def __init__(self, cfg: TrainConfig, log=None, tasks: dict | None = None):
         """`tasks`: cfg.tasks as cotrain.load_tasks read them (read here when not given)."""
-        from megatron_adapters.build import build_parallel_model
-        from megatron_adapters.groups import RankContext, initialize_parallel
-
         from launch.checkpoint import DirLock
         from launch.training.optimizer import build_optimizer
+        from megatron_adapters.build import build_parallel_model
+        from megatron_adapters.groups import RankContext, initialize_parallel
 
         self.cfg = cfg
         t = cfg.train
@@ -233,8 +231,17 @@ class Trainer:
         """Resume from the newest intact checkpoint of checkpoint.dir (collective). Checkpoints
         are verified (sizes and sha256 recorded in meta.json; the hashing is shared by the
         ranks); newer damaged ones are set aside as step_N.damaged and reported in one line."""
-        from launch.checkpoint import (CheckpointError, Problem, check_checkpoint, damage_report, find_intact,
-                                 load_checkpoint, missing_optimizer_files, read_meta, set_aside)
+        from launch.checkpoint import (
+            CheckpointError,
+            Problem,
+            check_checkpoint,
+            damage_report,
+            find_intact,
+            load_checkpoint,
+            missing_optimizer_files,
+            read_meta,
+            set_aside,
+        )
 
         c = self.cfg.checkpoint
         if not c.dir:

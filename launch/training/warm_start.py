@@ -45,9 +45,8 @@ def load_initial_weights(model_dir: str | Path, pm, opt, run_config,
     from safetensors import safe_open
 
     from hyena_glt.model import WEIGHTS_NAME, read_config
-    from megatron_adapters.sharding import tp_split_dim
-
     from launch.checkpoint import set_model_weights
+    from megatron_adapters.sharding import tp_split_dim
 
     model_dir = Path(model_dir)
     saved = read_config(model_dir, need_weights=True)

@@ -11,7 +11,6 @@ import json
 import tarfile
 from pathlib import Path
 
-
 COMPLEMENT = bytes.maketrans(b"ACGTUNRYKMSWBDHVacgtunrykmswbdhv", b"TGCAANYRMKSWVHDBtgcaanyrmkswvhdb")
 
 
