@@ -312,7 +312,7 @@ def run(args) -> int:
         result["training"] = {"threads": args.train_threads, "d_model": args.train_d_model, "seq_len": args.train_len, "batch": args.train_batch,
                               "seconds_each": args.train_seconds, "runs": train}
         # Every mode on one line: what it buys in speed next to what it costs in bits.
-        head = "".join(f"{f'speedup {L // 1024}K':>14}" for L in lengths)
+        head = "".join(f"{f'speedup {L // 1024}K' if L % 1024 == 0 else f'speedup {L}':>14}" for L in lengths)
         print(f"\n{'patching mode':<16}{head}{'val bits/base':>15}{'val mean patch':>16}", flush=True)
         by = {(r["model"], r["L"]): r for r in rows}
 
