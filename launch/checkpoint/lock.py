@@ -58,7 +58,9 @@ class DirLock:
         pid = os.getpid()
         return {"host": socket.gethostname(), "pid": pid, "pid_started": _process_start(pid),
                 "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "slurm_job": os.environ.get("SLURM_JOB_ID") or None,
-                "attempt": [os.environ.get("SLURM_RESTART_COUNT", "0"), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")]}
+                "attempt": [os.environ.get("SLURM_RESTART_COUNT", "0"), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")],
+                # torchrun's default --rdzv-id is "none": shared by unrelated runs, so no identity
+                "torchrun_run": None if os.environ.get("TORCHELASTIC_RUN_ID", "none") == "none" else os.environ["TORCHELASTIC_RUN_ID"]}
 
     def _read(self, path: Path | None = None):
         """The lock's JSON, None if it is unreadable, False if it is gone."""
@@ -85,6 +87,9 @@ class DirLock:
             return None
         if me["slurm_job"] and held.get("slurm_job") == me["slurm_job"] and held.get("attempt") != me["attempt"]:
             return f"an earlier attempt of SLURM job {me['slurm_job']}"
+        # torchrun --max-restarts: the restarted rank 0 may be on another host than the lost one
+        if me["torchrun_run"] and held.get("torchrun_run") == me["torchrun_run"] and held.get("attempt") != me["attempt"]:
+            return f"an earlier attempt of torchrun run {me['torchrun_run']}"
         return None
 
     def _take_over(self, held: dict) -> bool:
@@ -102,7 +107,7 @@ class DirLock:
         aside.unlink(missing_ok=True)
         return True
 
-    def acquire(self, log=print) -> "DirLock":
+    def acquire(self, log=print) -> DirLock:
         self.root.mkdir(parents=True, exist_ok=True)
         me = self._me()
         for _ in range(10):

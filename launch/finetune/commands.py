@@ -28,6 +28,7 @@ from launch.args import fraction, nonnegative_float, nonnegative_int, positive_f
 
 def register(sub) -> None:
     from hyena_glt.heads import TASK_KINDS
+    from launch.training.watchdog import DEFAULT_TIMEOUT as DEFAULT_PEER_TIMEOUT
 
     kinds = ", ".join(TASK_KINDS)
     p = sub.add_parser("finetune", help=f"fine-tune a task head ({kinds}) on a pretrained model",
@@ -51,6 +52,9 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if there is one")
     p.add_argument("--exit-after-steps", type=nonnegative_int, default=0,
                    help="save a checkpoint and exit after N steps of this run (then --resume)")
+    p.add_argument("--peer-timeout-s", type=nonnegative_float, default=DEFAULT_PEER_TIMEOUT,
+                   help="under torchrun: seconds without a heartbeat from a rank before every rank stops, naming it "
+                   "and its host (as train.peer_timeout_s); 0: off")
     p.set_defaults(func=_finetune)
 
     p = sub.add_parser("predict", help="predict with a fine-tuned model", description="Predict labels or values.")
@@ -132,12 +136,14 @@ def _check_args(args) -> None:
 
 def _finetune(args) -> int:
     import torch
+    import torch.distributed as dist
 
     from hyena_glt import HyenaGLTConfig
     from hyena_glt.heads import HyenaGLTMultiTask, TaskSpec, head_model_class
     from hyena_glt.model import CONFIG_NAME
     from launch.finetune.data import prepare_task
     from launch.finetune.trainer import FinetuneJob, Finetuner, start_data_parallel
+    from launch.training.watchdog import PeerWatchdog, describe_hosts, gather_hosts
     from megatron_adapters.groups import destroy_parallel
 
     _check_args(args)
@@ -156,7 +162,13 @@ def _finetune(args) -> int:
     fingerprint.update(model=str(Path(args.model).resolve()), max_len=args.max_len, dropout=args.dropout,
                        weight_decay=args.weight_decay)
     ctx = start_data_parallel(HyenaGLTConfig.from_json(config_file))
+    watchdog = None
     try:
+        if dist.get_world_size() > 1:
+            hosts = gather_hosts()
+            if ctx.rank == 0:
+                print(f"hosts: {describe_hosts(hosts)}", flush=True)
+            watchdog = PeerWatchdog.start(args.peer_timeout_s, hosts)
         torch.manual_seed(args.seed)
         say = partial(print, flush=True) if ctx.rank == 0 else (lambda *_: None)
         if args.tasks:
@@ -176,7 +188,13 @@ def _finetune(args) -> int:
         trainer = Finetuner(FinetuneJob(model, tasks, data, multi=bool(args.tasks), fingerprint=fingerprint), args, ctx)
         say(f"  {trainer.total} steps on {trainer.world} process(es), global batch {args.batch_size}")
         return trainer.run()
+    except Exception as e:
+        if watchdog is not None:
+            watchdog.failed(e)  # a lost peer: named by the watchdog; this rank's own error: told to the others
+        raise
     finally:
+        if watchdog is not None:
+            watchdog.close()
         destroy_parallel()
 
 

@@ -24,6 +24,7 @@ from hyena_glt import HyenaGLTConfig
 from hyena_glt.heads import TASK_KINDS
 from hyena_glt.kinds import CP_LONG_CONV_PATHS, CP_LONG_CONV_STATE
 from launch.training.curriculum import CurriculumConfig, validate_curriculum
+from launch.training.watchdog import DEFAULT_TIMEOUT as DEFAULT_PEER_TIMEOUT
 
 
 class _Section(BaseModel):
@@ -71,6 +72,9 @@ class TrainSection(_Section):
         None, description="start from this saved model directory's weights (convert, save_pretrained, import-evo2) "
         "with a fresh optimizer; the model section defaults to its config.json (see launch/training/warm_start.py)")
     max_nonfinite_steps: int = Field(5, ge=1, description="stop after this many NaN/inf losses in a row")
+    peer_timeout_s: float = Field(
+        DEFAULT_PEER_TIMEOUT, ge=0, description="seconds without a heartbeat from a rank (killed, hung, or cut off from the network) "
+        "before every rank stops with one line naming it and its host (launch/training/watchdog.py); 0: off")
     tensorboard: bool = False
     curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig, description="sequence-length warm-up")
 

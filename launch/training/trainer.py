@@ -33,11 +33,19 @@ import torch.distributed as dist
 
 from launch.checkpoint.io import oneline
 from launch.training.config import TrainConfig
-from launch.training.cotrain import TaskBatches, check_resume, evaluate_tasks, load_tasks, step_record, task_meta
+from launch.training.cotrain import (
+    TaskBatches,
+    check_resume,
+    evaluate_tasks,
+    load_tasks,
+    step_record,
+    task_meta,
+)
 from launch.training.curriculum import apply_curriculum, seq_len_at
 from launch.training.metrics import LN2, MetricsLog, progress
 from launch.training.optimizer import lr_at
 from launch.training.startup import check_start
+from launch.training.watchdog import PeerWatchdog, describe_hosts, gather_hosts
 
 
 class TrainingStopped(RuntimeError):
@@ -91,6 +99,11 @@ class Trainer:
         self.is_logger = self.rank == 0
         self._log = log or print
         self.lock = None
+        self.watchdog = None
+        if self.world > 1:  # first: a rank lost during minutes of start-up must not hang the others
+            self.hosts = gather_hosts()
+            self.log(self._hosts_line())
+            self.watchdog = PeerWatchdog.start(t.peer_timeout_s, self.hosts)
         # Now, not when training starts: a scheduler's signal during minutes of start-up must
         # save-and-exit at the first step, not kill the rank (SLURM's default action).
         self.preempt = _PreemptionFlag()
@@ -112,7 +125,9 @@ class Trainer:
             self.opt = build_optimizer(self.pm, cfg)
             self.autocast = _autocast_factory(t.precision, self.pm.device)
             self.loader = self._loader(cfg.data.train, "train")
-        except BaseException:
+        except BaseException as e:
+            if self.watchdog is not None and isinstance(e, Exception):
+                self.watchdog.failed(e)
             self.close()
             raise
         self.tokens = 0
@@ -122,8 +137,28 @@ class Trainer:
         if self.is_logger:
             self._log(msg)
 
+    def _hosts_line(self) -> str:
+        """Which host holds which ranks, and whether every tensor-parallel group is within one
+        host (its all-reduces, every layer, must not cross the network). Collective."""
+        line = f"hosts: {describe_hosts(self.hosts)}"
+        if self.layout.parallel.tp == 1:
+            return line
+        mine = dist.get_process_group_ranks(self.ctx.tp_group)
+        groups = [None] * self.world
+        dist.all_gather_object(groups, (mine, sorted({self.hosts[r] for r in mine})))
+        spanning = sorted({(tuple(r), tuple(h)) for r, h in groups if len(h) > 1})
+        if not spanning:
+            return f"{line}; every tensor-parallel group within one host"
+        worst = spanning[0]
+        return (f"{line}; warning: {len(spanning)} tensor-parallel group(s) span hosts (ranks "
+                f"{','.join(map(str, worst[0]))} on {', '.join(worst[1])}): their all-reduces cross the network every "
+                f"layer; start a multiple of parallel.tp={self.layout.parallel.tp} ranks per host")
+
     def close(self) -> None:
         """Release the checkpoint dir and the signal handlers (idempotent; every exit path)."""
+        if self.watchdog is not None:
+            self.watchdog.close()
+            self.watchdog = None
         if self.lock is not None:
             self.lock.release()
             self.lock = None
@@ -206,7 +241,11 @@ class Trainer:
     def _tidy_checkpoint_dir(self) -> list[str]:
         """Rank 0, under the lock: remove what interrupted saves left; refuse resume=false into a
         dir that holds checkpoints. Returns the checkpoint folder names, newest first."""
-        from launch.checkpoint import CheckpointError, remove_stale_temporaries, step_dirs
+        from launch.checkpoint import (
+            CheckpointError,
+            remove_stale_temporaries,
+            step_dirs,
+        )
 
         c = self.cfg.checkpoint
         root = Path(c.dir)
@@ -463,6 +502,10 @@ def run_train(config_path: str, overrides: list[str]) -> int:
     except TrainingStopped as e:
         print(f"hyena-glt train: {e}", file=sys.stderr)
         return 3
+    except Exception as e:
+        if trainer is not None and trainer.watchdog is not None:
+            trainer.watchdog.failed(e)  # a lost peer: named by the watchdog; this rank's own error: told to the others
+        raise
     finally:
         if trainer is not None:
             trainer.close()

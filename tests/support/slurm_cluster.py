@@ -1,23 +1,28 @@
-"""A real one-node SLURM cluster on localhost for the tests (tests/cluster/test_slurm.py).
+"""A real two-node SLURM cluster on one machine for the tests (tests/cluster/test_slurm.py):
+each node a host of a NetnsCluster (tests/support/netns_cluster.py), node1 198.18.0.1 and
+node2 198.18.0.2, so that a job's ranks on different nodes talk over a network, by name.
 
 Debian's slurmctld, slurmd and client commands are installed with apt-get when missing (CI
-starts from a fresh machine), then both daemons start as root from a slurm.conf in a
-temporary folder: 2 CPUs, free ports, auth/none (no munge daemon), no accounting, no cgroups
-(proctrack/linuxproc), and short requeue and scheduling delays so that a requeued job starts
-again within seconds instead of SLURM's default two minutes.
+starts from a fresh machine). slurmctld runs on node1 and one slurmd on each node, every daemon
+as root inside its host's namespace, from a slurm.conf in a temporary folder (a filesystem that
+every node shares, as on a cluster): 1 CPU per node, auth/none (no munge daemon), no
+accounting, no cgroups (proctrack/linuxproc), and short requeue and scheduling delays so that
+a requeued job starts again within seconds instead of SLURM's default two minutes. The client
+commands run on node1 too: the node names resolve only inside the namespaces.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
-from launch.net import free_port
+from .netns_cluster import NetnsCluster
+from .system_packages import Unavailable, ensure_installed
+
+__all__ = ["LocalSlurm", "Unavailable"]
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client")
 COMMANDS = ("slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "squeue", "scancel")
@@ -25,46 +30,41 @@ DONE_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_
                "BOOT_FAIL", "DEADLINE"}
 
 
-class Unavailable(Exception):
-    """SLURM cannot be installed or run on this machine (the reason is the message)."""
-
-
-def ensure_installed() -> None:
-    """apt-get install the SLURM packages unless their commands are already there."""
-    if all(shutil.which(c) for c in COMMANDS):
-        return
-    if os.geteuid() != 0:
-        raise Unavailable("SLURM is not installed and installing it needs root")
-    if not shutil.which("apt-get"):
-        raise Unavailable("SLURM is not installed and there is no apt-get to install it")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES]
-    if subprocess.run(install, env=env, capture_output=True, text=True).returncode != 0:
-        # A fresh machine may have no package lists yet.
-        update = subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, text=True)
-        if update.returncode != 0:
-            raise Unavailable(f"apt-get update failed (no network or no Debian registry): {update.stderr.strip()[-500:]}")
-        proc = subprocess.run(install, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"apt-get install {' '.join(PACKAGES)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    missing = [c for c in COMMANDS if not shutil.which(c)]
-    if missing:
-        raise RuntimeError(f"installed {' '.join(PACKAGES)} but {', '.join(missing)} is still missing")
-
-
 class LocalSlurm:
-    def __init__(self, root: Path, cpus: int = 2):
+    """`LocalSlurm(root)`: the cluster's files under `root`; `start()`, then `stop()` (which also
+    removes the namespaces). Raises Unavailable when SLURM cannot be installed or namespaces
+    cannot be made here."""
+
+    def __init__(self, root: Path, nodes: tuple[str, ...] = ("node1", "node2"), cpus: int = 1):
+        ensure_installed(PACKAGES, COMMANDS)
         self.root = root
-        self.node = socket.gethostname().split(".")[0]
+        self.net = NetnsCluster(list(nodes))
+        try:
+            self._configure(cpus)
+        except BaseException:
+            self.net.close()
+            raise
+
+    def _configure(self, cpus: int) -> None:
+        root = self.root
+        self.head = self.net.hosts[0]
+        self.nodes = [h.name for h in self.net.hosts]
         self.conf = root / "slurm.conf"
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
-        for d in ("state", "spool", "log"):
+        self.daemons: dict[str, subprocess.Popen] = {}
+        for d in ("state", "log", *(f"spool/{n}" for n in self.nodes)):
             (root / d).mkdir(parents=True, exist_ok=True)
+        # `ip netns exec` mounts a sysfs of the namespace over /sys, without /sys/fs/cgroup:
+        # slurmd's cgroup plugin must not look for a cgroup version there (autodetect fails).
+        # proctrack/linuxproc and task/none make no cgroups.
+        (root / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\nCgroupAutomount=no\n")
+        node_lines = "".join(f"NodeName={h.name} NodeAddr={h.addr} CPUs={cpus} State=UNKNOWN\n" for h in self.net.hosts)
+        # SLURM's own ports: every host is a namespace of its own, nothing else listens there.
         self.conf.write_text(f"""\
 ClusterName=hyenatest
-SlurmctldHost={self.node}(127.0.0.1)
-SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
+SlurmctldHost={self.head.name}({self.head.addr})
+SlurmctldPort=6817
+SlurmdPort=6818
 AuthType=auth/none
 CredType=cred/none
 # also the delay before a requeued job may start again (SLURM's default: 120 s)
@@ -72,11 +72,12 @@ AuthInfo=cred_expire=5
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+# one slurmd per node on a shared filesystem: %n is the node's name
+SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
+SlurmdLogFile={root}/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -87,53 +88,63 @@ MpiDefault=none
 ReturnToService=2
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
-# the node's CPUs as written here, whatever the machine has
+# the nodes' CPUs as written here, whatever the machine has
 SlurmdParameters=config_overrides
 KillWait=30
 MinJobAge=600
-NodeName={self.node} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
-PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
+{node_lines}PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE State=UP
 """)
 
     def cmd(self, *args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-        proc = subprocess.run(list(args), env=kw.pop("env", self.env), capture_output=True, text=True, timeout=60, **kw)
+        """A client command (sbatch, scontrol, ...) run on the head node."""
+        proc = self.head.run(list(args), env=kw.pop("env", self.env), timeout=60, **kw)
         if check and proc.returncode != 0:
             raise RuntimeError(f"{' '.join(args)}: exit {proc.returncode}\n{proc.stdout}{proc.stderr}")
         return proc
 
+    def _daemon(self, name: str, host, *args: str) -> None:
+        # In the foreground (-D): the NetnsCluster holds the process and kills it when closed. Its
+        # stderr repeats its log file, but also holds what went wrong before the log was opened.
+        with open(self.root / "log" / f"{name}.stderr", "w") as err:
+            self.daemons[name] = host.popen([name.split("@")[0], "-D", "-f", str(self.conf), *args], env=self.env,
+                                            stdout=subprocess.DEVNULL, stderr=err)
+
     def start(self, timeout: float = 60) -> None:
-        self.cmd("slurmctld", "-f", str(self.conf))
-        self.cmd("slurmd", "-f", str(self.conf), "-N", self.node)
+        self._daemon("slurmctld", self.head)
+        for h in self.net.hosts:
+            self._daemon(f"slurmd@{h.name}", h, "-N", h.name)
         deadline = time.time() + timeout
         while time.time() < deadline:
-            state = self.cmd("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.strip()
-            if state == "idle":
+            dead = [n for n, p in self.daemons.items() if p.poll() is not None]
+            if dead:
+                err = "".join((self.root / "log" / f"{n}.stderr").read_text(errors="replace")[-2000:] for n in dead)
+                raise RuntimeError(f"SLURM daemon(s) {', '.join(dead)} exited at start:\n{err}\n{self.logs()}")
+            states = self.cmd("sinfo", "-h", "-N", "-o", "%N %T", check=False).stdout.split()
+            if sorted(states[1::2]) == ["idle"] * len(self.nodes):
                 return
-            time.sleep(0.5)
-        raise RuntimeError(f"the SLURM node is not idle after {timeout:.0f} s (state {state!r}):\n{self.logs()}")
+            time.sleep(0.2)
+        raise RuntimeError(f"the SLURM nodes are not idle after {timeout:.0f} s ({states!r}):\n{self.logs()}")
 
     def stop(self) -> None:
-        # Jobs first: their processes would outlive the daemons.
-        jobs = self.cmd("squeue", "-h", "-o", "%A", check=False).stdout.split()
-        if jobs:
-            self.cmd("scancel", *jobs, check=False)
-            deadline = time.time() + 60
-            while self.cmd("squeue", "-h", "-o", "%A", check=False).stdout.strip() and time.time() < deadline:
-                time.sleep(0.5)
-        self.cmd("scontrol", "shutdown", check=False)
-        deadline = time.time() + 30
-        for name in ("slurmctld", "slurmd"):
-            pid = self._pid(name)
-            while pid and _alive(pid) and time.time() < deadline:
-                time.sleep(0.2)
-            if pid and _alive(pid):
-                os.kill(pid, signal.SIGKILL)
-
-    def _pid(self, name: str) -> int | None:
+        # (a controller that is gone, after a failed start, answers with a timeout: killed below all the same)
         try:
-            return int((self.root / f"{name}.pid").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
+            # Jobs first: their processes would outlive the daemons.
+            jobs = self.cmd("squeue", "-h", "-o", "%A", check=False).stdout.split()
+            if jobs:
+                self.cmd("scancel", *jobs, check=False)
+                deadline = time.time() + 60
+                while self.cmd("squeue", "-h", "-o", "%A", check=False).stdout.strip() and time.time() < deadline:
+                    time.sleep(0.5)
+            self.cmd("scontrol", "shutdown", check=False)
+            deadline = time.time() + 30
+            for p in self.daemons.values():
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            # whatever is left (a daemon that did not stop, a job step) is SIGKILLed with its host
+            self.net.close()
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-30:])
@@ -162,11 +173,3 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
             time.sleep(0.5)
         self.cmd("scancel", job_id, check=False)
         raise TimeoutError(f"SLURM job {job_id} still running after {timeout:.0f} s:\n{self.logs()}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

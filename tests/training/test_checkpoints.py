@@ -655,6 +655,37 @@ def test_lock_refuses_a_live_owner_and_is_released(tmp_path):
     assert not (tmp_path / "LOCK").exists()
 
 
+@pytest.mark.parametrize("env,held_env,taken", [
+    # a torchrun restart (--rdzv-id set) that put rank 0 on another host than the lost one
+    ({"TORCHELASTIC_RUN_ID": "job7", "TORCHELASTIC_RESTART_COUNT": "1"},
+     {"torchrun_run": "job7", "attempt": ["0", "0"]}, "an earlier attempt of torchrun run job7"),
+    # the same attempt: a live run elsewhere, refused
+    ({"TORCHELASTIC_RUN_ID": "job7", "TORCHELASTIC_RESTART_COUNT": "0"}, {"torchrun_run": "job7", "attempt": ["0", "0"]},
+     None),
+    # torchrun's default id "none" is shared by unrelated runs: no identity
+    ({"TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_RESTART_COUNT": "1"}, {"torchrun_run": None, "attempt": ["0", "0"]},
+     None),
+    ({"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "1"}, {"slurm_job": "42", "attempt": ["0", "0"]},
+     "an earlier attempt of SLURM job 42"),
+])
+def test_lock_of_an_earlier_attempt_on_another_host_is_taken_over(tmp_path, monkeypatch, env, held_env, taken):
+    from launch.checkpoint import CheckpointError, DirLock
+
+    for k in ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "SLURM_JOB_ID", "SLURM_RESTART_COUNT"):
+        monkeypatch.delenv(k, raising=False)
+    held = {"host": "lost-node", "pid": 1234, "pid_started": None, "slurm_job": None, "torchrun_run": None, **held_env}
+    (tmp_path / "LOCK").write_text(json.dumps(held))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    said = []
+    if taken is None:
+        with pytest.raises(CheckpointError, match="locked by a run on another host"):
+            DirLock(tmp_path).acquire(said.append)
+        return
+    DirLock(tmp_path).acquire(said.append).release()
+    assert len(said) == 1 and "stale lock of PID 1234 on lost-node" in said[0] and taken in said[0], said
+
+
 def test_save_failure_errno_is_one_line():
     from launch.checkpoint import oneline
 
