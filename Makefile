@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: env demo test test-fast bench clean gpu-check gpu-wheels
+.PHONY: env demo test test-fast fuzz bench clean gpu-check gpu-wheels
 
 env: $(STAMP)
 
@@ -17,6 +17,7 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml Makefile
 	DS_BUILD_OPS=0 $(PIP) install -q -c constraints.txt -r requirements.txt
 	$(PIP) install -q -c constraints.txt --no-deps -e .
 	$(PIP) install -q -c constraints.txt --no-deps vtx==1.1.0 einops rich==15.0.0
+	$(PIP) install -q -c constraints.txt hypothesis
 	@touch $(STAMP)
 
 demo: env
@@ -28,6 +29,12 @@ test: env
 # The inner loop: every test that starts no other process and takes seconds (< 3 min in all).
 test-fast: env
 	$(PY) -m pytest -q -m "not distributed and not slow"
+
+# The fuzz tests of every input parser (tests/fuzz/, docs/where-to-change.md "Fuzzing") with far
+# more examples than `make test` runs (25-60 per test there, derandomized, ~15 s in all):
+# HYPOTHESIS_PROFILE=fuzz, FUZZ_EXAMPLES (default 2000) random examples per test.
+fuzz: env
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/fuzz -p no:cacheprovider --timeout=3600
 
 bench: env
 	$(VENV)/bin/hyena-glt bench ops

@@ -64,19 +64,30 @@ def _is_fasta_name(p: Path) -> bool:
     return any(name.endswith(s + c) for s in FASTA_SUFFIXES for c in COMPRESSED_SUFFIXES)
 
 
-def _expand_one(spec: str, base: Path | None, origin: str) -> list[Path]:
-    p = Path(spec).expanduser()
+def _expand_one(spec: str, base: Path | None, origin: str, lists: tuple[str, ...] = ()) -> list[Path]:
+    if "\0" in spec:  # the OS takes no such name (and glob raises ValueError without saying where it came from)
+        raise FileNotFoundError(f"{origin}: a path with a NUL byte: {spec!r}")
+    try:
+        p = Path(spec).expanduser()
+    except RuntimeError:  # '~user/...' of no such user, or no home directory
+        raise FileNotFoundError(f"{origin}: cannot expand '~' in {spec!r} (no such user or no home directory)") from None
     if base is not None and not p.is_absolute():
         p = base / p
-    if p.is_dir():
-        found = sorted(q for q in p.rglob("*") if q.is_file() and _is_fasta_name(q) and not q.name.startswith("."))
-        if not found:
-            raise FileNotFoundError(f"{origin}: directory {p} holds no FASTA files ({', '.join(FASTA_SUFFIXES)}[.gz])")
-        return found
-    if p.exists():
-        if p.suffix.lower() in LIST_SUFFIXES:
-            return _expand_list(p)
-        return [p]
+    try:
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.is_file() and _is_fasta_name(q) and not q.name.startswith("."))
+            if not found:
+                raise FileNotFoundError(f"{origin}: directory {p} holds no FASTA files ({', '.join(FASTA_SUFFIXES)}[.gz])")
+            return found
+        if p.exists():
+            if p.suffix.lower() in LIST_SUFFIXES:
+                return _expand_list(p, lists)
+            return [p]
+    except OSError as e:
+        if e.errno is None:  # ours, above
+            raise
+        # a name too long, a directory that cannot be read, ...: named with where it came from
+        raise FileNotFoundError(f"{origin}: cannot use {str(p)[:200]!r}: {e.strerror}") from None
     if any(ch in spec for ch in "*?["):
         matches = sorted(Path(m) for m in glob.glob(str(p), recursive=True))
         files = [m for m in matches if m.is_file()]
@@ -86,7 +97,10 @@ def _expand_one(spec: str, base: Path | None, origin: str) -> list[Path]:
     raise FileNotFoundError(f"{origin}: no such file or directory: {p}")
 
 
-def _expand_list(path: Path) -> list[Path]:
+def _expand_list(path: Path, lists: tuple[str, ...] = ()) -> list[Path]:
+    key = os.path.realpath(path)
+    if key in lists:
+        raise BadInputError(path, "a list of input paths that names itself (directly or through another list)")
     out: list[Path] = []
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
@@ -95,7 +109,11 @@ def _expand_list(path: Path) -> list[Path]:
             except UnicodeDecodeError:
                 raise BadInputError(path, f"line {n}: not a text list of input paths (binary content)") from None
             if line and not line.startswith("#"):
-                out += _expand_one(line, path.parent, f"{path} line {n} (a {path.suffix} INPUT is read as a list of paths)")
+                out += _expand_one(line, path.parent, f"{path} line {n} (a {path.suffix} INPUT is read as a list of paths)",
+                                   (*lists, key))
+    if not out:
+        raise BadInputError(path, f"no input paths (a {path.suffix} INPUT is read as a list of paths; this one has only "
+                                  "blank and '#' lines)")
     return out
 
 
@@ -165,9 +183,9 @@ class _Scanner:
     def _check_id(self) -> None:
         """The record id (the header's first word) becomes text in the manifest and in every
         output: it must be UTF-8. The rest of the header is not read."""
+        if not self.header or self.header[0] in b" \t\r":
+            raise ValueError(f"line {self.line}: a header without a record id (the id is the word right after '>')")
         words = bytes(self.header).split(None, 1)
-        if not words:
-            return
         try:
             words[0].decode("utf-8")
         except UnicodeDecodeError as e:
@@ -240,6 +258,8 @@ class _Scanner:
         self.bases += len(region) - region.count(b"\n") - region.count(b"\r")
 
     def finish(self) -> None:
+        if self.in_header:  # the last line is a header without a line end
+            self._check_id()
         if self.records == 0:
             raise ValueError("empty file (no FASTA records)")
 
@@ -356,6 +376,8 @@ def read_records(path: Path, wait_check: Callable[[], FileCheck]) -> Iterator[Re
         for n, (name, seq) in enumerate(pyfastx.Fastx(str(path), format="fasta", uppercase=False), 1):
             raw = seq.encode("ascii")
             del seq  # a chromosome is held once, as bytes, not also as str
+            if b"\r" in raw:  # kseq keeps a CR that is not at the end of a line ('\r\n' alone, 'A\rC')
+                raw = raw.replace(b"\r", b"")
             bases += len(raw)
             yield Record(n - 1, name, raw, classify(raw))
     except Exception as e:  # pyfastx raises RuntimeError, UnicodeDecodeError, ... on bad files
@@ -505,6 +527,8 @@ class _Parser:
             self.name = (header if cut is None else header[: cut.start()]).decode("utf-8")
         except UnicodeDecodeError:
             raise _Unreadable("a record id that is not UTF-8") from None
+        if not self.name:
+            raise _Unreadable("a header without a record id")
         self.header = bytearray()
         self.in_header = False
 

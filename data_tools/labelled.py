@@ -105,15 +105,19 @@ def _read_fasta(f, path: Path) -> list[LabelledRecord]:
     return out
 
 
-def _read_table(f, path: Path, delimiter: str) -> list[LabelledRecord]:
+def _read_table(f: io.StringIO, path: Path, delimiter: str) -> list[LabelledRecord]:
     reader = csv.reader(f, delimiter=delimiter)
     rows = []
+    limit = csv.field_size_limit()  # 128 KiB by default: a longer sequence is no error
+    csv.field_size_limit(max(limit, len(f.getvalue()) + 1))
     try:
         for r in reader:
             if r and any(c.strip() for c in r):
                 rows.append((reader.line_num, r))
     except csv.Error as e:
         raise ValueError(f"{path}:{reader.line_num}: not a readable {'TSV' if delimiter == chr(9) else 'CSV'} line ({e})") from None
+    finally:
+        csv.field_size_limit(limit)
     if not rows:
         return []
     head = [c.strip().lower() for c in rows[0][1]]

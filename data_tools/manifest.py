@@ -3,21 +3,34 @@
 Each job writes `DIR/.pack/job-NNNNN.json` when it is done. Whoever sees all of them
 agree (same options, same input list) merges them: the last job to finish, or
 `hyena-glt pack --finalize DIR`. Merging is a pure function of the job manifests and the
-result is written atomically, so two jobs racing to merge write the same bytes. Under
-mpiexec rank 0 merges the job manifests gathered over MPI instead (`write_merged`).
+result is written atomically (a temporary file renamed into place). Under mpiexec rank 0
+merges the job manifests gathered over MPI instead (`write_merged`).
+
+What the jobs of a pack share (`options.json`, `manifest.json`) is changed only under the
+pack's state lock, `DIR/.pack/LOCK` (`state_lock`), held for a moment: to check the options
+and, as a job starts, to remove `manifest.json` and that job's manifest (data_tools/pack/
+lock.py: `start_jobs`); to merge. So two mergers never interleave, and a merge never reads a
+job manifest that a job starting again is about to remove: a job killed at any moment leaves
+the old complete output or no `manifest.json` at all. Each job's own files are under its job
+lock (data_tools/pack/lock.py).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
+from .dirlock import DirLock
+from .holdout import EmptySplitError, empty_splits, merge_holdout
 from .shards import atomic_write
 
 FORMAT = "hyena-glt-pack/1"
 MANIFEST = "manifest.json"
 STATE_DIR = ".pack"
+STATE_LOCK = "LOCK"
+STATE_LOCK_WAIT_S = 60.0  # it is held for a moment (a merge: well under a second); a live holder is waited for
 
 
 def state_dir(out: Path) -> Path:
@@ -26,6 +39,25 @@ def state_dir(out: Path) -> Path:
 
 def job_manifest_path(out: Path, job: int) -> Path:
     return state_dir(out) / f"job-{job:05d}.json"
+
+
+def state_lock(out: Path, log=None) -> DirLock:
+    """The pack's state lock (`DIR/.pack/LOCK`), taken: waits up to STATE_LOCK_WAIT_S for a live
+    holder, takes over a stale one (said through `log`, default stderr). Use as `with
+    state_lock(out): ...`."""
+    out = Path(out)
+    if log is None:
+        def log(message: str) -> None:
+            print(f"pack: {message}", file=sys.stderr, flush=True)
+    return DirLock(out, state_dir(out) / STATE_LOCK, "--out", f"--out {out}").acquire(log, wait=STATE_LOCK_WAIT_S)
+
+
+def remove_shared_temporaries(out: Path) -> None:
+    """The temporary files of writes to manifest.json and options.json that a killed process
+    left. Only under the state lock: no other process is writing them then."""
+    out = Path(out)
+    for p in (*out.glob(f".{MANIFEST}.*.tmp"), *state_dir(out).glob(".options.json.*.tmp")):
+        p.unlink(missing_ok=True)
 
 
 def dumps(obj) -> bytes:
@@ -42,6 +74,9 @@ def load_manifest(out: str | Path) -> dict:
         missing = ""
         if state_dir(out).is_dir():
             _, missing_jobs, reason = _collect(Path(out))
+            if reason is None and not missing_jobs:
+                reason = ("every job finished, but manifest.json was not written (a split the pack was asked for "
+                          f"is empty?); hyena-glt pack --finalize {out} writes it or says why")
             missing = f" ({reason or 'jobs ' + ', '.join(map(str, missing_jobs)) + ' have not finished'})"
         raise FileNotFoundError(f"{path} not found: not a finished pack{missing}")
     try:
@@ -163,7 +198,7 @@ def merge(jobs: list[dict]) -> dict:
         for split, n in j["records"].items():
             totals[split]["records"] += n
     ok = [e for e in inputs_list if e["status"] == "ok"]
-    return {
+    merged = {
         "format": FORMAT,
         "num_jobs": first["num_jobs"],
         "options": first["options"],
@@ -175,20 +210,44 @@ def merge(jobs: list[dict]) -> dict:
         "windows": windows,
         "dropped": dropped,
     }
+    holdouts = [j["holdout"] for j in jobs if j.get("holdout")]
+    if holdouts:  # part of records held out (absent otherwise, so such packs keep their bytes)
+        merged["holdout"] = merge_holdout(holdouts)
+    return merged
 
 
-def try_finalize(out: Path, require: bool = False) -> dict | None:
+def refusal(merged: dict, jobs: list[dict]) -> str | None:
+    """Why manifest.json must not be written (a split the jobs were asked for on their
+    command line is empty: `holdout.empty_splits`), or None."""
+    if not any(j.get("empty_split") == "refuse" for j in jobs):
+        return None
+    problems = empty_splits(merged)
+    if not problems:
+        return None
+    return ("; ".join(problems) + "; so manifest.json was not written: rerun into an empty --out, or add "
+            "--allow-empty-split to this command to write it anyway")
+
+
+def try_finalize(out: Path, require: bool = False, allow_empty_split: bool = False) -> dict | None:
     """Merge the job manifests into DIR/manifest.json if every job is done. Returns the
-    merged manifest, or None (or raises ValueError when `require`) if it cannot be made."""
+    merged manifest, or None (or raises ValueError when `require`) if it cannot be made.
+    EmptySplitError if a split the jobs were asked for is empty (`refusal`), unless
+    `allow_empty_split`."""
     out = Path(out)
-    jobs, missing, reason = _collect(out)
-    if reason is None and missing:
-        reason = f"jobs {', '.join(map(str, missing))} of {jobs[0]['num_jobs']} have not finished"
-    if reason:
+    if not state_dir(out).is_dir():  # not a pack: nothing to lock
+        jobs, missing, reason = _collect(out)
         if require:
             raise ValueError(f"{out}: cannot finalize: {reason}")
         return None
-    return _write(out, jobs)
+    with state_lock(out):  # one merger at a time, never beside a job starting again
+        jobs, missing, reason = _collect(out)
+        if reason is None and missing:
+            reason = f"jobs {', '.join(map(str, missing))} of {jobs[0]['num_jobs']} have not finished"
+        if reason:
+            if require:
+                raise ValueError(f"{out}: cannot finalize: {reason}")
+            return None
+        return _write(out, jobs, allow_empty_split)
 
 
 def write_merged(out: Path, jobs: list[dict]) -> dict:
@@ -199,10 +258,15 @@ def write_merged(out: Path, jobs: list[dict]) -> dict:
         reason = f"got the manifests of jobs {[j['job_index'] for j in jobs]}, not of jobs 0-{jobs[0]['num_jobs'] - 1}"
     if reason:
         raise ValueError(f"{out}: cannot merge the job manifests: {reason}")
-    return _write(Path(out), jobs)
+    with state_lock(out):
+        return _write(Path(out), jobs)
 
 
-def _write(out: Path, jobs: list[dict]) -> dict:
+def _write(out: Path, jobs: list[dict], allow_empty_split: bool = False) -> dict:
     merged = merge(jobs)
+    reason = None if allow_empty_split else refusal(merged, jobs)
+    if reason:
+        raise EmptySplitError(reason)
+    remove_shared_temporaries(out)
     atomic_write(out / MANIFEST, dumps(merged))
     return merged

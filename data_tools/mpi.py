@@ -1,7 +1,8 @@
 """`hyena-glt pack` under `mpiexec`: the ranks agree through MPI, not the shared file system.
 
-Two things need agreement. The plan: rank 0 creates --out, checks that it holds no pack
-made with other options, finds the inputs and reads their sizes, and sends the result to
+Two things need agreement. The plan: rank 0 creates --out, locks every rank's job (pack/
+lock.py: a run of any of them elsewhere refuses this one, and this one refuses later ones),
+checks that it holds no pack made with other options, finds the inputs and reads their sizes, and sends the result to
 every rank, once every rank has shown (a digest, gathered to all) that it was started with
 the same inputs, --out and options; so no rank can see another directory listing (a file
 system that lags) and plan other work. The merged manifest: rank 0 gathers every rank's
@@ -26,6 +27,7 @@ import os
 import time
 from pathlib import Path
 
+from .holdout import EmptySplitError
 from .manifest import write_merged
 
 _LAUNCHER_VARIABLES = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
@@ -95,7 +97,8 @@ class MpiRanks:
         """Gather every rank's job manifest (None and an error message for a failed job) to
         rank 0, which writes manifest.json (`manifest.write_merged`) if every job succeeded.
         Returns (the merged manifest on rank 0, else None; the failed jobs with their
-        errors, on every rank)."""
+        errors, on every rank; [(None, why)] when every job succeeded but a split the pack
+        was asked for is empty, so manifest.json was not written)."""
         self._wait_for_all()
         gathered = self.comm.gather((job_manifest, error))
         merged, failed = None, None
@@ -104,6 +107,8 @@ class MpiRanks:
             if not failed:
                 try:
                     merged = write_merged(out, [m for m, _ in gathered])
+                except EmptySplitError as e:  # no job failed: the pack is refused (rank None)
+                    failed = [(None, str(e))]
                 except ValueError as e:
                     failed = [(0, str(e))]
         return merged, self.comm.bcast(failed)

@@ -33,6 +33,15 @@ def print_stats(out: str, verify: bool = False, stream=None) -> int:
     p(f"pack {out}: {it['files']} input file(s), {it['records']} records, {it['bases'] / 1e6:.3f} Mbp; {m['num_jobs']} job(s)")
     p(f"options: seq_len {o['seq_len']}, stride {o['stride']}, reverse_complement {o['reverse_complement']}, "
       f"max_n_fraction {o['max_n_fraction']}, min_len {o['min_len']}, val {o['val_fraction']}, test {o['test_fraction']}, seed {o['seed']}")
+    h = m.get("holdout")
+    if h and h["mode"] == "position":
+        p(f"hold-out: by position, a block of {o['val_fraction']} (val) / {o['test_fraction']} (test) of each record's "
+          f"windows; {h['overlap_windows']} window(s) each side of a block dropped")
+    elif h:
+        r = h["val_regions"]
+        missing = f", {len(r['records_not_found'])} not in the inputs" if r["records_not_found"] else ""
+        p(f"hold-out: val = windows overlapping {r['path']} ({r['intervals']} intervals, {r['bases']} bases on "
+          f"{r['records']} records{missing}); {h['overlap_windows']} window(s) each side dropped")
     p(f"{'split':<6} {'shards':>7} {'samples':>10} {'windows':>10} {'records':>8} {'Mbp':>10}")
     for split, t in m["totals"].items():
         p(f"{split:<6} {t['shards']:>7} {t['samples']:>10} {t['windows']:>10} {t['records']:>8} {t['bases'] / 1e6:>10.3f}")

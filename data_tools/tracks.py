@@ -24,7 +24,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -117,8 +119,8 @@ class Tracks:
             else:
                 with np.load(path, allow_pickle=False) as z:
                     values = z[record_id]
-        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
-            raise BadTrackError(path, f"not a readable numpy file ({e})") from None
+        except Exception as e:  # a damaged header or archive: numpy and zipfile raise many kinds (SyntaxError, ...)
+            raise BadTrackError(path, f"not a readable numpy file ({_one_line(e)})") from None
         return _checked(path, record_id, length, values), path
 
     def sha256(self, path: Path) -> str:
@@ -136,8 +138,14 @@ def _npz_names(path: Path) -> list[str]:
     try:
         with zipfile.ZipFile(path) as z:
             return [n[: -len(".npy")] for n in z.namelist() if n.endswith(".npy")]
-    except (zipfile.BadZipFile, OSError) as e:
-        raise BadTrackError(path, f"not a readable .npz file ({e})") from None
+    except Exception as e:  # zipfile raises BadZipFile, ValueError, NotImplementedError, ... for a damaged archive
+        raise BadTrackError(path, f"not a readable .npz file ({_one_line(e)})") from None
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception as one short line (numpy's header errors span lines and quote the header)."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
 
 
 def _checked(path: Path, record_id: str, length: int, values) -> np.ndarray:
@@ -170,7 +178,7 @@ def _read_bedgraph(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.nda
         data = path.read_bytes()
         if data[:2] == b"\x1f\x8b":
             data = gzip.decompress(data)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise BadTrackError(path, f"cannot read ({e})") from None
     skip = 0
     for line in data.split(b"\n", 64)[:64]:
@@ -178,12 +186,18 @@ def _read_bedgraph(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.nda
             break
         skip += 1
     try:
-        chroms = np.loadtxt(io.BytesIO(data), usecols=0, dtype="S", skiprows=skip, comments="#", ndmin=1)
-        rows = np.loadtxt(io.BytesIO(data), usecols=(1, 2, 3), skiprows=skip, comments="#", ndmin=1,
-                          dtype=[("start", "<i8"), ("end", "<i8"), ("value", "<f8")])
+        with warnings.catch_warnings():  # blank lines or no data at all: numpy warns (an empty file is refused below)
+            warnings.filterwarnings("ignore", message="(Input line|loadtxt: input contained no data)",
+                                    category=UserWarning)
+            chroms = np.loadtxt(io.BytesIO(data), usecols=0, dtype="S", skiprows=skip, comments="#", ndmin=1)
+            rows = np.loadtxt(io.BytesIO(data), usecols=(1, 2, 3), skiprows=skip, comments="#", ndmin=1,
+                              dtype=[("start", "<i8"), ("end", "<i8"), ("value", "<f8")])
     except ValueError as e:
         raise BadTrackError(path, f"not a bedGraph file (chrom start end value per line, after {skip} header "
                                   f"line(s)): {e}") from None
+    if not len(chroms):
+        raise BadTrackError(path, "no intervals (expected 'chrom start end value' lines after any track/browser/# "
+                                  "header lines)")
     out = {}
     names, inverse = np.unique(chroms, return_inverse=True)
     for k, name in enumerate(names):

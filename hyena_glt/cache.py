@@ -8,7 +8,10 @@ built-in kinds:
   s_t = exp(-rate) s_{t-1} + z_t (the long filter in modal form has an exact recurrence).
 * attention: `k`, `v` (B, heads, capacity, head_dim), already rotated at their positions,
   `pos` (B, capacity) the global position of each key (PAD_POSITION for padding and unused
-  capacity) and `n` the slots in use (the capacity doubles as keys arrive).
+  capacity) and `n` the slots in use (the capacity doubles as keys arrive, unless the cache
+  was made with the sequence's length as `capacity`). K/V are kept in the model's dtype, or
+  in `kv_dtype` (e.g. bfloat16: half the memory; attention casts each block of keys back to
+  the model's dtype as it reads it).
 Input features: `motif` the motif branch's last inputs; `seq_type` (B,) of the batch.
 `lengths` (B,) counts the positions each row has consumed: the next one is at `lengths`.
 `kinds` maps each block to its kind's code: how its entry stacks (`stack`) is the kind's layout.
@@ -36,8 +39,21 @@ class InferenceCache:
     kinds: dict[int, str] = field(default_factory=dict)  # block index -> its layer kind's code
 
     @classmethod
-    def empty(cls, batch_size: int, seq_type: torch.Tensor | None = None, device=None) -> "InferenceCache":
-        return cls(torch.zeros(batch_size, dtype=torch.long, device=device), seq_type=seq_type)
+    def empty(cls, batch_size: int, seq_type: torch.Tensor | None = None, device=None, *, config=None,
+              kv_dtype: torch.dtype | None = None, capacity: int = 0) -> InferenceCache:
+        """A cache with nothing consumed yet. With `config` (the model's) and a `kv_dtype` or a
+        `capacity`, every K/V block's entry (layout CACHE_KV) is made up front: K/V stored in
+        `kv_dtype` (None: float32), with room for `capacity` positions (a stream that knows its
+        length never regrows nor over-allocates its K/V). Without them, entries are made by
+        the first chunk, in the model's dtype, and grow by doubling."""
+        cache = cls(torch.zeros(batch_size, dtype=torch.long, device=device), seq_type=seq_type)
+        if config is not None and (kv_dtype is not None or capacity):
+            for i, code in enumerate(config.layers):
+                if layer_kind(code).cache == CACHE_KV:
+                    cache.layers[i] = empty_kv(layer_kind(code).cache_state(config, capacity), batch_size,
+                                               kv_dtype or torch.float32, device)
+                    cache.kinds[i] = code
+        return cache
 
     @property
     def batch_size(self) -> int:
@@ -88,6 +104,30 @@ def _stack_kv(entries: list[dict]) -> dict:
         vs.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
         ps.append(torch.nn.functional.pad(p, (pad, 0), value=PAD_POSITION))
     return {"k": torch.cat(ks), "v": torch.cat(vs), "pos": torch.cat(ps), "n": longest}
+
+
+def empty_kv(shapes: dict[str, tuple[int, ...]], batch_size: int, dtype: torch.dtype, device=None) -> dict:
+    """An empty K/V entry of `shapes` (a CACHE_KV kind's `cache_state` at the capacity wanted):
+    keys and values in `dtype`, every slot's position PAD_POSITION, `n` 0 slots in use."""
+    entry: dict = {"n": 0}
+    for name, shape in shapes.items():
+        if name == "pos":
+            entry[name] = torch.full((batch_size, *shape), PAD_POSITION, dtype=torch.long, device=device)
+        else:
+            entry[name] = torch.zeros((batch_size, *shape), dtype=dtype, device=device)
+    return entry
+
+
+KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def kv_dtype(name: str | None, model_dtype: torch.dtype) -> torch.dtype:
+    """The K/V cache dtype for a `--kv-dtype` name: `auto` (or None) is the model's dtype."""
+    if name in (None, "auto"):
+        return model_dtype
+    if name not in KV_DTYPES:
+        raise ValueError(f"--kv-dtype: one of auto, {', '.join(KV_DTYPES)}; got {name!r}")
+    return KV_DTYPES[name]
 
 
 _STACK = {CACHE_RECURRENT: _stack_recurrent, CACHE_KV: _stack_kv}

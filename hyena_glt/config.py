@@ -14,7 +14,13 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .kinds import STAGE_SEPARATOR, layer_kind, registered_codes, unknown_code_hint, unknown_codes
+from .kinds import (
+    STAGE_SEPARATOR,
+    layer_kind,
+    registered_codes,
+    unknown_code_hint,
+    unknown_codes,
+)
 from .tokenizer import BYTE_VOCAB_SIZE
 
 # One character per layer, each a layer kind registered in hyena_glt.kinds (S, D, H, * built
@@ -46,23 +52,25 @@ class HyenaGLTConfig(BaseModel):
 
     pattern: str = Field("SDH*", description="one layer-kind code per layer (hyena_glt.kinds: S, D, H, * and "
                          "plug-ins' codes); '|' = pipeline stage boundary")
-    d_model: int = Field(256, gt=0)
-    num_heads: int = Field(4, gt=0)
+    d_model: int = Field(256, gt=0, description="hidden size: the width of every layer's input and output")
+    num_heads: int = Field(4, gt=0, description="attention heads of the '*' layers")
     vocab_size: int = Field(BYTE_VOCAB_SIZE, description="at least the byte tokenizer's 260 ids")
     max_seq_len: int = Field(8192, gt=0, description="longest context the model is meant to see")
     mlp_ratio: float = Field(8 / 3, gt=0, description="gated-MLP hidden size = round(mlp_ratio * d_model)")
     mlp_multiple_of: int = Field(16, gt=0, description="MLP hidden size is rounded up to this multiple")
     # Hidden quirk made explicit: one trainer ran every MLP after layer 1 with an identity activation.
-    mlp_activation: str = Field("silu", description=_one_of(MLP_ACTIVATIONS))
-    short_filter_len: int = Field(7, gt=0)
-    featurizer_len: int = Field(3, gt=0)
-    medium_filter_len: int = Field(128, gt=0)
-    modal_order: int = Field(16, gt=0)
+    mlp_activation: str = Field("silu", description="activation of the gated MLPs (layer 0: first_mlp_activation "
+                                "when set)")
+    short_filter_len: int = Field(7, gt=0, description="taps of the S layers' short causal filter")
+    featurizer_len: int = Field(3, gt=0, description="taps of the short causal convolution on the q, k, v "
+                                "projections of every Hyena (S, D, H) layer")
+    medium_filter_len: int = Field(128, gt=0, description="taps of the D layers' medium causal filter")
+    modal_order: int = Field(16, gt=0, description="decaying modes per channel of the H layers' long (modal) filter")
     num_filter_groups: int = Field(16, gt=0, description="channel groups sharing an S/D filter")
     medium_decay_min: float = Field(1e-2, gt=0, description="slowest per-channel decay rate of D filters")
     medium_decay_max: float = Field(1.0, gt=0, description="fastest per-channel decay rate of D filters")
-    rope_base: float = Field(10000.0, gt=0)
-    norm_eps: float = Field(1e-6, gt=0)
+    rope_base: float = Field(10000.0, gt=0, description="RoPE frequency base of the attention layers")
+    norm_eps: float = Field(1e-6, gt=0, description="RMSNorm epsilon (where it is added: norm_eps_placement)")
     # Architecture options, each with this project's behaviour as the default; every Evo 2
     # model is expressible with them (docs/evo2.md).
     norm_eps_placement: str = Field(
@@ -77,15 +85,19 @@ class HyenaGLTConfig(BaseModel):
         1.0, gt=0, description="RoPE positions are divided by this (position interpolation for longer context)")
     bos_token: bool = Field(
         True, description="inference starts every sequence with BOS (False: Evo 2 models, trained on raw bytes)")
-    init_std: float = Field(0.02, gt=0)
-    tie_embeddings: bool = True
+    init_std: float = Field(0.02, gt=0, description="std of the normal initialisation of the embeddings and projections "
+                            "(the blocks' output projections: init_std / sqrt(2 * layers))")
+    tie_embeddings: bool = Field(True, description="the output layer reuses the input embedding matrix "
+                                 "(False: a separate lm_head)")
     soft_mask_weight: float = Field(0.1, ge=0, le=1, description="loss weight of lower-case (soft-masked) bases")
     # Genomic adaptations, each off by default.
     seq_type_embedding: bool = Field(False, description="add a learned DNA/RNA/protein/mixed embedding")
     motif_branch: bool = Field(False, description="causal multi-width motif convolution on the embeddings")
-    motif_kernel_sizes: list[int] = Field(default_factory=lambda: [6, 10, 16])
+    motif_kernel_sizes: list[int] = Field(default_factory=lambda: [6, 10, 16],
+                                          description="widths of the motif branch's convolutions (motif_branch)")
     conservation: bool = Field(False, description="per-position conservation scores weight the operator output")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="seed of the weight initialisation (each parameter is drawn from "
+                      "the seed and its name)")
     # Token merging (BLT U-shape, hyena_glt/blt). 'none' = the plain byte-level model.
     patching: str = Field(
         PATCHING_NONE, description=f"one of {', '.join(PATCHING)}; "
@@ -102,7 +114,8 @@ class HyenaGLTConfig(BaseModel):
     local_decoder_pattern: str = Field("S", description="layers of the byte-level local decoder (layer-kind codes)")
     bridge_window: int = Field(4, ge=1, description="earlier complete patches each byte attends to")
     position_periods: list[int] = Field(
-        default_factory=list, description="genomic periodic position features, e.g. [3, 8, 10, 21, 147]; [] = off"
+        default_factory=list, description="genomic periodic position features of the token-merging model "
+        "(the plain model ignores them), e.g. [3, 8, 10, 21, 147]; [] = off; data parallelism only"
     )
     entropy_mode: str = Field(
         "threshold", description="entropy patcher: 'threshold', 'monotonic', 'topk', 'dual' (H > t or H jump > "

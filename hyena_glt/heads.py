@@ -33,9 +33,23 @@ from torch import nn
 
 from . import params
 from .config import HyenaGLTConfig
-from .labels import (class_label, pad_labels, record_where, regression_label, sort_labels, stack_labels,
-                     token_class_labels, token_labels)
-from .model import CONFIG_NAME, WEIGHTS_NAME, check_state_dict, write_pretrained
+from .labels import (
+    class_label,
+    pad_labels,
+    record_where,
+    regression_label,
+    sort_labels,
+    stack_labels,
+    token_class_labels,
+    token_labels,
+)
+from .model import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    check_state_dict,
+    read_config,
+    write_pretrained,
+)
 from .registry import build_backbone
 from .task_metrics import classification_metrics, regression_metrics
 from .tokenizer import PAD_ID
@@ -251,7 +265,7 @@ class _HeadModel(nn.Module):
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory}: no {name}; expected a directory written by save_pretrained")
-        config = HyenaGLTConfig.from_json(directory / CONFIG_NAME)
+        config = read_config(directory, need_weights=True)  # its files checked against checksums.json first
         state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location))
         head_file = directory / HEAD_NAME
         if head_file.is_file():
@@ -361,6 +375,7 @@ class HyenaGLTMultiTask(nn.Module):
         """Backbone weights from a causal LM directory (its LM head is dropped)."""
         from safetensors.torch import load_file
 
+        read_config(directory, need_weights=True)  # its files checked against checksums.json first
         state = load_file(str(Path(directory) / WEIGHTS_NAME), device=str(map_location))
         backbone = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         check_state_dict(self.model, backbone, str(Path(directory) / WEIGHTS_NAME))
@@ -383,9 +398,9 @@ class HyenaGLTMultiTask(nn.Module):
         for name in (CONFIG_NAME, WEIGHTS_NAME, TASKS_NAME):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory}: no {name}; expected a directory written by a multi-task finetune")
+        config = read_config(directory, need_weights=True)  # its files checked against checksums.json first
         meta = json.loads((directory / TASKS_NAME).read_text())
-        model = cls(HyenaGLTConfig.from_json(directory / CONFIG_NAME), meta["tasks"], meta.get("dropout", 0.1),
-                    initialize=False)
+        model = cls(config, meta["tasks"], meta.get("dropout", 0.1), initialize=False)
         state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location))
         check_state_dict(model, state, str(directory / WEIGHTS_NAME))
         model.load_state_dict(state, strict=True)

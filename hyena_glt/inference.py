@@ -2,17 +2,23 @@
 
 * `generate`: prefill each prompt once, then one cached step per new token (O(1) per token
   for Hyena layers, a K/V read for attention). Prompts of different lengths share one batch;
-  each row samples from its own generator seeded with `seed`, so a prompt gets the same
-  tokens alone or in a batch. Families without a cache (token merging) recompute the prefix
-  each step.
+  each row samples from its own random stream, `sample_seed(seed, prompt, k)`: a function of
+  the seed, the prompt's ids and k (the row's rank among the rows with the same prompt), so
+  the samples of one prompt are independent draws, different prompts do not share draws, and
+  a sample is the same alone, in a batch, or among more samples. Families without a cache
+  (token merging) recompute the prefix each step.
 * `stream_logprobs` / `stream_hidden`: the forward over a sequence in chunks, carrying the
   cache, so memory is bounded by the chunk (plus attention's K/V cache, which grows with
-  length). Equal to the one-pass forward up to float rounding.
+  length; made once at the sequence's length, optionally in bfloat16). Equal to the one-pass
+  forward up to float rounding; attention over the cached prefix runs unmasked through the
+  fused kernels (hyena_glt.operators.prefix_causal_attention), so chunks cost what one pass
+  costs.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+import hashlib
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
@@ -54,14 +60,37 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return torch.cat([torch.multinomial(probs[b], 1, generator=gens[b]) for b in range(probs.shape[0])])
 
 
+def sample_seed(seed: int, prompt, k: int = 0) -> int:
+    """The seed of sample `k` (0-based) of `prompt` (a sequence of token ids) under `seed`: a
+    64-bit hash of all three (BLAKE2b), so every (seed, prompt, k) has its own random stream,
+    one that does not depend on the other rows of a batch or on how many samples are drawn."""
+    ids = torch.as_tensor(prompt).reshape(-1).tolist()
+    key = f"hyena-glt sample v1|{int(seed)}|{int(k)}|{','.join(map(str, ids))}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1  # < 2**63
+
+
+def sample_seeds(seed: int, prompts) -> list[int]:
+    """`sample_seed` for each row of a batch: k counts the earlier rows with the same ids, so
+    n copies of one prompt are samples 0..n-1 of it (n independent draws)."""
+    seen: dict[tuple[int, ...], int] = {}
+    out = []
+    for p in prompts:
+        key = tuple(torch.as_tensor(p).reshape(-1).tolist())
+        k = seen[key] = seen.get(key, -1) + 1
+        out.append(sample_seed(seed, key, k))
+    return out
+
+
 @torch.no_grad()
 def generate(model: CausalLM, prompts, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, generator: torch.Generator | None = None,
              stop_at_eos: bool = False, seq_type: torch.Tensor | None = None, use_cache: bool | None = None,
-             progress: bool = False):
+             progress: bool = False, seeds: list[int] | None = None):
     """Continuations of `prompts`: a (B, L) id tensor (returns a (B, L + N) tensor, PAD after a
     row's EOS) or a list of 1-D id tensors of any lengths (returns a list). `seed` gives every
-    row its own generator seeded with it; `generator` is one shared generator instead.
+    row its own generator, seeded with `sample_seeds(seed, prompts)` (copies of one prompt are
+    independent samples; a row's tokens do not depend on the other rows); `seeds` seeds row b's
+    generator with seeds[b] as given; `generator` is one generator shared by all rows instead.
     `use_cache`: None = whenever the model family has a cache."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
@@ -70,8 +99,14 @@ def generate(model: CausalLM, prompts, max_new_tokens: int, temperature: float =
     if not rows or any(r.numel() == 0 for r in rows):
         raise ValueError("prompts: need at least one prompt, each with at least one id (e.g. BOS)")
     B = len(rows)
+    if sum(x is not None for x in (seed, seeds, generator)) > 1:
+        raise ValueError("generate: give at most one of seed, seeds and generator")
     if seed is not None:
-        generators = [torch.Generator(device=rows[0].device).manual_seed(seed) for _ in range(B)]
+        seeds = sample_seeds(seed, rows)
+    if seeds is not None:
+        if len(seeds) != B:
+            raise ValueError(f"seeds: one per prompt, got {len(seeds)} for {B} prompts")
+        generators = [torch.Generator(device=rows[0].device).manual_seed(int(s)) for s in seeds]
     else:
         generators = [generator] * B
     use_cache = model.supports_cache if use_cache is None else use_cache
@@ -135,16 +170,30 @@ def generate(model: CausalLM, prompts, max_new_tokens: int, temperature: float =
 
 
 def _chunks(n: int, chunk_size: int | None) -> Iterator[tuple[int, int]]:
+    """[start, end) of each chunk of n positions: the whole when chunk_size is None (or 0)."""
     step = n if not chunk_size else chunk_size
     for s in range(0, n, max(step, 1)):
         yield s, min(s + step, n)
 
 
+def _stream_cache(config, batch_size: int, seq_type, device, kv_dtype, capacity: int):
+    """The cache of a stream of `capacity` positions: K/V made up front at that size (no
+    regrowth, no doubled capacity), in `kv_dtype` (None: the model's own dtype)."""
+    from .cache import InferenceCache
+
+    return InferenceCache.empty(batch_size, seq_type, device=device, config=config, kv_dtype=kv_dtype,
+                                capacity=capacity)
+
+
 @torch.no_grad()
 def stream_logprobs(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = None,
-                    seq_type: torch.Tensor | None = None) -> torch.Tensor:
+                    seq_type: torch.Tensor | None = None, kv_dtype: torch.dtype | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """log p(labels[b, i] | input_ids[b, :i+1]) (B, L), computed `chunk_size` positions at a
-    time with the inference cache (one pass when None, or for a family without a cache).
+    time with the inference cache (one pass when None or >= L, or for a family without a
+    cache). `kv_dtype`: the dtype attention's K/V cache is stored in (None: the model's; e.g.
+    torch.bfloat16 halves it, see docs/inference.md for its cost). `progress(start, end)` is
+    called after each chunk with the positions [start, end) of `input_ids` just done.
 
     `input_ids` start with BOS ([BOS] + seq[:-1] -> seq). A model without BOS
     (`config.bos_token` False, e.g. an imported Evo 2) reads seq[:-1] -> seq[1:]: the first
@@ -152,19 +201,27 @@ def stream_logprobs(model: CausalLM, input_ids: torch.Tensor, labels: torch.Tens
     if not model.config.bos_token:
         out = torch.zeros(labels.shape, dtype=torch.promote_types(model.output_weight.dtype, torch.float32))
         if labels.shape[1] > 1:
-            out[:, 1:] = _stream_logprobs(model, input_ids[:, 1:], labels[:, 1:], chunk_size, seq_type)
+            shifted = None if progress is None else (lambda s, e: progress(s + 1, e + 1))
+            out[:, 1:] = _stream_logprobs(model, input_ids[:, 1:], labels[:, 1:], chunk_size, seq_type, kv_dtype,
+                                          shifted)
         return out
-    return _stream_logprobs(model, input_ids, labels, chunk_size, seq_type)
+    return _stream_logprobs(model, input_ids, labels, chunk_size, seq_type, kv_dtype, progress)
 
 
-def _stream_logprobs(model, input_ids, labels, chunk_size, seq_type):
-    if not model.supports_cache or chunk_size is None or chunk_size >= input_ids.shape[1]:
+def _stream_logprobs(model, input_ids, labels, chunk_size, seq_type, kv_dtype=None, progress=None):
+    B, L = input_ids.shape
+    if not model.supports_cache or chunk_size is None or chunk_size >= L:
         logits = model(input_ids, seq_type=seq_type).logits
-        return _gather_logprobs(logits, labels)
-    cache = model.new_cache(input_ids.shape[0], seq_type)
+        out = _gather_logprobs(logits, labels)
+        if progress is not None:
+            progress(0, L)
+        return out
+    cache = _stream_cache(model.config, B, seq_type, model.output_weight.device, kv_dtype, L)
     out = torch.empty(labels.shape, dtype=torch.promote_types(model.output_weight.dtype, torch.float32))
-    for s, e in _chunks(input_ids.shape[1], chunk_size):
+    for s, e in _chunks(L, chunk_size):
         out[:, s:e] = _gather_logprobs(model.extend(input_ids[:, s:e], cache), labels[:, s:e]).cpu()
+        if progress is not None:
+            progress(s, e)
     return out
 
 
@@ -175,23 +232,31 @@ def _gather_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 @torch.no_grad()
 def stream_hidden(backbone, input_ids: torch.Tensor, chunk_size: int | None = None, layer: int | None = None,
-                  seq_type: torch.Tensor | None = None) -> torch.Tensor:
+                  seq_type: torch.Tensor | None = None, kv_dtype: torch.dtype | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Hidden states (B, L, D): after the final norm, or the output of block `layer` (0-based;
     negative counts from the end) with `layer` given, `chunk_size` positions at a time when
-    the backbone has an inference cache (`extend`)."""
+    the backbone has an inference cache (`extend`). `kv_dtype` and `progress` as for
+    `stream_logprobs`."""
     n_layers = len(backbone.layers)
     upto = None
     if layer is not None:
         if not -n_layers <= layer < n_layers:
             raise ValueError(f"--layer: the model has {n_layers} blocks (0..{n_layers - 1}), got {layer}")
         upto = layer % n_layers + 1
+    B, L = input_ids.shape
     if not hasattr(backbone, "extend"):
         if chunk_size is not None or upto is not None:
             raise ValueError(f"{type(backbone).__name__} (token merging) runs in one pass: drop --chunk-size/--layer")
-        return backbone(input_ids, seq_type=seq_type)
-    from .cache import InferenceCache
-
-    cache = InferenceCache.empty(input_ids.shape[0], seq_type, device=input_ids.device)
-    parts = [backbone.extend(input_ids[:, s:e], cache, upto=upto).cpu()
-             for s, e in _chunks(input_ids.shape[1], chunk_size)]
+        out = backbone(input_ids, seq_type=seq_type)
+        if progress is not None:
+            progress(0, L)
+        return out
+    chunked = bool(chunk_size) and chunk_size < L
+    cache = _stream_cache(backbone.config, B, seq_type, input_ids.device, kv_dtype, L if chunked else 0)
+    parts = []
+    for s, e in _chunks(L, chunk_size):
+        parts.append(backbone.extend(input_ids[:, s:e], cache, upto=upto).cpu())
+        if progress is not None:
+            progress(s, e)
     return torch.cat(parts, dim=1)

@@ -16,18 +16,26 @@ hyena_glt.registry maps a config (or a saved directory) to its family.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import params
+from .cache import InferenceCache
+from .checksums import (  # noqa: F401  (new_file_mode: imported from here by launch/checkpoint/io.py)
+    new_file_mode,
+    verify_by_default,
+    verify_pretrained,
+    write_checksums,
+    write_safetensors,
+    write_text_atomic,
+)
 from .config import PATCHING_NONE, HyenaGLTConfig
 from .genomic import MotifBranch, SeqTypeEmbedding
-from .cache import InferenceCache
 from .layers import Block, make_norm
 from .loss import weighted_cross_entropy
 from .spec import LOCAL, ModelSpec
@@ -219,12 +227,15 @@ class CausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, config: HyenaGLTConfig | None = None, map_location: str | torch.device = "cpu"
+        cls, directory: str | Path, config: HyenaGLTConfig | None = None, map_location: str | torch.device = "cpu",
+        verify: bool | None = None,
     ):
+        """`verify`: check the files against the directory's checksums.json first (None: on
+        unless HYENA_GLT_VERIFY_MODEL=0; see read_config)."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        saved = read_config(directory, need_weights=True)
+        saved = read_config(directory, need_weights=True, verify=verify)
         if config is not None and config != saved:
             diffs = [
                 f"{k}: saved {getattr(saved, k)!r}, given {getattr(config, k)!r}"
@@ -313,32 +324,40 @@ class HyenaGLTForCausalLM(CausalLM):
         return self.extend(tokens.reshape(-1, 1), cache)[:, -1]
 
 
-def read_config(directory: str | Path, need_weights: bool = False) -> HyenaGLTConfig:
-    """The model config of a saved directory, with one clear error for a wrong path."""
+def read_config(directory: str | Path, need_weights: bool = False, verify: bool | None = None) -> HyenaGLTConfig:
+    """The model config of a saved directory, with one clear error for a wrong path. With
+    `need_weights` (the directory is about to be loaded) every file its checksums.json records
+    is verified first (hyena_glt/checksums.py; `verify`: None = on unless
+    HYENA_GLT_VERIFY_MODEL=0): a damaged file is refused in one line naming it."""
     directory = Path(directory)
     for name in (CONFIG_NAME, WEIGHTS_NAME) if need_weights else (CONFIG_NAME,):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory}: no {name}; expected a directory written by save_pretrained/convert")
+    if need_weights and (verify_by_default() if verify is None else verify):
+        verify_pretrained(directory)
     return HyenaGLTConfig.from_json(directory / CONFIG_NAME)
 
 
 def write_pretrained(model: nn.Module, directory: str | Path, sidecars: dict[str, dict] | None = None,
                      metadata: dict[str, str] | None = None) -> Path:
     """config.json + model.safetensors (+ JSON sidecar files, e.g. a head's head.json) of any
-    model of this package (it has `.config`)."""
-    import json
-
-    from safetensors.torch import save_file
-
+    model of this package (it has `.config`), then checksums.json: the size and sha256 of each
+    file written (hyena_glt/checksums.py; checked when the directory is loaded). checksums.json
+    is first written as a placeholder, so a save into an existing directory that does not
+    finish leaves a directory that is refused, never one that loads half old, half new. Every
+    file is written through a temporary sibling renamed into place; a failed write (a full
+    disk) raises an OSError naming the file. Writes into `directory` as it is: the commands
+    that publish a model directory (convert, import-evo2, finetune) write into a fresh
+    temporary directory and rename it into place when complete (launch/checkpoint/publish.py)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model.config.to_json(directory / CONFIG_NAME)
+    write_checksums(directory, None)  # a placeholder first: an unfinished save never loads
+    written = {CONFIG_NAME: write_text_atomic(directory / CONFIG_NAME, json.dumps(model.config.to_dict(), indent=2) + "\n")}
     for name, content in (sidecars or {}).items():
-        (directory / name).write_text(json.dumps(content, indent=2) + "\n")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = directory / (WEIGHTS_NAME + ".tmp")
-    save_file(state, str(tmp), metadata={**FORMAT_METADATA, **(metadata or {})})
-    tmp.replace(directory / WEIGHTS_NAME)  # never leave a half-written weights file
+        written[name] = write_text_atomic(directory / name, json.dumps(content, indent=2) + "\n")
+    state = model.state_dict()
+    written[WEIGHTS_NAME] = write_safetensors(directory / WEIGHTS_NAME, state, {**FORMAT_METADATA, **(metadata or {})})
+    write_checksums(directory, written)
     return directory
 
 

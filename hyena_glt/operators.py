@@ -170,23 +170,44 @@ class CausalSelfAttention(nn.Module):
         return self.out_proj(y.reshape(*y.shape[:2], self.num_heads * self.head_dim))
 
     def extend(self, x: torch.Tensor, position_ids: torch.Tensor, state: dict | None) -> tuple[torch.Tensor, dict]:
+        """Attention of the chunk x (B, T, D) at global positions `position_ids` (B, T) over the
+        cached keys and its own; returns the output and the cache entry with the chunk's K/V
+        appended (stored in the entry's dtype: `InferenceCache.empty(kv_dtype=...)`).
+
+        Streaming (every row's cached keys precede its chunk, positions increasing): the
+        cached prefix needs no mask and the chunk sees itself causally, so the two parts run
+        through PyTorch's fused kernels apart and are combined by their log-sum-exp
+        (`prefix_causal_attention`). Any other layout (a left-padded batch of rows of
+        different lengths, `InferenceCache.stack`) masks keys by position (`blocked_attention`)."""
         B, T, _ = x.shape
         qkv = self.qkv_proj(x).view(B, T, self.num_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
         q, k, v = (rope(qkv[0], position_ids, self.rope_base, self.rope_scale),
                    rope(qkv[1], position_ids, self.rope_base, self.rope_scale), qkv[2])
-        if state is None and bool((position_ids == position_ids[:1]).all()):
-            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # as the forward does
-            new = {"k": k, "v": v, "pos": position_ids.expand(B, T).contiguous(), "n": T}
+        n = state["n"] if state is not None else 0
+        increasing = T == 1 or bool((position_ids[:, 1:] > position_ids[:, :-1]).all())
+        if n == 0 and increasing:  # nothing cached: the forward's own kernel (as the one-pass forward)
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            new = ({"k": k, "v": v, "pos": position_ids.expand(B, T).contiguous(), "n": T} if state is None
+                   else _append_kv(state, k, v, position_ids))
+        elif increasing and bool((state["pos"][:, :n].amax(1) < position_ids[:, 0]).all()):
+            if T == 1 and state["k"].dtype == q.dtype:  # a decoding step sees every key: one fused call, no mask
+                new = _append_kv(state, k, v, position_ids)
+                y = torch.nn.functional.scaled_dot_product_attention(q, new["k"][:, :, : n + 1], new["v"][:, :, : n + 1])
+            else:
+                y = prefix_causal_attention(q, k, v, state["k"][:, :, :n], state["v"][:, :, :n])
+                new = _append_kv(state, k, v, position_ids)
         else:
             new = _append_kv(state, k, v, position_ids)
             n = new["n"]
-            y = blocked_attention(q, new["k"][:, :, :n], new["v"][:, :, :n], position_ids, new["pos"][:, :n])
+            y = blocked_attention(q, new["k"][:, :, :n].to(q.dtype), new["v"][:, :, :n].to(q.dtype), position_ids,
+                                  new["pos"][:, :n])
         return self.out_proj(y.transpose(1, 2).reshape(B, T, -1)), new
 
 
 def _append_kv(state: dict | None, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> dict:
-    """Write new keys/values after the first `n` of the cache, growing its capacity by
-    doubling (amortised O(1) per token, not a copy of the whole cache every step). Unused
+    """Write new keys/values after the first `n` of the cache (cast to the cache's dtype),
+    growing its capacity by doubling (amortised O(1) per token, not a copy of the whole cache
+    every step; a cache made with the sequence's length as capacity never grows). Unused
     slots hold PAD_POSITION, so attention never sees them."""
     B, h, T, hd = k.shape
     if state is None:
@@ -195,16 +216,86 @@ def _append_kv(state: dict | None, k: torch.Tensor, v: torch.Tensor, pos: torch.
     n, cap = state["n"], state["k"].shape[2]
     if n + T > cap:
         cap = max(2 * cap, n + T, 256)
-        grown = {"k": k.new_zeros(B, h, cap, hd), "v": v.new_zeros(B, h, cap, hd),
-                 "pos": pos.new_full((B, cap), PAD_POSITION), "n": n}
-        grown["k"][:, :, :n], grown["v"][:, :, :n] = state["k"][:, :, :n], state["v"][:, :, :n]
-        grown["pos"][:, :n] = state["pos"][:, :n]
-        state = grown
+        old = state
+        state = {"k": old["k"].new_zeros(B, h, cap, hd), "v": old["v"].new_zeros(B, h, cap, hd),
+                 "pos": old["pos"].new_full((B, cap), PAD_POSITION), "n": n}
+        state["k"][:, :, :n], state["v"][:, :, :n] = old["k"][:, :, :n], old["v"][:, :, :n]
+        state["pos"][:, :n] = old["pos"][:, :n]
     state["k"][:, :, n : n + T] = k
     state["v"][:, :, n : n + T] = v
     state["pos"][:, n : n + T] = pos
     state["n"] = n + T
     return state
+
+
+# Keys of a prefix read per fused-kernel call when the cache is stored in another dtype than
+# the queries (a bf16 cache): each block is cast up on its own, so the cast copy stays small.
+PREFIX_BLOCK_BYTES = 64 << 20
+
+
+def prefix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_prefix: torch.Tensor,
+                            v_prefix: torch.Tensor) -> torch.Tensor:
+    """Causal attention of a chunk (q, k, v: B, h, T, hd) that follows a prefix of keys all
+    earlier than it (k_prefix, v_prefix: B, h, n, hd): every query sees the whole prefix (no
+    mask) and the chunk's keys up to its own. The two parts run apart and are combined by
+    their log-sum-exp (as flash-decoding splits keys):
+
+        out = out_p * exp(lse_p - lse) + out_c * exp(lse_c - lse),  lse = logaddexp(lse_p, lse_c)
+
+    Equal to softmax over the concatenated keys up to float rounding. A prefix stored in
+    another dtype (a bf16 cache) is cast to q's dtype block by block (PREFIX_BLOCK_BYTES)."""
+    out, lse = attention_with_lse(q, k, v, causal=True)
+    out = out.float()
+    B, h, n, hd = k_prefix.shape
+    step = n if k_prefix.dtype == q.dtype else max(1024, PREFIX_BLOCK_BYTES // (2 * B * h * hd * q.element_size()))
+    for s in range(0, n, step):
+        kb, vb = k_prefix[:, :, s : s + step].to(q.dtype), v_prefix[:, :, s : s + step].to(q.dtype)
+        out_b, lse_b = attention_with_lse(q, kb, vb, causal=False)
+        total = torch.logaddexp(lse, lse_b)
+        out = out * torch.exp(lse - total)[..., None] + out_b.float() * torch.exp(lse_b - total)[..., None]
+        lse = total
+    return out.to(q.dtype)
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled-dot-product attention (B, h, T, hd) and the log-sum-exp of each query's scores
+    (B, h, T, float32), from PyTorch's fused kernels: on CPU the flash kernel, on CUDA the
+    memory-efficient one (fp32, fp16, bf16); `math_attention_with_lse` where neither applies.
+    `causal`: query i sees keys j <= i (T == the number of keys)."""
+    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
+        return out, lse
+    if q.device.type == "cuda":
+        try:
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal)[:2]
+            return out, lse[..., : q.shape[2]].float()  # lse rows are padded to a multiple of 32
+        except RuntimeError:  # a head size or dtype the kernel does not take
+            pass
+    return math_attention_with_lse(q, k, v, causal)
+
+
+def math_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                            scores_per_block: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention_with_lse` in plain matmuls, keys in blocks with a running softmax (any
+    device and dtype; memory O(B h T block))."""
+    B, h, T, _ = q.shape
+    Lk = k.shape[2]
+    scale = q.shape[-1] ** -0.5
+    block = max(256, scores_per_block // (B * h * T))
+    lse = q.new_full((B, h, T), float("-inf"), dtype=torch.float32)
+    acc = q.new_zeros((B, h, T, v.shape[-1]), dtype=torch.float32)
+    rows = torch.arange(T, device=q.device)[:, None]
+    for s in range(0, Lk, block):
+        e = min(s + block, Lk)
+        scores = torch.matmul(q.float(), k[:, :, s:e].float().transpose(-1, -2)) * scale  # (B, h, T, blk)
+        if causal:
+            scores = scores.masked_fill(torch.arange(s, e, device=q.device) > rows, float("-inf"))
+        lse_b = torch.logsumexp(scores, -1)
+        total = torch.logaddexp(lse, lse_b)
+        safe = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
+        acc = acc * torch.exp(lse - safe)[..., None] + torch.matmul(torch.exp(scores - safe[..., None]), v[:, :, s:e].float())
+        lse = total
+    return acc.to(q.dtype), lse
 
 
 def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,

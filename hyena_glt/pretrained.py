@@ -10,6 +10,11 @@ what sits on the backbone is told by a sidecar file:
 Commands load through here: `eval` and `generate` need a language model, `predict` a head,
 `embed` and `info` accept any directory. A directory of the wrong kind is refused with one
 line that says what it holds and which command fits.
+
+Every directory also has checksums.json (hyena_glt/checksums.py): the size and sha256 of each
+file save_pretrained wrote. `inspect_pretrained` (so every loader here) verifies them first; a
+damaged file is refused in one line naming it. `verify`: None = on unless
+HYENA_GLT_VERIFY_MODEL=0; directories saved before checksums were recorded load unverified.
 """
 
 from __future__ import annotations
@@ -42,11 +47,12 @@ class SavedModel:
         return f"{what}{tasks}, family {self.family.name}"
 
 
-def inspect_pretrained(directory: str | Path) -> SavedModel:
+def inspect_pretrained(directory: str | Path, verify: bool | None = None) -> SavedModel:
+    """What a saved directory holds, its files verified against checksums.json first."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such model directory")
-    config = read_config(directory, need_weights=True)
+    config = read_config(directory, need_weights=True, verify=verify)
     tasks: dict[str, str] = {}
     if (directory / TASKS_NAME).is_file():
         kind = "multi-task"
@@ -61,25 +67,26 @@ def inspect_pretrained(directory: str | Path) -> SavedModel:
     return SavedModel(directory, config, family_of(config), kind, tasks)
 
 
-def load_causal_lm(directory: str | Path, map_location: str | torch.device = "cpu") -> CausalLM:
+def load_causal_lm(directory: str | Path, map_location: str | torch.device = "cpu",
+                   verify: bool | None = None) -> CausalLM:
     """A saved causal language model of any family."""
-    saved = inspect_pretrained(directory)
+    saved = inspect_pretrained(directory, verify)
     if saved.kind != "causal-lm":
         raise ValueError(f"{saved.directory} holds {saved.describe()}: it has no language-model head "
                          "(use `hyena-glt predict` or `embed`, or the pretrained directory it was fine-tuned from)")
-    return saved.family.causal_lm.from_pretrained(saved.directory, map_location=map_location)
+    return saved.family.causal_lm.from_pretrained(saved.directory, map_location=map_location, verify=verify)
 
 
-def load_pretrained(directory: str | Path, map_location: str = "cpu") -> nn.Module:
+def load_pretrained(directory: str | Path, map_location: str = "cpu", verify: bool | None = None) -> nn.Module:
     """Whatever the directory holds: a causal LM, a head model or a multi-task model."""
-    saved = inspect_pretrained(directory)
+    saved = inspect_pretrained(directory, verify)
     if saved.kind == "multi-task":
         return HyenaGLTMultiTask.from_pretrained(saved.directory, map_location=map_location)
     if saved.kind == "head":
         return load_head_model(saved.directory, map_location=map_location)
-    return saved.family.causal_lm.from_pretrained(saved.directory, map_location=map_location)
+    return saved.family.causal_lm.from_pretrained(saved.directory, map_location=map_location, verify=verify)
 
 
-def load_backbone(directory: str | Path, map_location: str = "cpu") -> nn.Module:
+def load_backbone(directory: str | Path, map_location: str = "cpu", verify: bool | None = None) -> nn.Module:
     """The backbone (input_ids -> hidden states) of any saved directory."""
-    return load_pretrained(directory, map_location).model
+    return load_pretrained(directory, map_location, verify).model

@@ -8,7 +8,9 @@ package), so this file stays a table of contents. Handlers import heavy librarie
 from __future__ import annotations
 
 import argparse
+import copy
 import errno
+import functools
 import importlib
 import json
 import os
@@ -36,6 +38,53 @@ class CLIError(Exception):
     """An error to report to the user as one line (no traceback)."""
 
 
+# ---------------------------------------------------------------------------- --help
+
+def shows_default(action: argparse.Action) -> bool:
+    """Whether `--help` adds `(default: X)` to an option: it has a value when not given. Not for
+    switches (store_true & co: off unless given), None (nothing) or an empty list, nor when the
+    help already says `%(default)s`."""
+    d = action.default
+    return (d is not None and d is not argparse.SUPPRESS and action.nargs != 0
+            and not (isinstance(d, (list, tuple)) and not d)
+            and (bool(action.option_strings) or action.nargs in ("?", "*"))
+            and "%(default)" not in (action.help or ""))
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Adds `(default: X)` to the help of every option that has a default (`shows_default`),
+    also to options without help text. Combined with a subcommand's own formatter_class."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = super()._get_help_string(action) or ""
+        if not shows_default(action):
+            return help_text
+        return f"{help_text} (default: %(default)s)" if help_text.strip() else "(default: %(default)s)"
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not (action.help and action.help.strip()) and action.help is not argparse.SUPPRESS and shows_default(action):
+            action = copy.copy(action)  # argparse prints no help line for an option without help
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+
+class _SubcommandParser(argparse.ArgumentParser):
+    """The parser of every subcommand (and, through add_subparsers, of nested ones): --help shows
+    each option's default (DefaultsHelpFormatter), whatever formatter_class the command names."""
+
+    def __init__(self, *args, formatter_class=argparse.HelpFormatter, **kwargs):
+        if not issubclass(formatter_class, DefaultsHelpFormatter):
+            formatter_class = _with_defaults(formatter_class)
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
+@functools.cache
+def _with_defaults(formatter_class: type) -> type:
+    if formatter_class is argparse.HelpFormatter:
+        return DefaultsHelpFormatter
+    return type(f"Defaults{formatter_class.__name__}", (DefaultsHelpFormatter, formatter_class), {})
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser of every subcommand, or only of `command`'s module when one adds it."""
     parser = argparse.ArgumentParser(
@@ -43,7 +92,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Hyena-GLT: byte-level striped-Hyena genomic language models: pack data, train (single "
         "process or torchrun/deepspeed), convert, evaluate, benchmark.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # Every subcommand's --help shows its defaults: set here, once, for all of them.
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_SubcommandParser)
     owners = [name for name, commands in COMMAND_MODULES.items() if command in commands]
     for name in owners or COMMAND_MODULES:
         try:
@@ -72,8 +122,17 @@ def _take_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
+def _quiet_third_party_warnings() -> None:
+    """Silence what libraries warn about at import (megatron-core without Transformer Engine
+    or Apex on a CPU machine, ...): nothing the user can act on, and printed before a one-line
+    error it would hide that line among others."""
+    for message in ("Transformer Engine and Apex are not installed", "Apex is not installed",
+                    "absl.logging is not installed"):
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    _quiet_third_party_warnings()
     argv = _take_local_rank(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv[0] if argv else None)  # the top-level parser has no option but -h
     args = parser.parse_args(argv)

@@ -31,6 +31,8 @@ The modules, by job:
     books.py          the job's books (JobBooks): plans in file order, shard contributors, completion records
     shared_hashes.py  the sha256 of a shard several workers write, hashed as its parts land
     workers.py        the --workers processes and the job's side of them
+    lock.py           one run per job (DIR/.pack/LOCK-job-NNNNN); the start: options checked, manifests
+                      removed, leftovers of killed runs cleared, under the pack's state lock
     job.py            one job start to end: inputs, packing (inline or with workers), resume, manifests
 
 Nothing here imports torch (the alphabet comes from hyena_glt.alphabet, which loads none), so

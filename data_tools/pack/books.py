@@ -25,6 +25,7 @@ class JobBooks:
         self.records: dict[str, bytes] = {}  # completion record of every shard completed or kept
         self.shard_inputs: dict[str, dict[str, str]] = {}  # shard -> {source: sha256}
         self.counters = new_counters()
+        self.regions_seen: set[str] = set()  # records of --val-regions found in the job's files
         self.bad: dict[int, FileCheck] = {}
         self.resumed = 0
         self.written: set[int] = set()  # files whose writes are all on disk
@@ -53,6 +54,7 @@ class JobBooks:
         # A shard only this file contributed to is completed by the file's own pass.
         self.close(s for s in plan.closed if self.contributors[s.name] != {pos})
         add_counters(self.counters, plan.counters)
+        self.regions_seen.update(plan.regions_seen)
         self.progress.set_total(self.progress.total - self.estimates[plan.index] + c.bases)
         self.inputs.append(entry)
 

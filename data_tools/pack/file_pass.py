@@ -11,9 +11,19 @@ from pathlib import Path
 from hyena_glt.alphabet import SeqType, reverse_complement
 
 from ..fasta import BadInputError, FastaReader, FileCheck
+from ..holdout import OVERLAP_REASON, Regions, overlap_windows, position_runs
 from ..shards import ShardFile, ShardIO, kept_record, sample_key_format, shard_name
 from ..tracks import Tracks
-from ..windows import SEQ_TYPE_NAMES, SPLITS, JobAssigner, split_of, strands_for, units, unknown_residue
+from ..windows import (
+    SEQ_TYPE_NAMES,
+    SPLITS,
+    JobAssigner,
+    num_windows,
+    split_of,
+    strands_for,
+    units,
+    unknown_residue,
+)
 from .options import PackOptions
 
 DROP_REASONS = ("short", "n_fraction", "empty_record")
@@ -45,6 +55,7 @@ class PackContext:
     input_sha: dict[str, str] | None  # when resuming: sha256 of every input, hashed first
     tracks: Tracks | None  # --conservation
     bad: dict[int, FileCheck] = field(default_factory=dict)  # files that failed their check (--skip-bad-files)
+    regions: Regions | None = None  # --val-regions
 
 
 @dataclass
@@ -60,6 +71,12 @@ class FilePlan:
     closed: list[ShardFile] = field(default_factory=list)  # shards this file's planning filled up
     warnings: list[str] = field(default_factory=list)
     track_sha: dict[str, str] = field(default_factory=dict)  # conservation track files used -> sha256
+    regions_seen: list[str] = field(default_factory=list)  # records of --val-regions found in this file
+
+
+def holds_out(opts: PackOptions) -> bool:
+    """Part of records is held out (--split-by position, --val-regions)."""
+    return opts.split_by == "position" or bool(opts.val_regions)
 
 
 class SkipFile(Exception):
@@ -71,11 +88,15 @@ class SkipFile(Exception):
         self.index, self.check = index, check
 
 
-def new_counters() -> dict:
+def new_counters(holdout: bool = False) -> dict:
+    """The counters of a file or job; `holdout` (part of records held out): with the count of
+    windows dropped for overlapping held-out ones (absent otherwise, so packs whose splits
+    are per record keep their bytes)."""
     zero = lambda: {"windows": 0, "bases": 0}  # noqa: E731
+    reasons = DROP_REASONS + ((OVERLAP_REASON,) if holdout else ())
     return {
         "windows": {"planned": zero(), "kept": zero(), "dropped": zero()},
-        "dropped": {r: ({"records": 0} if r == "empty_record" else zero()) for r in DROP_REASONS},
+        "dropped": {r: ({"records": 0} if r == "empty_record" else zero()) for r in reasons},
         "kept_windows": {},
         "records": {},
     }
@@ -114,7 +135,9 @@ class FilePass:
         self.failed = self.read_done = index in ctx.bad  # failed: its check, under --skip-bad-files
         self.limit = max(1, int(self.o.shard_size_mb * 1e6))
         self.unit_bases = max(1, int(self.o.unit_mb * 1e6))
-        self.plan = FilePlan(index, None, True, new_counters())
+        self.plan = FilePlan(index, None, True, new_counters(holds_out(self.o)))
+        self.gap = overlap_windows(self.o.seq_len, self.o.stride)
+        self.holds_out = holds_out(self.o)
         self.touched: dict[str, None] = {}
         self.ends: dict[str, int] = {}
         self.begun: set[str] = set()
@@ -231,7 +254,10 @@ class FilePass:
             track, path = self.ctx.tracks.track(rec.id, L, self.ctx.files[self.index])
             self.track_of[rec.index] = track
             self.plan.track_sha[str(path)] = self.ctx.tracks.sha256(path)
-        split = split_of(rec.id, o.seed, o.val_fraction, o.test_fraction)
+        # Held out by run of windows (holdout.py), or the whole record in one split: the usual
+        # case, kept as lean as before (a pack of many short records plans one per few windows).
+        runs = self._runs(rec.id, L) if self.holds_out else None
+        split = split_of(rec.id, o.seed, o.val_fraction, o.test_fraction) if runs is None else None
         strands = strands_for(rec.seq_type, o.reverse_complement)
         unknown = unknown_residue(rec.seq_type)
         # Most records hold no unknown residue at all: two memchr scans spare a count per window.
@@ -240,16 +266,69 @@ class FilePass:
         # templates made once per record (the JSON is ASCII: json.dumps escapes the rest).
         head = json.dumps({"record_id": rec.id, "source": self.source})[:-1].replace("%", "%%")
         tname = SEQ_TYPE_NAMES[rec.seq_type]
-        formats = tuple(
-            (sample_key_format(self.index, rec.index, strand),
-             f'{head}, "start": %d, "end": %d, "strand": "{strand}", "split": "{split}", "seq_type": "{tname}"}}'.encode())
-            for strand in strands)
+
+        def formats_of(split: str) -> tuple:
+            return tuple(
+                (sample_key_format(self.index, rec.index, strand),
+                 f'{head}, "start": %d, "end": %d, "strand": "{strand}", "split": "{split}", "seq_type": "{tname}"}}'
+                 .encode())
+                for strand in strands)
+
+        if runs is None:
+            formats = formats_of(split)
+            for unit in units(L, o.seq_len, o.stride, self.unit_bases):
+                if self.ctx.shared and self.assigner.take(unit.bases) != o.job_index:
+                    continue
+                if unit.first == 0:
+                    c["records"][split] = c["records"].get(split, 0) + 1
+                self._plan_windows(rec, split, formats, unit.first, unit.stop, unknown if counts_unknown else None)
+            return
+        formats = {split: formats_of(split) for split in dict.fromkeys(r[2] for r in runs if r[2] is not None)}
+        # A record counts in a split once: by the job packing the split's first window of it.
+        firsts = {}
+        for first, _, split in runs:
+            if split is not None:
+                firsts.setdefault(split, first)
         for unit in units(L, o.seq_len, o.stride, self.unit_bases):
             if self.ctx.shared and self.assigner.take(unit.bases) != o.job_index:
                 continue
-            if unit.first == 0:
-                c["records"][split] = c["records"].get(split, 0) + 1
-            self._plan_windows(rec, split, formats, unit.first, unit.stop, unknown if counts_unknown else None)
+            for split, first in firsts.items():
+                if unit.first <= first < unit.stop:
+                    c["records"][split] = c["records"].get(split, 0) + 1
+            for first, stop, split in runs:
+                first, stop = max(first, unit.first), min(stop, unit.stop)
+                if first >= stop:
+                    continue
+                if split is None:
+                    self._drop_overlapping(L, first, stop)
+                else:
+                    self._plan_windows(rec, split, formats[split], first, stop, unknown if counts_unknown else None)
+
+    def _runs(self, record_id: str, length: int) -> list[tuple[int, int, str | None]]:
+        """The record's windows as runs (first, stop, split; None: dropped next to held-out
+        windows) when part of records is held out: see holdout.py."""
+        o = self.o
+        n = num_windows(length, o.seq_len, o.stride)
+        if o.split_by == "position":
+            return position_runs(record_id, n, o.seed, o.val_fraction, o.test_fraction, self.gap)
+        split = split_of(record_id, o.seed, o.val_fraction, o.test_fraction)
+        if self.ctx.regions is not None:
+            # Checked on test records too (whole in test: nothing of them is in train).
+            runs = self.ctx.regions.runs(record_id, length, n, o.seq_len, o.stride, self.gap, self.source)
+            if runs is not None:
+                self.plan.regions_seen.append(record_id)
+                if split == "train":
+                    return runs
+        return [(0, n, split)]
+
+    def _drop_overlapping(self, length: int, first: int, stop: int) -> None:
+        """Windows [first, stop) of a record share bases with held-out windows: dropped."""
+        stride, seq_len = self.o.stride, self.o.seq_len
+        nb = sum(min(k * stride + seq_len, length) - k * stride for k in range(first, stop))
+        c = self.plan.counters
+        for counter in (c["windows"]["planned"], c["windows"]["dropped"], c["dropped"][OVERLAP_REASON]):
+            counter["windows"] += stop - first
+            counter["bases"] += nb
 
     def _plan_windows(self, rec, split: str, formats, first: int, stop: int, unknown: bytes | None) -> None:
         o, seq, L = self.o, rec.seq, len(rec.seq)

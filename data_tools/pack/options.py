@@ -8,6 +8,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..holdout import regions_path, sha256_or_none
 from ..manifest import dumps, state_dir
 from ..shards import atomic_write
 from ..tracks import FORMAT as TRACK_FORMAT
@@ -30,7 +31,10 @@ class PackOptions:
     seed: int = 0
     skip_bad_files: bool = False
     conservation: list[str] | None = None  # track files or directories (tracks.py)
+    split_by: str = "record"  # record: whole records per split; position: a block of each record's windows
+    val_regions: str | None = None  # a BED file: windows overlapping its intervals go to val (holdout.py)
     # How the work is run; never part of the output.
+    empty_split: str = "warn"  # a split asked for that comes out empty: "refuse" (no manifest.json) or "warn"
     workers: int = 1
     num_jobs: int = 1
     job_index: int = 0
@@ -53,6 +57,12 @@ class PackOptions:
             (self.num_jobs >= 1, "--num-jobs must be >= 1"),
             (0 <= self.job_index < self.num_jobs, f"--job-index must be in [0, {self.num_jobs}), got {self.job_index}"),
             (self.progress in ("auto", "bar", "log", "none"), "--progress must be auto, bar, log or none"),
+            (self.split_by in ("record", "position"), "--split-by must be 'record' or 'position'"),
+            (not (self.val_regions and self.val_fraction > 0),
+             "--val-regions defines the val split: leave out --val-fraction (or give 0)"),
+            (not (self.val_regions and self.split_by == "position"),
+             "--val-regions and --split-by position both hold out part of each record: give one of them"),
+            (self.empty_split in ("refuse", "warn"), "empty_split must be 'refuse' or 'warn'"),
         ]
         for ok, msg in rules:
             if not ok:
@@ -61,8 +71,15 @@ class PackOptions:
     def recorded(self) -> dict:
         """The options that define the output (what the manifest records)."""
         d = asdict(self)
-        for k in ("inputs", "out", "workers", "num_jobs", "job_index", "progress", "conservation"):
+        for k in ("inputs", "out", "workers", "num_jobs", "job_index", "progress", "conservation", "empty_split"):
             d.pop(k)
+        # Absent when splits are per record, so such packs keep their bytes.
+        if self.split_by == "record":
+            d.pop("split_by")
+        d.pop("val_regions")
+        if self.val_regions:  # the file's sha256: another BED in the same --out is other options
+            path = regions_path(self.val_regions)
+            d["val_regions"] = {"path": path, "sha256": sha256_or_none(path)}
         if self.conservation:  # absent otherwise, so packs without tracks keep their bytes
             d["conservation"] = {"format": TRACK_FORMAT, "member": TRACK_MEMBER,
                                  "sources": [os.path.abspath(p) for p in self.conservation]}
@@ -70,6 +87,9 @@ class PackOptions:
 
 
 def check_options_file(out: Path, opts: PackOptions) -> None:
+    """Refuse a pack with other options than the one in --out (ValueError), or record these
+    options there if none is. Under the pack's state lock (lock.py: `start_jobs`), so of two
+    packs starting together one records and the other compares."""
     path = state_dir(out) / "options.json"
     want = dumps({"options": opts.recorded(), "num_jobs": opts.num_jobs})
     if path.exists():

@@ -9,6 +9,7 @@ from multiprocessing import get_context
 from multiprocessing.connection import wait
 
 from ..fasta import BadInputError
+from ..holdout import BadRegionsError
 from ..shards import ResumeMismatch, ShardIO
 from ..tracks import BadTrackError
 from .books import JobBooks
@@ -122,7 +123,7 @@ def _worker(conn, ctx: PackContext) -> None:
     except SkipFile as e:
         conn.send(("skip", None, (e.index, e.check)))
     except BaseException as e:  # noqa: BLE001 - everything goes back to the job, which stops
-        if not isinstance(e, (BadInputError, BadTrackError, OSError, ResumeMismatch)):
+        if not isinstance(e, (BadInputError, BadTrackError, BadRegionsError, OSError, ResumeMismatch)):
             import traceback
 
             e = RuntimeError(f"pack worker failed: {traceback.format_exc()}")

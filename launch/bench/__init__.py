@@ -9,6 +9,7 @@ Every benchmark lives in this package, one module per target, so the model packa
     train   train.py   training tokens/s (real `hyena-glt train` runs), Hyena vs attention-only
     merge   merge.py   the byte-level model with vs without token merging
     generate generate.py cached decoding vs recompute; streaming vs one-pass scoring memory
+    stream  stream.py  chunked (cached) vs one-pass scoring time and memory with attention; 1 Mbp streams
     gpu     gpu.py     the CUDA check (make gpu-check)
 
 Each module exposes `add_arguments(parser)` and `run(args) -> int`. Results print as a
@@ -28,6 +29,8 @@ BENCH_TARGETS = {
     "train": ("launch.bench.train", "training tokens/s: tiny/small, 1 vs 2 processes (DP, TP), Hyena vs attention-only"),
     "merge": ("launch.bench.merge", "byte-level model with vs without token merging; position-system cost"),
     "generate": ("launch.bench.generate", "cached decoding vs recompute tokens/s; streaming vs one-pass scoring memory"),
+    "stream": ("launch.bench.stream", "chunked vs one-pass scoring time and memory (tiny attention model), "
+               "1 Mbp streams of both tiny models"),
     "gpu": ("launch.bench.gpu", "the CUDA check (make gpu-check): CUDA vs CPU forward, 1B bf16 tokens/s, MFU, memory"),
 }
 

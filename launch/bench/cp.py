@@ -17,15 +17,17 @@ import time
 
 import torch
 
+from launch.args import positive_int
+
 CODES = {"D": "medium regularized (128 taps)", "H": "long implicit (modal)"}
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--cp", type=int, default=2)
-    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--cp", type=positive_int, default=2)
+    p.add_argument("--d-model", type=positive_int, default=256)
     p.add_argument("--lengths", default="8192,32768", help="comma-separated global sequence lengths")
     p.add_argument("--layers", default="DH", help="layer codes to measure")
-    p.add_argument("--repeats", type=int, default=2, help="timed steps (after one warm-up); the fastest is kept")
+    p.add_argument("--repeats", type=positive_int, default=2, help="timed steps (after one warm-up); the fastest is kept")
 
 
 def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:

@@ -73,8 +73,8 @@ def add_arguments(p) -> None:
     p.add_argument("--peak-tflops", type=positive_float, default=H200_BF16_PEAK_TFLOPS,
                    help=f"per-GPU bf16 peak for MFU (default {H200_BF16_PEAK_TFLOPS:g}, measured on the H200)")
     p.add_argument("--time-budget", type=positive_float, default=300.0,
-                   help="seconds for the whole check; training cases that would start after it are skipped (default 300)")
-    p.add_argument("--nproc", type=positive_int, default=1, help="processes (GPUs) under torchrun (default 1)")
+                   help="seconds for the whole check; training cases that would start after it are skipped")
+    p.add_argument("--nproc", type=positive_int, default=1, help="processes (GPUs) under torchrun")
 
 
 # ---------------------------------------------------------------------------- (a) forward parity

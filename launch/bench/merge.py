@@ -40,6 +40,7 @@ from hyena_glt.config import (
     PATCHING_STATIC,
 )
 from hyena_glt.params import initialize
+from launch.args import positive_float, positive_int
 
 from .ops import _in_child
 
@@ -53,7 +54,7 @@ LN2 = math.log(2)
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--d-model", type=positive_int, default=128)
     p.add_argument("--pattern", default="SDHSDH", help="global layers (the unmerged model uses them over bytes)")
     p.add_argument("--local", default="S", help="local encoder and decoder layers of the U-shape")
     p.add_argument("--lengths", default="16384,32768",
@@ -61,19 +62,19 @@ def add_arguments(p) -> None:
     p.add_argument("--patchers", default=",".join((*PATCHING, "optimal" + ADAPT_SUFFIX)),
                    help=f"patching modes; {' and '.join(PATCHING_ALIASES)} are entropy modes, "
                    f"'{ADAPT_SUFFIX}' adds the complexity-adaptive merge ratio (patch_adapt)")
-    p.add_argument("--patch-size", type=float, default=4.0, help="mean patch length for every patcher")
-    p.add_argument("--slack", type=float, default=1.25, help="patch slots = slack * L / patch size (entropy, learned)")
-    p.add_argument("--repeats", type=int, default=2, help="rounds over all models (each a warm-up + a timed step); the fastest round is reported")
-    p.add_argument("--position-length", type=int, default=65536, help="bytes for the position-system comparison")
-    p.add_argument("--train-seconds", type=float, default=20.0,
+    p.add_argument("--patch-size", type=positive_float, default=4.0, help="mean patch length for every patcher")
+    p.add_argument("--slack", type=positive_float, default=1.25, help="patch slots = slack * L / patch size (entropy, learned)")
+    p.add_argument("--repeats", type=positive_int, default=2, help="rounds over all models (each a warm-up + a timed step); the fastest round is reported")
+    p.add_argument("--position-length", type=positive_int, default=65536, help="bytes for the position-system comparison")
+    p.add_argument("--train-seconds", type=positive_float, default=20.0,
                    help="training budget per model in CPU seconds / threads (0: skip part 3)")
-    p.add_argument("--train-d-model", type=int, default=64)
-    p.add_argument("--train-len", type=int, default=1024)
-    p.add_argument("--train-batch", type=int, default=8)
-    p.add_argument("--train-threads", type=int, default=1,
+    p.add_argument("--train-d-model", type=positive_int, default=64)
+    p.add_argument("--train-len", type=positive_int, default=1024)
+    p.add_argument("--train-batch", type=positive_int, default=8)
+    p.add_argument("--train-threads", type=positive_int, default=1,
                    help="threads for part 3 (1: the CPU-time budget is exact even on a busy machine)")
     p.add_argument("--genome", default=str(DEFAULT_GENOME), help="gzip FASTA for inputs and training")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads in each timed process (default: torch's own count, every core)")
 
 

@@ -38,23 +38,25 @@ import tempfile
 import time
 from pathlib import Path
 
+from launch.args import positive_float, positive_int
+
 BUNDLED = Path(__file__).resolve().parents[2] / "data" / "genomes"
 
 
 def add_arguments(p) -> None:
     p.add_argument("--inputs", nargs="+", default=[str(BUNDLED)], help="FASTA inputs (default: the bundled genomes)")
-    p.add_argument("--copies", type=int, nargs="+", default=[4, 32],
+    p.add_argument("--copies", type=positive_int, nargs="+", default=[4, 32],
                    help="collections to time: N copies of the inputs as separate files, one collection per N "
                         "(default 4 32: 12 and 96 files of the bundled genomes, 22 and 178 Mbp; 1 packs the "
                         "inputs alone)")
-    p.add_argument("--seq-len", type=int, default=8192, help="pack window length (default 8192, pack's default)")
+    p.add_argument("--seq-len", type=positive_int, default=8192, help="pack window length (pack's default)")
     p.add_argument("--reverse-complement", choices=("none", "both"), default="none")
-    p.add_argument("--shard-size-mb", type=float, default=256.0,
-                   help="pack shard size (default 256, pack's default: the per-byte costs of a real pack, where "
+    p.add_argument("--shard-size-mb", type=positive_float, default=256.0,
+                   help="pack shard size (pack's default: the per-byte costs of a real pack, where "
                         "creating a shard's files is rare; small shards add those costs, which depend on the "
                         "file system: ~0.02-0.7 ms per file created here)")
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to time (default 1 2)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per case; the median is reported (default 5)")
+    p.add_argument("--workers", type=positive_int, nargs="+", default=[1, 2], help="worker counts to time")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed runs per case; the median is reported")
 
 
 def _cpu_model() -> str:

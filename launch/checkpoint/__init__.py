@@ -1,7 +1,9 @@
 """Distributed checkpoints that any layout can read, for pretraining and fine-tuning.
 
-The package's parts: io.py (primitives, names), lock.py, writer.py, pruning.py, reader.py;
-convert.py holds `convert` and `reshard`. Everything is imported from `launch.checkpoint`.
+The package's parts: io.py (primitives, names), lock.py, writer.py, pruning.py, reader.py,
+publish.py (output directories written whole, under a lock); convert.py holds `convert` and
+`reshard`. Everything is imported from `launch.checkpoint`, lazily (PEP 562): a command that
+takes only the lock or publish.py (import-evo2, export-vortex) does not import megatron-core.
 
     CKPT_DIR/
       latest                         the name of the newest complete checkpoint
@@ -36,60 +38,72 @@ Trust (docs/checkpoints.md):
   * DirLock: one run per checkpoint.dir (a LOCK file holding host, PID and start time).
   * Pruning never deletes a checkpoint newer than the one just saved; a failed save removes
     its temporary folder and leaves `latest` and the previous checkpoint as they were.
+  * Outputs of convert, reshard, import-evo2, export-vortex and finetune (publish.py): locked
+    (`OUT.LOCK`), written beside OUT and renamed into place when complete; a non-empty OUT is
+    refused without `--replace`. Saved model directories carry checksums.json
+    (hyena_glt/checksums.py), checked when loaded.
 """
 
+from importlib import import_module
 
-from launch.checkpoint.io import (  # noqa: F401
-    FORMAT,
-    LOCK,
-    META,
-    STATE,
-    VERSION,
-    CheckpointError,
-    file_record,
-    latest_checkpoint,
-    oneline,
-    open_tensors,
-    read_json,
-    read_tensors,
-    rng_file,
-    rng_state_tensors,
-    set_rng_state_tensors,
-    shard_file,
-    step_dirs,
-    step_name,
-    step_of,
-    write_json,
-    write_tensors,
-    write_text_atomic,
-)
-from launch.checkpoint.lock import (  # noqa: F401
-    DirLock,
-)
-from launch.checkpoint.pruning import (  # noqa: F401
-    prune,
-    remove_checkpoint,
-    remove_stale_temporaries,
-    set_aside,
-)
-from launch.checkpoint.reader import (  # noqa: F401
-    Problem,
-    ShardReader,
-    check_checkpoint,
-    damage_report,
-    describe,
-    find_intact,
-    full_model_state,
-    load_checkpoint,
-    missing_optimizer_files,
-    read_meta,
-    read_state_tensors,
-    set_model_weights,
-)
-from launch.checkpoint.writer import (  # noqa: F401
-    commit,
-    new_folder,
-    save_checkpoint,
-    write_meta,
-    write_shards,
-)
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "FORMAT": "io",
+    "LOCK": "io",
+    "META": "io",
+    "STATE": "io",
+    "VERSION": "io",
+    "CheckpointError": "io",
+    "file_record": "io",
+    "latest_checkpoint": "io",
+    "oneline": "io",
+    "open_tensors": "io",
+    "read_json": "io",
+    "read_tensors": "io",
+    "rng_file": "io",
+    "rng_state_tensors": "io",
+    "set_rng_state_tensors": "io",
+    "shard_file": "io",
+    "step_dirs": "io",
+    "step_name": "io",
+    "step_of": "io",
+    "write_json": "io",
+    "write_tensors": "io",
+    "write_text_atomic": "io",
+    "DirLock": "lock",
+    "prune": "pruning",
+    "remove_checkpoint": "pruning",
+    "remove_stale_temporaries": "pruning",
+    "set_aside": "pruning",
+    "Publication": "publish",
+    "add_replace_option": "publish",
+    "recover": "publish",
+    "Problem": "reader",
+    "ShardReader": "reader",
+    "check_checkpoint": "reader",
+    "damage_report": "reader",
+    "describe": "reader",
+    "find_intact": "reader",
+    "full_model_state": "reader",
+    "load_checkpoint": "reader",
+    "missing_optimizer_files": "reader",
+    "read_meta": "reader",
+    "read_state_tensors": "reader",
+    "set_model_weights": "reader",
+    "commit": "writer",
+    "new_folder": "writer",
+    "save_checkpoint": "writer",
+    "write_meta": "writer",
+    "write_shards": "writer",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value

@@ -12,6 +12,11 @@ them, and OUT_DIR/tasks/ gets the multi-task model (backbone and every head, tas
 Both verify the files they read against the sizes and sha256 recorded in meta.json first: a
 checkpoint.dir falls back to its newest intact checkpoint (said in one line on stderr), one
 named step_* folder that is damaged is refused naming the file.
+
+Both publish OUT_DIR whole (launch/checkpoint/publish.py): under the lock `OUT_DIR.LOCK`,
+written into `OUT_DIR.partial-XXXXXXXX` and renamed into place when complete; a non-empty
+OUT_DIR is refused unless `--replace` (then swapped in whole). The model directory convert
+writes carries checksums.json (hyena_glt/checksums.py).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from launch.args import nonnegative_float
 
 PROBE_SEED, PROBE_LEN, PROBE_BATCH = 1234, 256, 2
 
@@ -68,28 +75,31 @@ def _warn(msg: str) -> None:
 TASKS_DIR = "tasks"  # where convert writes a co-trained checkpoint's multi-task model, inside OUT_DIR
 
 
-def convert(ckpt: str | Path, out_dir: str | Path, log=_warn):
+def convert(ckpt: str | Path, out_dir: str | Path, log=_warn, replace: bool = False):
+    """Write the model of checkpoint `ckpt` to `out_dir`, published whole (a non-empty
+    `out_dir` is refused unless `replace`)."""
     from hyena_glt import HyenaGLTConfig, build_causal_lm
     from hyena_glt.heads import HyenaGLTMultiTask
     from hyena_glt.model import check_state_dict
-    from launch.checkpoint import full_model_state, read_meta
+    from launch.checkpoint import Publication, full_model_state, read_meta
     from megatron_adapters.task_heads import is_head_parameter
 
-    path = resolve_checkpoint(ckpt, ("model",), log)
-    meta = read_meta(path)
-    cfg = HyenaGLTConfig.from_dict(meta["model_config"])
-    state = full_model_state(path)
-    heads = {k: state.pop(k) for k in [k for k in state if is_head_parameter(k)]}
-    model = build_causal_lm(cfg, initialize=False)
-    check_state_dict(model, state, str(path))
-    model.load_state_dict(state, strict=True)
-    model.save_pretrained(out_dir)
-    if heads or meta.get("tasks"):
-        multi = HyenaGLTMultiTask(cfg, meta.get("tasks") or {}, dropout=0.0, initialize=False)
-        multi_state = {**{k: v for k, v in state.items() if k.startswith("model.")}, **heads}
-        check_state_dict(multi, multi_state, str(path))
-        multi.load_state_dict(multi_state, strict=True)
-        multi.save_pretrained(Path(out_dir) / TASKS_DIR)
+    with Publication([out_dir], command="convert", replace=replace) as (tmp,):
+        path = resolve_checkpoint(ckpt, ("model",), log)
+        meta = read_meta(path)
+        cfg = HyenaGLTConfig.from_dict(meta["model_config"])
+        state = full_model_state(path)
+        heads = {k: state.pop(k) for k in [k for k in state if is_head_parameter(k)]}
+        model = build_causal_lm(cfg, initialize=False)
+        check_state_dict(model, state, str(path))
+        model.load_state_dict(state, strict=True)
+        model.save_pretrained(tmp)
+        if heads or meta.get("tasks"):
+            multi = HyenaGLTMultiTask(cfg, meta.get("tasks") or {}, dropout=0.0, initialize=False)
+            multi_state = {**{k: v for k, v in state.items() if k.startswith("model.")}, **heads}
+            check_state_dict(multi, multi_state, str(path))
+            multi.load_state_dict(multi_state, strict=True)
+            multi.save_pretrained(tmp / TASKS_DIR)
     return model, meta, path
 
 
@@ -100,11 +110,14 @@ def probe_batch(vocab_bytes: int = 256) -> torch.Tensor:
 
 def _verify(path: Path, out_dir: Path, meta: dict) -> float:
     """Run the sharded model on the probe batch under torchrun and compare logits."""
+    import tempfile
+
     from launch.net import free_port
 
     world = meta["layout"]["world_size"]
     port = free_port()
-    result = out_dir / "verify_logits.safetensors"
+    scratch = tempfile.TemporaryDirectory(prefix="hyena-glt-verify-")  # never inside the published OUT_DIR
+    result = Path(scratch.name) / "verify_logits.safetensors"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--rdzv-backend", "c10d",
            "--rdzv-endpoint", f"127.0.0.1:{port}", "-m", "launch.checkpoint.convert", "--probe", str(path), str(result)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -114,7 +127,7 @@ def _verify(path: Path, out_dir: Path, meta: dict) -> float:
     from launch.checkpoint import read_tensors
 
     sharded = read_tensors(result)["logits"]
-    result.unlink()
+    scratch.cleanup()
     single = load_causal_lm(out_dir).eval()
     with torch.no_grad():
         logits = single(probe_batch()).logits
@@ -157,28 +170,16 @@ def _probe_worker(ckpt: str, result: str) -> None:
     destroy_parallel()
 
 
-def reshard(ckpt: str | Path, out_dir: str | Path, overrides: list[str], log=_warn) -> Path:
+def reshard(ckpt: str | Path, out_dir: str | Path, overrides: list[str], log=_warn, replace: bool = False) -> Path:
     """Rewrite a checkpoint's model and optimizer shards for another tp/pp/vpp (cp, dp and the
     ZeRO stage need no rewrite: any checkpoint loads under them as it is). Written with
     launch/checkpoint/'s writer (shards, meta.json with every file's size and sha256,
-    `latest`), as a training run would, into an OUT_DIR that holds no checkpoint yet."""
-    import shutil
-
+    `latest`), as a training run would, into a new checkpoint.dir OUT_DIR published whole (a
+    non-empty one is refused unless `replace`; replacing one a training run uses is refused)."""
     from hyena_glt import HyenaGLTConfig
-    from launch.checkpoint import (
-        CheckpointError,
-        ShardReader,
-        commit,
-        new_folder,
-        read_meta,
-        step_dirs,
-        write_meta,
-        write_shards,
-    )
+    from launch.checkpoint import Publication, read_meta, step_name
     from launch.training.config import TrainConfig, apply_override
     from megatron_adapters.parallel_config import make_layout
-    from megatron_adapters.state_dict import shard_state_dict
-    from megatron_adapters.task_heads import is_head_parameter
 
     path = resolve_checkpoint(ckpt, ("model", "optim"), log)
     meta = read_meta(path)
@@ -192,10 +193,22 @@ def reshard(ckpt: str | Path, out_dir: str | Path, overrides: list[str], log=_wa
     p = new.parallel
     mp = p.tp * p.cp * p.pp
     layout = make_layout(new.parallel_config(), cfg, mp, seq_length=new.train.seq_len)
-    root = Path(out_dir)
-    held = step_dirs(root)
-    if held:
-        raise CheckpointError(f"{root} already holds checkpoints ({held[-1].name}); reshard into a new directory")
+    with Publication([out_dir], command="reshard", replace=replace, checkpoint_dir=True) as (root,):
+        _reshard_into(root, path, meta, new, cfg, layout, mp)
+    return Path(out_dir) / step_name(meta["step"])
+
+
+def _reshard_into(root: Path, path: Path, meta: dict, new, cfg, layout, mp: int) -> Path:
+    from launch.checkpoint import (
+        ShardReader,
+        commit,
+        new_folder,
+        write_meta,
+        write_shards,
+    )
+    from megatron_adapters.state_dict import shard_state_dict
+    from megatron_adapters.task_heads import is_head_parameter
+
     model = ShardReader(path, "model")
     full = {n: model.full(n) for n in model.keys()}
     states = {}
@@ -207,27 +220,24 @@ def reshard(ckpt: str | Path, out_dir: str | Path, overrides: list[str], log=_wa
     heads = {n: full.pop(n) for n in [n for n in full if is_head_parameter(n)]}
     head_states = {k: {n: st.pop(n) for n in [n for n in st if is_head_parameter(n)]} for k, st in states.items()}
     last = layout.parallel.num_stages - 1
-    tmp = new_folder(root, meta["step"])
-    try:
-        files: dict[str, dict] = {}
-        for rank in range(mp):  # dp = 1 here: one writer per (tp, pp)
-            c = layout.coords(rank)
-            if c.cp != 0:
-                continue
-            shard = {}
-            for k, st in states.items():
-                shard.update({f"{k}/{n}": t for n, t in _shard_partial(st, layout, rank).items()})
-            weights = shard_state_dict(full, layout, rank)
-            if last in layout.chunk_stages(c.pp):
-                weights.update(heads)
-                shard.update({f"{k}/{n}": t for k, st in head_states.items() for n, t in st.items()})
-            files.update(write_shards(tmp, c.tp, c.pp, weights, shard))
-        meta["train_config"] = new.model_dump(mode="json")
-        meta["layout"] = new.layout_record(None, None)
-        write_meta(tmp, meta, files=files)
-        return commit(tmp, root, meta["step"])
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already once committed
+    tmp = new_folder(root, meta["step"])  # inside the partial OUT_DIR: removed with it on failure
+    files: dict[str, dict] = {}
+    for rank in range(mp):  # dp = 1 here: one writer per (tp, pp)
+        c = layout.coords(rank)
+        if c.cp != 0:
+            continue
+        shard = {}
+        for k, st in states.items():
+            shard.update({f"{k}/{n}": t for n, t in _shard_partial(st, layout, rank).items()})
+        weights = shard_state_dict(full, layout, rank)
+        if last in layout.chunk_stages(c.pp):
+            weights.update(heads)
+            shard.update({f"{k}/{n}": t for k, st in head_states.items() for n, t in st.items()})
+        files.update(write_shards(tmp, c.tp, c.pp, weights, shard))
+    meta["train_config"] = new.model_dump(mode="json")
+    meta["layout"] = new.layout_record(None, None)
+    write_meta(tmp, meta, files=files)
+    return commit(tmp, root, meta["step"])
 
 
 def _shard_partial(states: dict[str, torch.Tensor], layout, rank: int) -> dict[str, torch.Tensor]:
@@ -241,23 +251,27 @@ def _shard_partial(states: dict[str, torch.Tensor], layout, rank: int) -> dict[s
 
 
 def register(sub) -> None:
+    from launch.checkpoint.publish import add_replace_option
+
     p = sub.add_parser("convert", help="merge a distributed checkpoint into one single-GPU model directory")
     p.add_argument("ckpt", metavar="CKPT_DIR", help="a checkpoint.dir (its latest checkpoint) or one step_* folder")
     p.add_argument("out", metavar="OUT_DIR")
     p.add_argument("--verify", action="store_true",
                    help="also run the sharded model (torchrun, its own layout) and compare logits on a probe batch")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="max |logit difference| accepted by --verify")
+    p.add_argument("--tolerance", type=nonnegative_float, default=1e-4, help="max |logit difference| accepted by --verify")
+    add_replace_option(p)
     p.set_defaults(func=_convert_cmd)
 
     p = sub.add_parser("reshard", help="rewrite a distributed checkpoint for another parallel layout")
     p.add_argument("ckpt", metavar="CKPT_DIR")
     p.add_argument("out", metavar="OUT_DIR", help="a new checkpoint.dir to continue training from")
     p.add_argument("overrides", nargs="+", help="parallel.tp=.. parallel.pp=.. parallel.vpp=.. parallel.cp=.. zero.stage=..")
+    add_replace_option(p)
     p.set_defaults(func=_reshard_cmd)
 
 
 def _convert_cmd(args) -> int:
-    model, meta, path = convert(args.ckpt, args.out)
+    model, meta, path = convert(args.ckpt, args.out, replace=args.replace)
     lay = meta["layout"]
     print(f"converted {path} (step {meta['step']}, layout tp={lay['tp']} cp={lay['cp']} pp={lay['pp']} "
           f"vpp={lay.get('vpp', 1)}) -> {args.out}: {model.num_parameters():,} parameters")
@@ -274,7 +288,7 @@ def _convert_cmd(args) -> int:
 
 
 def _reshard_cmd(args) -> int:
-    out = reshard(args.ckpt, args.out, args.overrides)
+    out = reshard(args.ckpt, args.out, args.overrides, replace=args.replace)
     print(f"resharded -> {out}; continue with checkpoint.dir={args.out} and the same overrides")
     return 0
 

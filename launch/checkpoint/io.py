@@ -4,7 +4,6 @@ checked reads, RNG state as tensors, and the names of a checkpoint's folders and
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -13,7 +12,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+
+from hyena_glt.checksums import file_record, write_safetensors  # noqa: F401  (file_record: re-exported)
 
 FORMAT = "hyena-glt-distributed-checkpoint"
 VERSION = 1
@@ -61,29 +61,12 @@ def read_json(path: str | Path):
         raise ValueError(f"{path}: not a JSON file ({type(e).__name__}: {e})") from None
 
 
-def file_record(path: str | Path) -> dict:
-    """{"size", "sha256"} of a file (what meta.json records for every file of a checkpoint)."""
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-            size += len(chunk)
-    return {"size": size, "sha256": h.hexdigest()}
-
-
 def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> dict:
     """A safetensors file, written atomically (contiguous CPU copies of the tensors). Returns
-    its file_record (size and sha256 of what is on disk)."""
-    path = Path(path)
-    tmp = _tmp_sibling(path)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        record = file_record(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return record
+    its file_record (size and sha256 of what is on disk). A failed write (a full disk: an
+    OSError, or safetensors' own SafetensorError) leaves no temporary file and raises an
+    OSError naming `path` and the cause (hyena_glt.checksums.write_safetensors)."""
+    return write_safetensors(path, tensors, metadata)
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@ then one rename into place (`commit`) and `latest` updated; a failed save leaves
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import uuid
@@ -103,13 +104,33 @@ def save_checkpoint(root: str | Path, step: int, pm, opt, meta: dict, keep: int,
         try:
             tmp_name = new_folder(root, step).name
         except OSError as e:
-            error = oneline(e)
+            error = _why(e)
     agreed = [tmp_name, error]
     dist.broadcast_object_list(agreed, src=0)
     tmp_name, error = agreed
     if error:
         raise CheckpointError(f"{what}: {error}")
     tmp = root / tmp_name
+    try:
+        return _save_into(tmp, root, step, pm, opt, meta, keep, tensors, what)
+    except BaseException:  # anything else (a bug, an interrupt): never leave the temporary folder
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _why(e: OSError) -> str:
+    """A failed write in one line, naming the file: 'FILE: No space left on device (ENOSPC)'."""
+    if e.errno is not None and e.strerror:
+        code = errno.errorcode.get(e.errno, str(e.errno))
+        return f"{e.filename}: {e.strerror} ({code})" if e.filename else f"{e.strerror} ({code})"
+    return oneline(e)
+
+
+def _save_into(tmp: Path, root: Path, step: int, pm, opt, meta: dict, keep: int,
+               tensors: dict[str, torch.Tensor] | None, what: str) -> Path:
+    rank = dist.get_rank()
+    error = None
 
     # Collectives under ZeRO (states are gathered over data parallel): every rank joins.
     master = opt.master_params()
@@ -123,7 +144,7 @@ def save_checkpoint(root: str | Path, step: int, pm, opt, meta: dict, keep: int,
             written.update(write_shards(tmp, tp, pp, {**model_state, **dict(pm.named_persistent_buffers())}, states))
         written[rng_file(rank)] = write_tensors(tmp / rng_file(rank), rng_state_tensors())
     except OSError as e:
-        error = oneline(e)
+        error = _why(e)
     records = [None] * dist.get_world_size()
     dist.all_gather_object(records, written)
     failed = _first_error(error)
@@ -139,7 +160,7 @@ def save_checkpoint(root: str | Path, step: int, pm, opt, meta: dict, keep: int,
                              "adam_steps": {n: s for n, s in steps.items() if s != adam_step}, **meta}, files=files)
             commit(tmp, root, step, keep)
         except OSError as e:
-            error = oneline(e)
+            error = _why(e)
     if failed is None:
         agreed = [error]
         dist.broadcast_object_list(agreed, src=0)

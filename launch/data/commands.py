@@ -21,6 +21,10 @@ Exit codes: 0 all done; 1 done but some inputs were skipped (--skip-bad-files);
 Under `mpiexec -n N` each rank packs its share (rank/size from MPI); in a SLURM array
 (`sbatch --array=0-N`, launch/cluster/slurm_pack.sbatch) each task packs its share (index/count from
 SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT). --num-jobs/--job-index override both.
+One run per job: a second run of a job into a DIR where it is running is refused (exit 2,
+one line naming its host and PID; lock DIR/.pack/LOCK-job-NNNNN), and so is a pack with
+other options; the lock of a run that is gone is taken over. While a pack runs, and after
+it is killed, DIR has no manifest.json: the same command again completes it.
 """
 
 
@@ -32,8 +36,24 @@ def register(sub) -> None:
     p.add_argument("--seq-len", type=positive_int, default=8192, help="window length in bases (default 8192)")
     p.add_argument("--stride", type=positive_int, default=None,
                    help="distance between window starts; < --seq-len makes windows overlap (default: --seq-len)")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of records put in 'val' (default 0.01)")
-    p.add_argument("--test-fraction", type=float, default=0.0, help="fraction of records put in 'test' (default 0)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="fraction of records put in 'val' (with --split-by position: of each record's windows); "
+                        "default 0.01, 0 with --val-regions")
+    p.add_argument("--test-fraction", type=float, default=None,
+                   help="fraction of records put in 'test' (with --split-by position: of each record's windows); "
+                        "default 0")
+    p.add_argument("--split-by", choices=("record", "position"), default=None,
+                   help="record: each record goes whole to one split (default); position: the fractions are held out "
+                        "of every record as one block of its windows at a seeded position, windows overlapping the "
+                        "block dropped (for a genome of one or a few records)")
+    p.add_argument("--val-regions", metavar="BED",
+                   help="hold out these intervals (BED: record id, 0-based start, end) as 'val': windows overlapping "
+                        "them go to val, windows overlapping those are dropped, the rest is train (--test-fraction "
+                        "still takes whole records)")
+    p.add_argument("--allow-empty-split", action="store_true",
+                   help="write manifest.json (with a warning) even when a split given on the command line "
+                        "(--val-fraction, --test-fraction, --split-by, --val-regions) comes out empty; without it "
+                        "such a pack is refused (exit 2). Also with --finalize")
     p.add_argument("--reverse-complement", choices=("none", "both"), default="none",
                    help="'both' also writes every window's reverse complement (strand '-'); default none")
     p.add_argument("--max-n-fraction", type=float, default=0.1,
@@ -121,10 +141,14 @@ def slurm_array_job() -> tuple[int, int] | None:
 
 def _pack(args) -> int:
     if args.finalize:
+        from data_tools.holdout import empty_splits, region_warnings
         from data_tools.manifest import try_finalize
+        from data_tools.pack.job import split_counts
 
-        merged = try_finalize(args.finalize, require=True)
-        print(f"wrote {args.finalize}/manifest.json")
+        merged = try_finalize(args.finalize, require=True, allow_empty_split=args.allow_empty_split)
+        print(f"wrote {args.finalize}/manifest.json; {split_counts(merged['options'], merged['totals'])}")
+        for warning in empty_splits(merged) + region_warnings(merged):
+            print(f"warning: {warning}", file=sys.stderr)
         for s in merged["skipped_files"]:
             print(f"SKIPPED {s['path']}: {s['reason']}", file=sys.stderr)
         return 1 if merged["skipped_files"] else 0
@@ -135,9 +159,15 @@ def _pack(args) -> int:
     from data_tools.pack import PackOptions, run_pack
 
     job_index, num_jobs, ranks = _resolve_job(args)
+    # Splits named on the command line are asked for: one that comes out empty refuses the
+    # pack; the default splits only warn (docs/data.md).
+    asked = any(v is not None for v in (args.val_fraction, args.test_fraction, args.split_by, args.val_regions))
     opts = PackOptions(
         inputs=args.inputs, out=args.out, seq_len=args.seq_len, stride=args.stride,
-        val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+        val_fraction=args.val_fraction if args.val_fraction is not None else (0.0 if args.val_regions else 0.01),
+        test_fraction=args.test_fraction if args.test_fraction is not None else 0.0,
+        split_by=args.split_by or "record", val_regions=args.val_regions,
+        empty_split="refuse" if asked and not args.allow_empty_split else "warn",
         reverse_complement=args.reverse_complement, max_n_fraction=args.max_n_fraction,
         min_len=args.min_len, shard_size_mb=args.shard_size_mb, unit_mb=args.unit_mb, seed=args.seed,
         skip_bad_files=args.skip_bad_files, conservation=args.conservation, workers=args.workers,

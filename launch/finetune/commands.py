@@ -23,11 +23,18 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from launch.args import fraction, nonnegative_float, nonnegative_int, positive_float, positive_int
+from launch.args import (
+    fraction,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
 
 
 def register(sub) -> None:
     from hyena_glt.heads import TASK_KINDS
+    from launch.checkpoint.publish import add_replace_option
     from launch.training.watchdog import DEFAULT_TIMEOUT as DEFAULT_PEER_TIMEOUT
 
     kinds = ", ".join(TASK_KINDS)
@@ -39,7 +46,9 @@ def register(sub) -> None:
     p.add_argument("--train", help="CSV/TSV (sequence,label) or FASTA with labels in headers")
     p.add_argument("--tasks", metavar="YAML", help="multi-task: named tasks (kind, train, val, weight) on one backbone")
     p.add_argument("--val", help="validation file (same formats); metrics are printed after each epoch")
-    p.add_argument("--out", default="runs/finetune", help="where the fine-tuned model is saved")
+    p.add_argument("--out", default="runs/finetune",
+                   help="where the fine-tuned model is saved (published whole when the run ends; OUT/checkpoint "
+                   "holds the run's checkpoints)")
     p.add_argument("--epochs", type=positive_int, default=3, help="passes over the training data (multi-task: all tasks' batches)")
     p.add_argument("--max-steps", type=nonnegative_int, default=0, help="stop after this many steps (0: run all epochs)")
     p.add_argument("--batch-size", type=positive_int, default=16)
@@ -50,6 +59,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--save-every", type=nonnegative_int, default=0, help="checkpoint every N steps (always at each epoch end)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if there is one")
+    add_replace_option(p, "--out")
     p.add_argument("--exit-after-steps", type=nonnegative_int, default=0,
                    help="save a checkpoint and exit after N steps of this run (then --resume)")
     p.add_argument("--peer-timeout-s", type=nonnegative_float, default=DEFAULT_PEER_TIMEOUT,
@@ -57,15 +67,21 @@ def register(sub) -> None:
                    "and its host (as train.peer_timeout_s); 0: off")
     p.set_defaults(func=_finetune)
 
-    p = sub.add_parser("predict", help="predict with a fine-tuned model", description="Predict labels or values.")
+    p = sub.add_parser(
+        "predict", help="predict with a fine-tuned model",
+        description="Predict labels or values: a TSV with a header, one row per sequence (the --input records "
+        "in file order, then the --sequence ones). Classification: the predicted label and one probability "
+        "column per class, named p_LABEL; token classification: one label per base; regression: the value. "
+        "Without --output the table (and, when every input is labelled, a metrics line) goes to stdout; with "
+        "--output it goes to the file and one summary line to stderr.")
     p.add_argument("--model", required=True, help="directory written by `hyena-glt finetune`")
     p.add_argument("--task", help="multi-task model: which task's head predicts")
     p.add_argument("--input", help="CSV/TSV/FASTA (labels optional; if all present, metrics are printed)")
     p.add_argument("--sequence", action="append", default=[], help="a sequence to predict (repeatable)")
-    p.add_argument("--output", help="also write the predictions as TSV to this file")
+    p.add_argument("--output", help="write the predictions as TSV to this file instead of stdout")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--max-len", type=positive_int, default=1024,
-                   help="longer sequences are truncated to this many bases (default 1024)")
+                   help="longer sequences are truncated to this many bases")
     p.set_defaults(func=_predict)
 
 
@@ -199,10 +215,18 @@ def _finetune(args) -> int:
 
 
 def _predict(args) -> int:
+    import sys
+
     import torch
 
     from data_tools.labelled import LabelledRecord, read_labelled
-    from hyena_glt.heads import TASKS_NAME, HyenaGLTMultiTask, TaskSpec, load_head_model, task_kind
+    from hyena_glt.heads import (
+        TASKS_NAME,
+        HyenaGLTMultiTask,
+        TaskSpec,
+        load_head_model,
+        task_kind,
+    )
     from hyena_glt.multitask import MultiTaskMetrics
     from launch.finetune.data import collate, encode_examples, fmt_metrics
 
@@ -227,7 +251,7 @@ def _predict(args) -> int:
     records += [LabelledRecord(f"seq{i + 1}", s, None) for i, s in enumerate(args.sequence)]
     examples = encode_examples(records, spec.kind, spec.label_names, args.max_len, args.input or "--sequence")
     metrics = MultiTaskMetrics({name: spec})
-    lines = []
+    rows = []
     with torch.no_grad():
         for i in range(0, len(examples), args.batch_size):
             chunk = examples[i : i + args.batch_size]
@@ -236,12 +260,44 @@ def _predict(args) -> int:
             if labels is not None:
                 metrics.update(name, logits, labels)
             for j, (x, _) in enumerate(chunk):
-                lines.append(f"{records[i + j].id}\t{kind.format_output(logits[j], len(x), spec.label_names)}")
-    header = f"id\t{kind.output_header}"
-    print(header)
-    print("\n".join(lines))
+                rows.append([records[i + j].id, *kind.format_output(logits[j], len(x), spec.label_names).split("\t")])
+    classes = spec.label_names or [str(k) for k in range(spec.num_labels)]
+    header, rows = _class_columns(["id", *kind.output_header.split("\t")], rows, classes)
+    table = "\n".join("\t".join(r) for r in [header, *rows]) + "\n"
+    scored = records and all(r.label is not None for r in records)
+    summary = "metrics: " + fmt_metrics(metrics.compute()[name], spec.kind) if scored else ""
     if args.output:
-        Path(args.output).write_text(header + "\n" + "\n".join(lines) + "\n")
-    if records and all(r.label is not None for r in records):
-        print("metrics: " + fmt_metrics(metrics.compute()[name], spec.kind))
+        Path(args.output).write_text(table)
+        task = f" (task {head})" if head else ""
+        print(f"predict: wrote {len(rows)} prediction(s){task} to {args.output}" + (f"; {summary}" if summary else ""),
+              file=sys.stderr)
+    else:
+        sys.stdout.write(table)
+        if summary:
+            print(summary)
     return 0
+
+
+def _class_columns(header: list[str], rows: list[list[str]], classes: list[str]) -> tuple[list[str], list[list[str]]]:
+    """`predict`'s table with every column that holds one number per class (comma-separated in
+    the task kind's output, e.g. seq-cls's probabilities) split into one column per class, named
+    by the class: p_LABEL for probabilities, COLUMN_LABEL otherwise. Other columns are kept."""
+
+    def per_class(cell: str) -> bool:
+        parts = cell.split(",")
+        try:
+            [float(x) for x in parts]
+        except ValueError:
+            return False
+        return len(parts) == len(classes)
+
+    split = [k for k in range(1, len(header))
+             if len(classes) > 1 and rows and all(len(r) == len(header) and per_class(r[k]) for r in rows)]
+    if not split:
+        return header, rows
+    out_header: list[str] = []
+    for k, col in enumerate(header):
+        prefix = "p" if col == "probabilities" else col
+        out_header += [f"{prefix}_{c}" for c in classes] if k in split else [col]
+    return out_header, [[x for k, cell in enumerate(r) for x in (cell.split(",") if k in split else [cell])]
+                        for r in rows]

@@ -20,6 +20,12 @@ The same training contract as pretraining (launch/training/trainer.py), through 
   rank's RNG and the task batch generators as safetensors, step, batch orders, the epoch's
   metrics so far and the settings fingerprint in meta.json. No pickle.
 
+The output directory `--out` (launch/checkpoint/publish.py): rank 0 holds its lock
+(`OUT.LOCK`) for the whole run; a non-empty OUT is refused unless it holds this command's own
+files and `--resume` is given, or `--replace`. The final model (config.json, model.safetensors,
+checksums.json, head.json or tasks.json, finetune_metrics.json) is written into
+`OUT.partial-XXXXXXXX` and swapped into place whole; the run's checkpoint moves into it.
+
 `--resume` continues from the latest checkpoint and gives the same steps as an uninterrupted
 run on the same number of processes (a resume with other settings is refused, naming them);
 `--exit-after-steps N` saves and exits (wall-time-limited jobs). Validation is split over
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -54,6 +61,7 @@ from launch.training.metrics import progress
 from launch.training.optimizer import AdamWSettings, PlainOptimizer, lr_at
 
 CHECKPOINT = "checkpoint"
+METRICS = "finetune_metrics.json"
 GRAD_CLIP = 1.0
 
 
@@ -135,6 +143,7 @@ class Finetuner:
         self.history: list[dict] = []
         self.epoch_stats: dict[str, list[float]] = {}  # task -> [loss sum, label count, steps, ...step losses]
         self.out = Path(args.out)
+        self.output = None  # rank 0: the Publication of --out (open_output)
         self.fingerprint = {**job.fingerprint, "world_size": self.world, "batch_size": args.batch_size,
                             "epochs": args.epochs, "max_steps": args.max_steps, "lr": args.lr, "seed": args.seed}
         torch.manual_seed(args.seed + ctx.rank)  # dropout: different per rank, reproducible
@@ -245,8 +254,93 @@ class Finetuner:
         self.epoch_stats = {n: epoch_stats_from_meta(v) for n, v in meta["epoch_stats"].items()}
         return True
 
+    # ------------------------------------------------------------ the output directory
+    def open_output(self) -> None:
+        """Rank 0 locks --out (`OUT.LOCK`, launch/checkpoint/publish.py) for the whole run, clears
+        what an interrupted run left beside it, and checks what it holds: empty or absent; with
+        --resume, what finetune writes (its checkpoint, a model); with --replace, anything (the
+        old model stays until the new one is published; an old checkpoint is removed unless
+        --resume). Anything else is refused in one line. Collective: every rank raises it."""
+        from launch.checkpoint import CheckpointError, Publication
+
+        error = None
+        if self.ctx.rank == 0:
+            try:
+                self.output = Publication([self.out], command="finetune", replace=True, carry=(CHECKPOINT,)).acquire()
+                self._check_output()
+            except (OSError, ValueError) as e:
+                self.close_output()
+                error = " ".join(str(e).split())
+        if dist.get_world_size() > 1:
+            agreed = [error]
+            dist.broadcast_object_list(agreed, src=0)
+            error = agreed[0]
+        if error:
+            raise CheckpointError(error)
+
+    def _check_output(self) -> None:
+        from hyena_glt.checksums import CHECKSUMS_NAME
+        from hyena_glt.heads import HEAD_NAME, TASKS_NAME
+        from hyena_glt.model import CONFIG_NAME, WEIGHTS_NAME
+        from launch.checkpoint import CheckpointError
+        from launch.checkpoint.publish import is_empty, remove
+
+        out, args = self.out, self.args
+        replace, resume = getattr(args, "replace", False), getattr(args, "resume", False)
+        if is_empty(out):
+            return
+        if not out.is_dir() or out.is_symlink():
+            raise CheckpointError(f"finetune: --out {out} exists and is not a directory; give another --out")
+        held = sorted(p.name for p in out.iterdir())
+        if replace:
+            if not resume and (out / CHECKPOINT).exists():
+                remove(out / CHECKPOINT)  # the replaced run's: this run keeps its own there
+                print(f"note: --replace: removed {out / CHECKPOINT} (the checkpoint of the run being replaced; its "
+                      "model stays in place until this run publishes its own)", file=sys.stderr, flush=True)
+            return
+        ours = {CHECKPOINT, CONFIG_NAME, WEIGHTS_NAME, CHECKSUMS_NAME, HEAD_NAME, TASKS_NAME, METRICS}
+        foreign = [n for n in held if n not in ours]
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+            raise CheckpointError(f"finetune: --out {out} already exists and is not empty (it holds {shown}, not "
+                                  "written by finetune); give --replace to replace it (swapped in whole once the new "
+                                  "model is complete), or another --out")
+        if resume:
+            return
+        what = "a fine-tuned model" if CONFIG_NAME in held else "the checkpoint of an unfinished run"
+        raise CheckpointError(f"finetune: --out {out} already exists and is not empty (it holds {what}); give "
+                              "--resume to continue that run, --replace to replace it (swapped in whole once the new "
+                              "model is complete), or another --out")
+
+    def publish(self, history: list[dict]) -> None:
+        """Rank 0: the model and its metrics written into `OUT.partial-XXXXXXXX`, then swapped into
+        place whole; the run's checkpoint moves over into the new OUT."""
+        (tmp,) = self.output.start()
+        try:
+            self.job.model.save_pretrained(tmp)
+            write_json(tmp / METRICS, history)
+            self.output.commit()
+        except OSError as e:  # a full disk: one line naming the file; OUT as it was
+            self.output.abort()
+            raise self.output.failed(e) from None
+        except BaseException:
+            self.output.abort()
+            raise
+
+    def close_output(self) -> None:
+        output, self.output = getattr(self, "output", None), None
+        if output is not None:
+            output.close()
+
     # ------------------------------------------------------------ the loop
     def run(self) -> int:
+        self.open_output()
+        try:
+            return self._run()
+        finally:
+            self.close_output()
+
+    def _run(self) -> int:
         args, is_logger = self.args, self.ctx.rank == 0
         say = partial(print, flush=True) if is_logger else (lambda *_: None)
         if args.resume and self.load_checkpoint():
@@ -279,10 +373,9 @@ class Finetuner:
         if bar is not None:
             bar.close()
         if is_logger:
-            self.job.model.save_pretrained(self.out)
             history = [{**r, "seconds": round(time.perf_counter() - t0, 3)} if i == len(self.history) - 1 else r
                        for i, r in enumerate(self.history)]
-            write_json(self.out / "finetune_metrics.json", history)
+            self.publish(history)
             say(f"saved the fine-tuned model to {self.out}")
         dist.barrier()
         return 0

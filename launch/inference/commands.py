@@ -11,8 +11,10 @@ def register(sub) -> None:
         description="Sample continuations of one or more prompts. Plain models prefill each prompt once and then "
         "take one cached step per new token (O(1) per token for Hyena layers). Token-merging models have no "
         "inference cache: they recompute the whole prefix for every new token (cost grows with the square of "
-        "the output length). Prompts of different lengths run as one batch; every sample draws from its own "
-        "generator seeded with --seed, so a prompt gives the same tokens alone or in a batch.")
+        "the output length). Prompts of different lengths run as one batch. Every sample draws from its own random "
+        "stream, derived from --seed, the prompt and the sample's number: the --num-samples samples of a prompt are "
+        "independent draws, different prompts draw independently, a rerun with the same --seed gives the same "
+        "output, and sample K of a prompt is the same whatever the other prompts and however many samples.")
     p.add_argument("--model", required=True, help="directory with config.json + model.safetensors")
     p.add_argument("--prompt", action="append", default=[], help="prompt bases (repeatable); none: start from BOS")
     p.add_argument("--prompts", metavar="FASTA", help="also take every record of this FASTA file as a prompt")
@@ -21,15 +23,24 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=nonnegative_float, default=1.0, help="0: greedy")
     p.add_argument("--top-k", type=nonnegative_int, default=4, help="sample among the k most likely bytes (0: all)")
     p.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling: the smallest set reaching this mass")
-    p.add_argument("--num-samples", type=positive_int, default=1, help="samples per prompt")
-    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--num-samples", type=positive_int, default=1, help="samples per prompt (independent draws)")
+    p.add_argument("--seed", type=nonnegative_int, default=0,
+                   help="base of every sample's random stream (with the prompt and the sample's number)")
     p.add_argument("--stop-at-eos", action="store_true", help="let the model emit EOS and end a sample there")
     p.add_argument("--recompute", action="store_true", help="no cache: recompute the prefix each step (a check)")
     p.add_argument("--out", metavar="FASTA", help="write the samples (prompt + continuation) as FASTA here")
     p.set_defaults(func=_generate)
 
-    p = sub.add_parser("info", help="print a model's family, layers and parameter count")
+    p = sub.add_parser("info", help="print a model's family, layers and parameter count",
+                       description="Print a model's family, layers and parameter count. A saved model directory is "
+                       "checked against its checksums.json first (as every command that loads it does; "
+                       "HYENA_GLT_VERIFY_MODEL=0: off); --verify reports every file's status instead of stopping at "
+                       "the first damaged one, and exits 1 if any is damaged or missing, or nothing could be "
+                       "verified.")
     p.add_argument("config", help="model or training YAML, or a saved model directory (LM, head or multi-task)")
+    p.add_argument("--verify", action="store_true",
+                   help="a saved model directory: check every file against checksums.json and print each one's "
+                   "status (exit 1 if any is damaged or missing)")
     p.set_defaults(func=_info)
 
 
@@ -60,6 +71,11 @@ def _generate(args) -> int:
     if not bos and any(not seq for _, seq in rows):
         raise ValueError(f"--prompt: {args.model} reads raw bytes without BOS (bos_token false): give a non-empty prompt")
     prompts = [tok.encode(seq, add_bos=bos).ids for _, seq in rows]
+    longest = max(len(p) for p in prompts) + args.max_new_tokens
+    if longest > model.config.max_seq_len:
+        print(f"hyena-glt generate: warning: the longest prompt plus --max-new-tokens is {longest:,} positions, more than "
+              f"the {model.config.max_seq_len:,} of the model's max_seq_len (the longest it was trained on): samples "
+              "past that length come from positions it never saw", file=sys.stderr)
     out = model.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
                          top_p=args.top_p, seed=args.seed, stop_at_eos=args.stop_at_eos,
                          use_cache=False if args.recompute else None,
@@ -91,6 +107,12 @@ def _info(args) -> int:
     from hyena_glt.kinds import KINDS
 
     path = Path(args.config)
+    if getattr(args, "verify", False):
+        if not path.is_dir():
+            raise ValueError(f"--verify: {path} is not a saved model directory (--verify checks a directory's files "
+                             "against its checksums.json)")
+        if not _verify_report(path):
+            return 1
     if path.is_dir():
         saved = inspect_pretrained(path)
         cfg, what = saved.config, saved.describe()
@@ -115,3 +137,26 @@ def _info(args) -> int:
         print(f"token merging: {cfg.patching} patcher, mean patch {cfg.patch_size:g} bytes, "
               f"local encoder {cfg.local_encoder_pattern}, local decoder {cfg.local_decoder_pattern}")
     return 0
+
+
+def _verify_report(path) -> bool:
+    """`info --verify`: one line per file of the directory (recorded ones first); True when
+    every recorded file matches."""
+    from hyena_glt.checksums import CHECKSUMS_NAME, check_pretrained
+
+    checks = check_pretrained(path)
+    if checks is None:
+        print(f"{path}: no {CHECKSUMS_NAME} (saved before hyena-glt recorded checksums): nothing to verify; save it "
+              "again to add them")
+        return False
+    width = max(len(c.name) for c in checks)
+    for c in checks:
+        print(f"  {c.name:<{width}}  {c.detail}")
+    bad = [c for c in checks if not c.ok]
+    recorded = sum(c.status != "not recorded" for c in checks)
+    if bad:
+        print(f"{path}: {len(bad)} of {recorded} recorded file(s) damaged or missing: "
+              f"{', '.join(c.name for c in bad)}")
+        return False
+    print(f"{path}: all {recorded} recorded file(s) match {CHECKSUMS_NAME}")
+    return True

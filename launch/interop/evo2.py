@@ -15,9 +15,9 @@ Vortex itself (tests/support/evo2_oracle.py).
 
 from __future__ import annotations
 
+import errno
 import glob
 import io
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -607,35 +607,32 @@ def _out_weight_key(bias_rule: Rule, rules: list[Rule]) -> str:
     return next(r.ours for r in rules if r.evo == w)
 
 
-def _fresh_dir(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out}: already exists and is not empty; give a new directory")
-
-
-def import_evo2(checkpoint: str | Path, config: str | Path, out_dir: str | Path, progress: bool = False):
+def import_evo2(checkpoint: str | Path, config: str | Path, out_dir: str | Path, progress: bool = False,
+                replace: bool = False):
     """Released Evo 2 checkpoint + its published YAML -> hyena-glt model directory (config.json +
-    model.safetensors). Nothing is left in out_dir on error. Returns (config, tensors mapped)."""
+    model.safetensors + checksums.json), published whole (launch/checkpoint/publish.py): written
+    into `OUT_DIR.partial-XXXXXXXX` and renamed into place when complete, so nothing is left
+    at out_dir on error; a non-empty out_dir is refused unless `replace`. Returns (config,
+    tensors mapped)."""
     from hyena_glt import build_causal_lm
+    from launch.checkpoint.publish import Publication
 
     checkpoint, config, out = Path(checkpoint), Path(config), Path(out_dir)
-    _fresh_dir(out)
-    if not config.is_file():
-        raise FileNotFoundError(f"{config}: no such config file")
-    try:
-        evo = yaml.safe_load(config.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{config}: not valid YAML ({' '.join(str(e).split())})") from None
-    try:
-        cfg = config_from_evo2(evo)
-    except ValueError as e:
-        raise ValueError(f"{config}: {e}") from None
-    parts = checkpoint_parts(checkpoint)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    joined = out.parent / f".{out.name}.evo2-joined.pt"
-    tmp = out.parent / f".{out.name}.import-evo2.tmp"
-    source = parts[0] if len(parts) == 1 else parts[0].with_name(parts[0].name[:-1] + "*")  # name.pt.part*
-    try:
+    with Publication([out], command="import-evo2", replace=replace) as (tmp,):
+        if not config.is_file():
+            raise FileNotFoundError(f"{config}: no such config file")
+        try:
+            evo = yaml.safe_load(config.read_text())
+        except yaml.YAMLError as e:
+            raise ValueError(f"{config}: not valid YAML ({' '.join(str(e).split())})") from None
+        try:
+            cfg = config_from_evo2(evo)
+        except ValueError as e:
+            raise ValueError(f"{config}: {e}") from None
+        parts = checkpoint_parts(checkpoint)
+        # name.pt.part* when it comes in pieces, joined inside the partial output (removed with it)
+        source = parts[0] if len(parts) == 1 else parts[0].with_name(parts[0].name[:-1] + "*")
+        joined = tmp / ".evo2-joined.pt"
         if len(parts) > 1:
             _join_parts(parts, joined, progress)
             path = joined
@@ -649,16 +646,9 @@ def import_evo2(checkpoint: str | Path, config: str | Path, out_dir: str | Path,
         with torch.device("meta"):
             model = build_causal_lm(cfg, initialize=False)
         model.load_state_dict(ours, strict=True, assign=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        model.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        tmp.rename(out)
-    finally:
+        del evo_state
         joined.unlink(missing_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
     return cfg, len(ours)
 
 
@@ -666,38 +656,38 @@ DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def export_vortex(model_dir: str | Path, out_pt: str | Path, config_out: str | Path | None = None,
-                  dtype: str = "keep", model_name: str | None = None, progress: bool = False):
-    """hyena-glt model directory -> Vortex checkpoint (`torch.save` dict, release layout) +
-    Vortex YAML config. Returns (config path, tensors written)."""
+                  dtype: str = "keep", model_name: str | None = None, progress: bool = False, replace: bool = False):
+    """hyena-glt model directory (verified against its checksums.json) -> Vortex checkpoint
+    (`torch.save` dict, release layout) + Vortex YAML config, Vortex's own format (no checksums
+    file is added). The two files are published as one set (launch/checkpoint/publish.py):
+    written as `OUT.pt.partial-XXXXXXXX` / `OUT.yml.partial-XXXXXXXX`, under the locks
+    `OUT.pt.LOCK` / `OUT.yml.LOCK`, and renamed into place together when both are complete;
+    existing ones are refused unless `replace`. Returns (config path, tensors written)."""
     from safetensors.torch import load_file
 
     from hyena_glt import inspect_pretrained
     from hyena_glt.model import WEIGHTS_NAME
+    from launch.checkpoint.publish import Publication
 
-    saved = inspect_pretrained(model_dir)
-    if saved.kind != "causal-lm":
-        raise ValueError(f"{saved.directory} holds {saved.describe()}; export-vortex takes a causal language model")
-    cfg = saved.config
-    try:
-        evo_cfg = config_to_evo2(cfg, model_name or saved.directory.resolve().name)
-    except ValueError as e:
-        raise ValueError(f"{saved.directory}: {e}") from None
-    state = load_file(str(saved.directory / WEIGHTS_NAME))
-    evo_state = ours_to_evo2(state, cfg, DTYPES[dtype], progress)
     out_pt = Path(out_pt)
     config_out = Path(config_out) if config_out else out_pt.with_suffix(".yml")
-    out_pt.parent.mkdir(parents=True, exist_ok=True)
-    config_out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_pt, tmp_cfg = out_pt.with_name(f".{out_pt.name}.tmp"), config_out.with_name(f".{config_out.name}.tmp")
-    try:
-        torch.save(evo_state, tmp_pt)
+    with Publication([out_pt, config_out], command="export-vortex", replace=replace, is_dir=False) as (tmp_pt, tmp_cfg):
+        saved = inspect_pretrained(model_dir)
+        if saved.kind != "causal-lm":
+            raise ValueError(f"{saved.directory} holds {saved.describe()}; export-vortex takes a causal language model")
+        cfg = saved.config
+        try:
+            evo_cfg = config_to_evo2(cfg, model_name or saved.directory.resolve().name)
+        except ValueError as e:
+            raise ValueError(f"{saved.directory}: {e}") from None
+        state = load_file(str(saved.directory / WEIGHTS_NAME))
+        evo_state = ours_to_evo2(state, cfg, DTYPES[dtype], progress)
         header = f"# Vortex config written by `hyena-glt export-vortex` from {saved.directory}\n"
+        try:
+            torch.save(evo_state, tmp_pt)
+        except RuntimeError as e:  # torch's zip writer: no errno (a full disk reads "file write failed")
+            raise OSError(errno.EIO, f"torch.save failed ({' '.join(str(e).split())[:200]})", str(tmp_pt)) from None
         tmp_cfg.write_text(header + yaml.safe_dump(evo_cfg, sort_keys=False))
-        tmp_pt.replace(out_pt)
-        tmp_cfg.replace(config_out)
-    finally:
-        tmp_pt.unlink(missing_ok=True)
-        tmp_cfg.unlink(missing_ok=True)
     return config_out, len(evo_state)
 
 
@@ -705,6 +695,8 @@ def export_vortex(model_dir: str | Path, out_pt: str | Path, config_out: str | P
 
 
 def register(sub) -> None:
+    from launch.checkpoint.publish import add_replace_option
+
     p = sub.add_parser(
         "import-evo2", help="convert a released Evo 2 checkpoint (+ its published YAML config) to a model directory",
         description="Read an Evo 2 checkpoint as released (one torch.save file, or its .part0, .part1, ... pieces, "
@@ -715,7 +707,8 @@ def register(sub) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT.pt",
                    help="the .pt file, or its name when it comes as .partN pieces")
     p.add_argument("--config", required=True, metavar="EVO2.yml", help="the published config, e.g. evo2-7b-8k.yml")
-    p.add_argument("out", metavar="OUT_DIR", help="new (or empty) model directory")
+    p.add_argument("out", metavar="OUT_DIR", help="new (or empty) model directory (or --replace)")
+    add_replace_option(p)
     p.set_defaults(func=_import_cmd)
 
     p = sub.add_parser(
@@ -723,7 +716,8 @@ def register(sub) -> None:
         description="The reverse of import-evo2, for a model whose options Evo 2 can express (norm_eps_placement "
         "outside, medium_decay false, short_filter_skip false, vocab_size 512, tied embeddings, no token merging "
         "or genomic input features, ...); other models are refused with the options named. Writes a torch.save "
-        "dict with Vortex's keys (zero output-projection biases when the model has none) and a Vortex YAML config.")
+        "dict with Vortex's keys (zero output-projection biases when the model has none) and a Vortex YAML config, "
+        "both renamed into place together once complete (existing ones are refused without --replace).")
     p.add_argument("model", metavar="MODEL_DIR")
     p.add_argument("out", metavar="OUT.pt")
     p.add_argument("--config-out", metavar="OUT.yml", help="where the Vortex config goes (default: OUT.yml)")
@@ -731,11 +725,12 @@ def register(sub) -> None:
                    help="tensor dtype: keep (as stored), float32, or bfloat16 (poles, residues and rotary "
                    "frequencies stay float32, as in the releases)")
     p.add_argument("--model-name", help="model_name in the config (default: the model directory's name)")
+    add_replace_option(p, "OUT.pt / OUT.yml")
     p.set_defaults(func=_export_cmd)
 
 
 def _import_cmd(args) -> int:
-    cfg, n = import_evo2(args.checkpoint, args.config, args.out, progress=sys.stderr.isatty())
+    cfg, n = import_evo2(args.checkpoint, args.config, args.out, progress=sys.stderr.isatty(), replace=args.replace)
     counts = {code: cfg.layers.count(code) for code in block_kinds().values()}
     print(f"imported {args.checkpoint} ({n} tensors; {cfg.num_layers} layers {counts}, d_model {cfg.d_model}) "
           f"-> {args.out} (bos_token false: the commands feed it raw bytes, as Evo 2)")
@@ -744,6 +739,6 @@ def _import_cmd(args) -> int:
 
 def _export_cmd(args) -> int:
     config_out, n = export_vortex(args.model, args.out, args.config_out, args.dtype, args.model_name,
-                                  progress=sys.stderr.isatty())
+                                  progress=sys.stderr.isatty(), replace=args.replace)
     print(f"exported {args.model} -> {args.out} ({n} tensors) + {config_out}")
     return 0

@@ -164,14 +164,22 @@ class TrainConfig(_Section):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(_yaml_text(path)) or {}  # bad YAML: the CLI names the line (cli._yaml_error)
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path}: expected a mapping of sections (model:, train:, data:, ...) at the "
+                             f"top level, got a {type(data).__name__}")
         for item in overrides or []:
             apply_override(data, item)
-        init_from = (data.get("train") or {}).get("init_from")
-        if init_from:  # a warm start: the saved model's config, under whatever model.* the run sets
+        train = data.get("train")
+        init_from = train.get("init_from") if isinstance(train, dict) else None  # else: refused below, naming it
+        if init_from and isinstance(data.get("model") or {}, dict):
+            # a warm start: the saved model's config, under whatever model.* the run sets
             from hyena_glt.model import read_config
 
-            saved = read_config(init_from, need_weights=True).to_dict()
+            try:
+                saved = read_config(str(init_from), need_weights=True).to_dict()
+            except FileNotFoundError as e:  # say where the path came from (the file or an override)
+                raise FileNotFoundError(f"{path}: train.init_from: {e}") from None
             data["model"] = {**saved, **(data.get("model") or {})}
         try:
             return cls.model_validate(data)
@@ -251,6 +259,61 @@ class TrainConfig(_Section):
         p = self.parallel
         return {"tp": p.tp, "cp": p.cp, "pp": p.pp, "vpp": p.vpp, "sp": p.sp, "dp": dp, "world_size": world_size,
                 "zero_stage": self.zero.stage}
+
+
+# What a resumed run may change from its checkpoint's recorded config (docs/checkpoints.md):
+# how long it runs and its learning-rate schedule, what it validates and logs, where and how
+# often it saves, its layout (a checkpoint loads into any layout) and its fault handling. Any
+# other key changes what the steps compute (the data, the windows, the model, the optimizer,
+# the batch) and is refused. Patterns as fnmatch's.
+RESUME_MAY_CHANGE = (
+    "train.steps", "train.lr", "train.min_lr_ratio", "train.warmup_steps",
+    "train.eval_every", "train.eval_batches", "train.log_every", "train.tensorboard",
+    "train.exit_after_steps", "train.max_nonfinite_steps", "train.peer_timeout_s",
+    "train.activation_checkpointing", "train.micro_batch_size", "train.init_from",
+    # where the data is: what it holds is checked by content (the loader's and the tasks' fingerprints)
+    "data.train", "data.val", "tasks.*.train", "tasks.*.val", "tasks.*.weight",
+    "checkpoint.*", "out_dir", "parallel.*", "zero.*",
+)
+
+
+def resume_differences(saved: dict, current: dict) -> list[tuple[str, object, object]]:
+    """(key, checkpoint's value, this run's) for every key outside RESUME_MAY_CHANGE that
+    differs. A key the checkpoint's config does not have (written by an older version) is
+    not compared."""
+    from fnmatch import fnmatchcase
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict) and v and key not in ("data.train", "data.val"):
+                out.update(flat(v, key + "."))
+            else:
+                out[key] = v
+        return out
+
+    old, new = flat(saved), flat(current)
+    return [(k, old[k], new[k]) for k in sorted(old)
+            if k in new and old[k] != new[k] and not any(fnmatchcase(k, p) for p in RESUME_MAY_CHANGE)]
+
+
+def _yaml_text(path: Path) -> str:
+    """A YAML file's text; ValueError naming the file and line for bytes that are not UTF-8 or
+    characters YAML refuses (control characters: a damaged file), which PyYAML reports without
+    the file's name."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path} line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
+    bad = yaml.reader.Reader.NON_PRINTABLE.search(text)
+    if bad:
+        line = text.count("\n", 0, bad.start()) + 1
+        raise ValueError(f"{path} line {line}: character U+{ord(bad.group()[0]):04X} is not allowed in YAML (a control "
+                         "character: is the file damaged?)")
+    return text
 
 
 def apply_override(data: dict, item: str) -> None:

@@ -89,7 +89,7 @@ def run_demo(out: str = "runs/demo", steps: int | None = None, nproc: int = 2,
         f"2/4 train a tiny model with {nproc} processes (context parallel x 2, DeepSpeed ZeRO-1)",
         env={"OMP_NUM_THREADS": "1"},
     )
-    times["convert"] = _run([*exe, "convert", str(ckpt), str(model_dir), "--verify"],
+    times["convert"] = _run([*exe, "convert", str(ckpt), str(model_dir), "--verify", "--replace"],  # a rerun replaces it
                             "3/4 convert the distributed checkpoint to one single-device model (and verify logits)")
     print("\n=== 4/4 evaluate on the held-out windows", flush=True)
     # One thread: small models gain little from two, and lose a lot when the cores are busy.

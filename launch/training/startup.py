@@ -54,6 +54,15 @@ def _check_writable(path: str, key: str) -> Path:
     return p
 
 
+def size_text(n: int) -> str:
+    """A byte count in the largest binary unit it fills (never '0.00 GiB'): '12 bytes',
+    '1.5 KiB', '230.4 MiB', '3.1 GiB'."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n:,} bytes"
+
+
 def checkpoint_bytes(model_cfg) -> tuple[int, int]:
     """(parameters, estimated bytes of one checkpoint): fp32 weights + two Adam states each."""
     from megatron_adapters.sharding import canonical_state
@@ -78,7 +87,7 @@ def check_start(cfg: TrainConfig) -> dict | None:
         n, need = checkpoint_bytes(cfg.model)
         free = shutil.disk_usage(root).free
         if free < need:
-            raise ValueError(f"checkpoint.dir: {root} has {free / 2**30:.2f} GiB free, one checkpoint needs about "
-                             f"{need / 2**30:.2f} GiB ({n:,} parameters x 4 bytes x (1 + 2 Adam states)); free some "
+            raise ValueError(f"checkpoint.dir: {root} has {size_text(free)} free, one checkpoint needs about "
+                             f"{size_text(need)} ({n:,} parameters x 4 bytes x (1 + 2 Adam states)); free some "
                              "space or use another checkpoint.dir")
     return tasks

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from launch.checkpoint.io import oneline
-from launch.training.config import TrainConfig
+from launch.training.config import TrainConfig, resume_differences
 from launch.training.cotrain import (
     TaskBatches,
     check_resume,
@@ -324,8 +324,18 @@ class Trainer:
             self._fail(CheckpointError(
                 f"{missing[0]}: missing, so the optimizer state of {path.name} cannot be restored; set "
                 "checkpoint.fresh_optimizer=true to resume from its weights with fresh optimizer state"))
+        saved = read_meta(path)
+        changed = resume_differences(saved.get("train_config") or {}, self.cfg.dump())
+        if changed:
+            key, old, new = changed[0]
+            more = f" (and {len(changed) - 1} more: {', '.join(k for k, _, _ in changed[1:4])})" if len(changed) > 1 else ""
+            self._fail(ValueError(
+                f"{path}: this run changes {key} from {old!r} to {new!r}{more}; a resumed run may change only how long "
+                "it runs, its learning-rate schedule, validation, logging, saving and layout (docs/checkpoints.md): "
+                f"set {key}={json.dumps(old)} to resume, or start a new checkpoint.dir (train.init_from=<a converted "
+                "model> keeps the weights)"))
         try:  # before loading: a checkpoint without this run's heads would fail on a missing tensor
-            check_resume(read_meta(path), self.tasks or {}, str(path))
+            check_resume(saved, self.tasks or {}, str(path))
         except ValueError as e:
             self._fail(e)
         meta = load_checkpoint(path, self.pm, self.opt, optimizer=not c.fresh_optimizer, verified=True)

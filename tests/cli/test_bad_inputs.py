@@ -123,34 +123,104 @@ def _yaml_not_utf8(w, tmp, mp):
     return ["info", cfg], [str(cfg), "line 1", "not UTF-8", "0xfc"]
 
 
-def _damaged_safetensors(w, tmp, mp, command, how):
+def _yaml_list(w, tmp, mp):
+    cfg = tmp / "list.yaml"
+    cfg.write_text("- model:\n    pattern: S*\n")
+    return ["train", "--config", cfg], [str(cfg), "expected a mapping of sections", "got a list"]
+
+
+def _model_argv(w, tmp, d, command) -> list:
+    return {"eval": ["eval", "--model", d, "--data", w.pack],
+            "generate": ["generate", "--model", d, "--max-new-tokens", "2"],
+            "info": ["info", d],
+            "embed": ["embed", "--model", d, "--input", w.fasta, "--out", tmp / "e.npy"],
+            "predict": ["predict", "--model", d, "--sequence", "ACGT"]}[command]
+
+
+def _damaged_safetensors(w, tmp, mp, command, how, verified=True):
+    """A damaged weights file. Verified (the default): refused by its checksums.json entry
+    before it is parsed; with HYENA_GLT_VERIFY_MODEL=0 (or a directory saved before checksums
+    were recorded), by safetensors when read."""
     d = copy_dir(w.model, tmp / "model")
     f = d / "model.safetensors"
+    size = f.stat().st_size
     if how == "zeroed":
         zero_bytes(f, 0, 64)  # the header length and the start of the header
     else:
-        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    argv = {"eval": ["eval", "--model", d, "--data", w.pack],
-            "generate": ["generate", "--model", d, "--max-new-tokens", "2"],
-            "info": ["info", d],
-            "embed": ["embed", "--model", d, "--input", w.fasta, "--out", tmp / "e.npy"]}[command]
-    return argv, [str(f), "not a readable safetensors file"]
+        f.write_bytes(f.read_bytes()[: size // 2])
+    if not verified:
+        mp.setenv("HYENA_GLT_VERIFY_MODEL", "0")
+        return _model_argv(w, tmp, d, command), [str(f), "not a readable safetensors file"]
+    why = "damaged: sha256" if how == "zeroed" else f"damaged: {size // 2:,} bytes but checksums.json expects {size:,}"
+    return _model_argv(w, tmp, d, command), [f"{f}: {why}", f"info --verify {d}"]
 
 
-def _truncated_config(w, tmp, mp, command):
+def flip_tensor_bits(path: Path) -> None:
+    """One bit flipped inside the tensor data (not the header): the file still parses."""
+    data = bytearray(path.read_bytes())
+    data[-40] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _flipped_weights(w, tmp, mp, command):
+    src = w.head if command == "predict" else w.model
+    d = copy_dir(src, tmp / "model")
+    f = d / "model.safetensors"
+    expected = json.loads((d / "checksums.json").read_text())["files"]["model.safetensors"]["sha256"]
+    flip_tensor_bits(f)
+    actual = hashlib.sha256(f.read_bytes()).hexdigest()
+    return _model_argv(w, tmp, d, command), [f"{f}: damaged: sha256 {actual} but checksums.json expects {expected}"]
+
+
+def _truncated_config(w, tmp, mp, command, verified=True):
     d = copy_dir(w.model, tmp / "model")
     f = d / "config.json"
+    size = f.stat().st_size
     f.write_text(f.read_text()[:60])
     argv = {"eval": ["eval", "--model", d, "--data", w.pack], "info": ["info", d],
             "generate": ["generate", "--model", d, "--max-new-tokens", "2"]}[command]
-    return argv, [str(f), "not valid JSON"]
+    if not verified:
+        mp.setenv("HYENA_GLT_VERIFY_MODEL", "0")
+        return argv, [str(f), "not valid JSON"]
+    return argv, [f"{f}: damaged: 60 bytes but checksums.json expects {size:,}"]
 
 
-def _damaged_head_json(w, tmp, mp):
+def _damaged_checksums(w, tmp, mp):
+    d = copy_dir(w.model, tmp / "model")
+    f = d / "checksums.json"
+    f.write_text(f.read_text()[:50])
+    return ["eval", "--model", d, "--data", w.pack], [str(f), "not valid JSON", "HYENA_GLT_VERIFY_MODEL=0"]
+
+
+def _interrupted_save(w, tmp, mp):
+    """save_pretrained over an existing directory that failed on the weights (a full disk): the
+    directory keeps the new config, the old weights and checksums.json's placeholder."""
+    import hyena_glt.checksums as checksums
+    from hyena_glt import build_causal_lm
+
+    d = copy_dir(w.model, tmp / "model")
+    real = checksums.save_file
+    mp.setattr(checksums, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    with pytest.raises(OSError):
+        build_causal_lm(tiny_config().model_copy(update={"seed": 7})).save_pretrained(d)
+    mp.setattr(checksums, "save_file", real)
+    return ["eval", "--model", d, "--data", w.pack], [str(d), "the save that wrote this directory did not finish"]
+
+
+def _missing_recorded_file(w, tmp, mp):
+    d = copy_dir(w.head, tmp / "head")
+    (d / "head.json").unlink()
+    return ["info", d], [f"{d / 'head.json'}: missing, but checksums.json lists it"]
+
+
+def _damaged_head_json(w, tmp, mp, verified=True):
     d = copy_dir(w.head, tmp / "head")
     meta = json.loads((d / "head.json").read_text())
     del meta["num_labels"]
     (d / "head.json").write_text(json.dumps(meta))
+    if verified:
+        return ["predict", "--model", d, "--sequence", "ACGT"], [f"{d / 'head.json'}: damaged:", "checksums.json expects"]
+    mp.setenv("HYENA_GLT_VERIFY_MODEL", "0")
     return ["predict", "--model", d, "--sequence", "ACGT"], ["missing key 'num_labels'", str(d)]
 
 
@@ -285,16 +355,32 @@ CASES = [
     Case("yaml-syntax-train", lambda w, t, m: _bad_yaml(w, t, m, "train")),
     Case("yaml-syntax-info", lambda w, t, m: _bad_yaml(w, t, m, "info")),
     Case("yaml-not-utf8-info", _yaml_not_utf8),
+    Case("yaml-top-level-list-train", _yaml_list),
     # damaged model directories
     Case("safetensors-zeroed-eval", lambda w, t, m: _damaged_safetensors(w, t, m, "eval", "zeroed")),
     Case("safetensors-zeroed-generate", lambda w, t, m: _damaged_safetensors(w, t, m, "generate", "zeroed")),
     Case("safetensors-zeroed-info", lambda w, t, m: _damaged_safetensors(w, t, m, "info", "zeroed")),
     Case("safetensors-truncated-eval", lambda w, t, m: _damaged_safetensors(w, t, m, "eval", "truncated")),
     Case("safetensors-truncated-embed", lambda w, t, m: _damaged_safetensors(w, t, m, "embed", "truncated")),
+    Case("safetensors-zeroed-eval-unverified",
+         lambda w, t, m: _damaged_safetensors(w, t, m, "eval", "zeroed", verified=False)),
+    Case("safetensors-truncated-info-unverified",
+         lambda w, t, m: _damaged_safetensors(w, t, m, "info", "truncated", verified=False)),
+    Case("safetensors-flipped-bit-eval", lambda w, t, m: _flipped_weights(w, t, m, "eval")),
+    Case("safetensors-flipped-bit-info", lambda w, t, m: _flipped_weights(w, t, m, "info")),
+    Case("safetensors-flipped-bit-generate", lambda w, t, m: _flipped_weights(w, t, m, "generate")),
+    Case("safetensors-flipped-bit-embed", lambda w, t, m: _flipped_weights(w, t, m, "embed")),
+    Case("safetensors-flipped-bit-predict", lambda w, t, m: _flipped_weights(w, t, m, "predict")),
+    Case("checksums-json-truncated-eval", _damaged_checksums),
+    Case("recorded-file-missing-info", _missing_recorded_file),
+    Case("interrupted-save-eval", _interrupted_save),
     Case("config-json-truncated-eval", lambda w, t, m: _truncated_config(w, t, m, "eval")),
     Case("config-json-truncated-info", lambda w, t, m: _truncated_config(w, t, m, "info")),
     Case("config-json-truncated-generate", lambda w, t, m: _truncated_config(w, t, m, "generate")),
+    Case("config-json-truncated-generate-unverified",
+         lambda w, t, m: _truncated_config(w, t, m, "generate", verified=False)),
     Case("head-json-missing-key-predict", _damaged_head_json),
+    Case("head-json-missing-key-predict-unverified", lambda w, t, m: _damaged_head_json(w, t, m, verified=False)),
     # damaged packs
     Case("manifest-missing-key-eval", _damaged_manifest),
     Case("manifest-truncated-stats", _truncated_manifest),
@@ -340,6 +426,8 @@ CASES = [
                                    "--epochs", "0"), argparse=True),
     Case("finetune-max-len-text", _arg("finetune", "--model", "MODEL", "--task", "regression", "--train", "FASTA",
                                        "--max-len", "lots"), argparse=True),
+    Case("convert-tolerance-nan", _arg("convert", "PACK", "OUT", "--tolerance", "nan"), argparse=True),
+    Case("convert-tolerance-neg", _arg("convert", "PACK", "OUT", "--tolerance", "-1"), argparse=True),
     Case("pack-seq-len-0", _arg("pack", "FASTA", "--out", "OUT", "--seq-len", "0"), argparse=True),
     Case("pack-workers-0", _arg("pack", "FASTA", "--out", "OUT", "--workers", "0"), argparse=True),
     Case("score-variants-window-0", _arg("score-variants", "--model", "MODEL", "--reference", "FASTA", "--variants",
@@ -351,6 +439,7 @@ CASES = [
 def test_bad_input(case, world, tmp_path, monkeypatch):
     monkeypatch.delenv("HYENA_GLT_DEBUG", raising=False)
     monkeypatch.delenv("HYENA_GLT_VERIFY_SHARDS", raising=False)
+    monkeypatch.delenv("HYENA_GLT_VERIFY_MODEL", raising=False)
     argv, fragments = case.setup(world, tmp_path, monkeypatch)
     rc, _, err = run(*argv)
     assert "Traceback" not in err, err
@@ -397,6 +486,61 @@ def test_damaged_shard_passes_with_verification_off(world, tmp_path, monkeypatch
     monkeypatch.setenv("HYENA_GLT_VERIFY_SHARDS", "0")
     rc, _, err = run(*argv)
     assert rc == 0, err
+
+
+def test_flipped_weights_pass_with_verification_off(world, tmp_path, monkeypatch):
+    """The one-line refusal above comes from checksums.json: with HYENA_GLT_VERIFY_MODEL=0 the same
+    damaged directory is read, and evaluates to another loss (what went unnoticed before)."""
+    monkeypatch.delenv("HYENA_GLT_VERIFY_MODEL", raising=False)
+    rc, good, err = run("eval", "--model", world.model, "--data", world.pack, "--batch-size", "4")
+    assert rc == 0, err
+    d = copy_dir(world.model, tmp_path / "model")
+    data = bytearray((d / "model.safetensors").read_bytes())
+    data[-(8 + len(data) // 3)] ^= 0x40  # a high exponent bit of a weight inside the tensor data
+    (d / "model.safetensors").write_bytes(bytes(data))
+    rc, _, err = run("eval", "--model", d, "--data", world.pack, "--batch-size", "4")
+    assert rc == 2 and "damaged: sha256" in err, err
+    monkeypatch.setenv("HYENA_GLT_VERIFY_MODEL", "0")
+    rc, damaged, err = run("eval", "--model", d, "--data", world.pack, "--batch-size", "4")
+    assert rc == 0, err
+    assert json.loads(damaged)["bits_per_base"] != json.loads(good)["bits_per_base"]
+
+
+def test_model_dir_without_checksums_still_loads(world, tmp_path, monkeypatch):
+    """A directory saved before checksums were recorded loads as before, and the command says
+    once that its files were not verified."""
+    monkeypatch.delenv("HYENA_GLT_VERIFY_MODEL", raising=False)
+    d = copy_dir(world.model, tmp_path / "old-model")
+    (d / "checksums.json").unlink()
+    rc, out, err = run("eval", "--model", d, "--data", world.pack, "--batch-size", "4")
+    assert rc == 0, err
+    assert err.count("has no checksums.json") == 1 and "without verification" in err, err
+    rc, ref, _ = run("eval", "--model", world.model, "--data", world.pack, "--batch-size", "4")
+    assert json.loads(out)["bits_per_base"] == json.loads(ref)["bits_per_base"]
+    rc, out, err = run("info", "--verify", d)
+    assert rc == 1 and "nothing to verify" in out, out + err
+
+
+def test_info_verify_reports_every_file(world, tmp_path, monkeypatch):
+    monkeypatch.delenv("HYENA_GLT_VERIFY_MODEL", raising=False)
+    rc, out, err = run("info", "--verify", world.head)
+    assert rc == 0, err
+    lines = out.splitlines()
+    for name in ("config.json", "head.json", "model.safetensors"):
+        assert any(line.split()[:2] == [name, "ok"] for line in lines), out
+    assert "all 3 recorded file(s) match checksums.json" in out and "a fine-tuned task head" in out, out
+    d = copy_dir(world.head, tmp_path / "head")
+    flip_tensor_bits(d / "model.safetensors")
+    (d / "head.json").unlink()
+    (d / "notes.txt").write_text("mine")
+    rc, out, err = run("info", "--verify", d)
+    assert rc == 1 and not err.strip(), err
+    status = {line.split()[0]: line.split(None, 1)[1] for line in out.splitlines() if line.startswith("  ")}
+    assert status["config.json"].startswith("ok")
+    assert status["model.safetensors"].startswith("damaged: sha256")
+    assert status["head.json"].startswith("missing, but checksums.json lists it")
+    assert status["notes.txt"].startswith("not recorded")
+    assert "2 of 3 recorded file(s) damaged or missing: head.json, model.safetensors" in out, out
 
 
 def test_gzip_label_file_damage_is_one_line(world, tmp_path):

@@ -3,6 +3,9 @@
 * docs/cli.md below its marker is generated from the argparse tree (launch/cli_docs.py): the
   test regenerates it and fails on any difference, so a new command or option cannot go
   undocumented.
+* docs/model-config.md below its marker is generated from HyenaGLTConfig the same way: every
+  field with its type, default, rule and description (every field must have one), and each
+  rule it states is one the config enforces.
 * Every repository path that README.md and docs/*.md name (`launch/...`, `hyena_glt/...`,
   `data_tools/...`, `megatron_adapters/...`, `tests/...`, `configs/...`, `data/genomes/...`,
   `data/variants/...`; an upper-case part such as `NAME` stands for any name) exists, and so
@@ -19,6 +22,7 @@ from __future__ import annotations
 import difflib
 import glob
 import importlib
+import json
 import re
 from pathlib import Path
 
@@ -30,6 +34,8 @@ from launch.cli import COMMAND_MODULES, build_parser
 REPO = Path(__file__).resolve().parents[2]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 REGENERATE = "regenerate it with `.venv/bin/python -m launch.cli_docs --write` and commit docs/cli.md"
+REGENERATE_CONFIG = ("regenerate it with `.venv/bin/python -m launch.cli_docs --write` and commit "
+                     "docs/model-config.md")
 
 PACKAGES = ("launch", "hyena_glt", "data_tools", "megatron_adapters")
 PATH_PREFIXES = (*PACKAGES, "tests", "configs", "data/genomes", "data/variants")
@@ -106,6 +112,85 @@ def test_generator_renders_options_and_escapes_table_cells():
     assert "| `--many MANY [MANY ...]` | `1 2` |  |" in text
     assert "--hidden" not in text
     assert "### hyena-glt y z\n\nNested one.\n" in text and "[`z`](#hyena-glt-y-z)" in text
+
+
+# ---------------------------------------------------------------------------- docs/model-config.md
+
+
+def test_model_config_md_is_generated_from_the_config():
+    want, have = cli_docs.render_config(), cli_docs.CONFIG_DOC.read_text(encoding="utf-8")
+    if want != have:
+        diff = "".join(list(difflib.unified_diff(have.splitlines(True), want.splitlines(True),
+                                                 "docs/model-config.md", "generated", n=1))[:60])
+        pytest.fail(f"docs/model-config.md is not what HyenaGLTConfig generates: {REGENERATE_CONFIG}\n{diff}")
+
+
+def test_every_config_field_has_a_row_with_its_default_and_a_description():
+    from hyena_glt.config import HyenaGLTConfig
+
+    rows = {r["name"]: r for r in cli_docs.config_fields()}
+    assert list(rows) == list(HyenaGLTConfig.model_fields)
+    undescribed = [n for n, r in rows.items() if not r["description"]]
+    assert not undescribed, f"HyenaGLTConfig fields without a description (Field(description=...)): {undescribed}"
+    default = HyenaGLTConfig()
+    for name, r in rows.items():  # the documented default is the one a config gets
+        assert json.loads(r["default"]) == getattr(default, name), name
+    assert rows["d_model"]["rule"].startswith("> 0") and rows["soft_mask_weight"]["rule"] == "in [0, 1]"
+    assert rows["motif_kernel_sizes"]["type"] == "list[int]" and rows["mlp_hidden_size"]["type"] == "int | None"
+    text = cli_docs.config_generated()
+    assert "| `vocab_size` | `int` | `260` | >= 260" in text
+
+
+# One config breaking each rule that config_rules() documents: the config refuses it, naming the field.
+_BROKEN = {
+    "pattern": {"pattern": "S||D"},
+    "d_model": {"d_model": 250},
+    "num_heads": {"d_model": 256, "num_heads": 3},
+    "vocab_size": {"vocab_size": 259},
+    "mlp_activation": {"mlp_activation": "relu"},
+    "first_mlp_activation": {"first_mlp_activation": "relu"},
+    "num_filter_groups": {"num_filter_groups": 24},
+    "medium_decay_min": {"medium_decay_min": 2.0},
+    "medium_decay_max": {"medium_decay_max": 0.001},
+    "norm_eps_placement": {"norm_eps_placement": "middle"},
+    "motif_kernel_sizes": {"motif_kernel_sizes": []},
+    "patching": {"patching": "dynamic"},
+    "patch_size": {"patching": "static", "patch_size": 3.5},
+    "min_patch": {"patching": "static", "min_patch": 5, "max_patch": 4},
+    "max_patch": {"patching": "static", "min_patch": 5, "max_patch": 4},
+    "patch_budget": {"patching": "learned", "patch_budget": 0.01},
+    "local_encoder_pattern": {"local_encoder_pattern": "S|S"},
+    "local_decoder_pattern": {"local_decoder_pattern": ""},
+    "position_periods": {"position_periods": [1]},
+    "entropy_mode": {"entropy_mode": "greedy"},
+    "patch_adapt": {"patching": "static", "patch_adapt": True},
+    "entropy_pattern": {"entropy_pattern": "Q"},
+    "entropy_d_model": {"patching": "entropy", "entropy_d_model": 24},
+    "merge_relaxation": {"merge_relaxation": "gumbel"},
+}
+
+
+def test_documented_config_rules_are_enforced():
+    from hyena_glt.config import HyenaGLTConfig
+
+    rules = cli_docs.config_rules()
+    assert set(rules) <= set(HyenaGLTConfig.model_fields), "config_rules names fields the config does not have"
+    assert set(rules) == set(_BROKEN), "add a breaking config to _BROKEN for every documented rule"
+    for field, values in _BROKEN.items():
+        with pytest.raises(ValueError, match=field):
+            HyenaGLTConfig(**values)
+
+
+def test_check_mode_reports_a_stale_page(tmp_path, monkeypatch, capsys):
+    cli = tmp_path / "cli.md"
+    cli.write_text(cli_docs.render())  # current, whatever the commands' help says today
+    stale = tmp_path / "model-config.md"
+    stale.write_text(cli_docs.CONFIG_DOC.read_text(encoding="utf-8").replace("| `d_model` |", "| `width` |"))
+    monkeypatch.setattr(cli_docs, "DOC", cli)
+    monkeypatch.setattr(cli_docs, "CONFIG_DOC", stale)
+    assert cli_docs.main(["--check"]) == 1 and "model-config.md is out of date" in capsys.readouterr().err
+    stale.write_text(cli_docs.render_config(stale))
+    assert cli_docs.main(["--check"]) == 0
 
 
 # ---------------------------------------------------------------------------- paths and names

@@ -183,9 +183,10 @@ def test_convert_tolerance_decides_the_verify_outcome(run, tmp_path, monkeypatch
 
 
 def test_export_vortex_model_name(tmp_path):
+    from support.evo2_oracle import tiny_config
+
     from hyena_glt import HyenaGLTForCausalLM
     from launch.interop.evo2 import config_from_evo2
-    from support.evo2_oracle import tiny_config
 
     HyenaGLTForCausalLM(config_from_evo2(tiny_config("evo2-7b-8k"))).save_pretrained(tmp_path / "evo-like")
     rc, _, err = run_cli("export-vortex", tmp_path / "evo-like", tmp_path / "named.pt", "--model-name", "my-evo")
@@ -284,3 +285,18 @@ def test_generate_stop_at_eos_ends_samples(model, tmp_path):
     assert full == fasta([p + "\x00" * 12 for p in PROMPTS], ["prompt1", "prompt2"], PROMPTS, 0)
     ids = lm.eval().generate([torch.tensor([1, 5, 6])], 12, temperature=0.0, stop_at_eos=True)
     assert ids[0].tolist() == [1, 5, 6, EOS_ID]
+
+
+def test_generate_warns_past_the_models_max_seq_len(model, tmp_path):
+    """Samples longer than the model was trained on still come, with one warning line."""
+    import json
+
+    max_len = json.loads((model / "config.json").read_text())["max_seq_len"]
+    rc, _, err = run_cli("generate", "--model", model, "--prompt", "ACGT", "--out", tmp_path / "short.fa",
+                         "--max-new-tokens", "8")
+    assert rc == 0 and "warning" not in err, err
+    rc, _, err = run_cli("generate", "--model", model, "--prompt", "ACGT", "--out", tmp_path / "long.fa",
+                         "--max-new-tokens", str(max_len), "--temperature", "0")
+    assert rc == 0, err
+    warnings = [x for x in err.splitlines() if "warning" in x]
+    assert len(warnings) == 1 and f"more than the {max_len:,} of the model's max_seq_len" in warnings[0], err

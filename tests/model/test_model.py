@@ -166,8 +166,10 @@ def test_load_refuses_mismatched_config(tmp_path):
         HyenaGLTForCausalLM.from_pretrained(tmp_path / "m", config=tiny(d_model=64, num_heads=4))
     # weights that do not fit the config: clear error naming the key and shapes
     tiny(pattern="SD").to_json(tmp_path / "m" / "config.json")
-    with pytest.raises(ValueError, match="unexpected keys"):
+    with pytest.raises(ValueError, match="config.json: damaged"):  # checksums.json: not the config it saved
         HyenaGLTForCausalLM.from_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="unexpected keys"):
+        HyenaGLTForCausalLM.from_pretrained(tmp_path / "m", verify=False)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         HyenaGLTForCausalLM.from_pretrained(tmp_path)
 

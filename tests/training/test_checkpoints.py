@@ -129,6 +129,63 @@ def test_finetune_resume_never_unpickles(tmp_path, capsys):
     assert rc == 2 and "older format" in capsys.readouterr().err and not marker.exists()
 
 
+def test_finetune_output_is_locked_refused_replaced_and_published_whole(tmp_path, capsys, monkeypatch):
+    """`finetune --out` (launch/checkpoint/publish.py): the model is published whole with its
+    checksums; a second run into the same --out is refused (--resume continues, --replace
+    replaces); a full disk at the final save names the file and leaves the old model."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    import hyena_glt.checksums as checksums
+    from launch.cli import main
+
+    HyenaGLTForCausalLM(tiny()).save_pretrained(tmp_path / "lm")
+    out = tmp_path / "ft"
+    assert main(_finetune_args(tmp_path, out)) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "checksums.json", "config.json",
+                                                     "finetune_metrics.json", "head.json", "model.safetensors"]
+    assert json.loads((out / "checksums.json").read_text())["files"].keys() == {"config.json", "head.json",
+                                                                                 "model.safetensors"}
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ft")) == ["ft"]  # no leftovers, no lock
+    first = load_file(out / "model.safetensors")
+    capsys.readouterr()
+    rc = main(_finetune_args(tmp_path, out))
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "already exists and is not empty (it holds a fine-tuned model)" in err and "--resume" in err, err
+    assert "--replace" in err
+    # a full disk while the replacement is saved: one line naming the file; the old model stays
+    real = checksums.save_file
+
+    def full(tensors, filename, *a, **k):
+        if Path(filename).name.startswith("model.safetensors"):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, filename, *a, **k)
+
+    monkeypatch.setattr(checksums, "save_file", full)
+    rc = main(_finetune_args(tmp_path, out, "--replace", "--seed", "1"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "model.safetensors: No space left on device (ENOSPC)" in err, err
+    assert f"writing {out} failed" in err and "nothing was published" in err, err
+    assert all(torch.equal(v, first[k]) for k, v in load_file(out / "model.safetensors").items())
+    from hyena_glt import load_pretrained
+
+    load_pretrained(out)  # the old directory, complete: it verifies and loads
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ft")) == ["ft"]
+    monkeypatch.setattr(checksums, "save_file", real)
+    rc = main(_finetune_args(tmp_path, out, "--replace", "--seed", "1"))
+    assert rc == 0, capsys.readouterr().err
+    second = load_file(out / "model.safetensors")
+    assert any(not torch.equal(v, first[k]) for k, v in second.items())
+    assert (out / "checkpoint").is_dir() and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ft")) == ["ft"]
+    # --resume continues a run in --out, but not into a directory holding other files
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    rc = main(_finetune_args(tmp_path, out, "--resume"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "holds notes.txt, not written by finetune" in err and "--replace" in err, err
+
+
 # ---------------------------------------------------------------- pretraining
 @pytest.fixture
 def pretraining_checkpoint(tmp_path):
@@ -353,8 +410,97 @@ def _nothing_converted(c: Ctx) -> None:
 def _failed_save(c: Ctx) -> None:
     ckpt = c.out / "ckpt"
     assert not list(ckpt.glob("*.tmp")) and not list(ckpt.glob("*.tmp-*")), sorted(os.listdir(ckpt))
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_00000001", "step_00000002"]  # no tmp dir left
     assert latest(c.out) == "step_00000002" and intact(ckpt / "step_00000002")
     assert not (ckpt / "step_00000004").exists()
+    assert "not a readable safetensors file" not in c.proc.stderr  # a write, not a damaged file
+
+
+# ---- outputs written whole (launch/checkpoint/publish.py): convert into c.out/model
+def _model(c: Ctx) -> Path:
+    return c.out / "model"
+
+
+def _beside_model(c: Ctx) -> list[str]:
+    """What sits next to the output besides it: leftovers of interrupted runs, locks."""
+    return sorted(p.name for p in c.out.iterdir() if p.name.startswith("model") and p.name != "model")
+
+
+def _step_weights(c: Ctx, step: int) -> dict:
+    from launch.checkpoint import full_model_state
+
+    return full_model_state(c.out / "ckpt" / f"step_{step:08d}")
+
+
+def _holds_step(c: Ctx, step: int) -> bool:
+    """The model directory loads (verified) with the weights of checkpoint `step`."""
+    model = HyenaGLTForCausalLM.from_pretrained(_model(c)).state_dict()
+    return all(torch.equal(model[k], v) for k, v in _step_weights(c, step).items())
+
+
+def _old_output(c: Ctx) -> None:
+    """c.out/model: the conversion of step 1 (what a --replace must keep until the new one is complete)."""
+    rc, _, err = run_cli("convert", c.out / "ckpt" / "step_00000001", _model(c))
+    assert rc == 0 and _holds_step(c, 1), err
+
+
+def _non_empty_output(c: Ctx) -> None:
+    _model(c).mkdir()
+    (_model(c) / "notes.txt").write_text("mine")
+
+
+def _stale_output_lock_and_leftovers(c: Ctx) -> None:
+    """A convert killed mid-write: its lock (PID gone) and its unfinished output beside OUT."""
+    lock = {"host": socket.gethostname(), "pid": _dead_pid(), "pid_started": 1.0, "started": "2020-01-01 00:00:00"}
+    (c.out / "model.LOCK").write_text(json.dumps(lock))
+    (c.out / "model.partial-deadbeef").mkdir()
+    (c.out / "model.partial-deadbeef" / "config.json").write_text("{")
+
+
+def _hold_output_lock(c: Ctx) -> None:
+    """Another live process writes c.out/model (holds its lock, model.LOCK)."""
+    code = ("import sys, time\nfrom pathlib import Path\nfrom launch.checkpoint import DirLock\n"
+            "out = Path(sys.argv[1])\nDirLock(out, out.with_name(out.name + '.LOCK'), 'output directory').acquire()\n"
+            "print('locked', flush=True)\ntime.sleep(600)\n")
+    c.holder = subprocess.Popen([sys.executable, "-c", code, str(_model(c))], cwd=REPO, env=_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert c.holder.stdout.readline().strip() == "locked"
+
+
+def _output_unchanged(c: Ctx) -> None:
+    _unchanged(c)
+    assert _beside_model(c) == [], _beside_model(c)
+
+
+def _old_output_kept(c: Ctx) -> None:
+    _output_unchanged(c)
+    assert _holds_step(c, 1)
+
+
+def _converted_latest(c: Ctx) -> None:
+    assert _holds_step(c, 2) and _beside_model(c) == [], _beside_model(c)
+    assert json.loads((_model(c) / "checksums.json").read_text())["files"].keys() == {"config.json",
+                                                                                       "model.safetensors"}
+
+
+def _resharded(c: Ctx) -> None:
+    re = c.out / "re"
+    assert sorted(p.name for p in re.iterdir()) == ["latest", "step_00000002"] and intact(re / "step_00000002")
+    assert sorted(p.name for p in c.out.iterdir() if p.name.startswith("re")) == ["re"]
+
+
+def _busy_checkpoint_dir(c: Ctx) -> None:
+    """c.out/re: a copy of the checkpoint dir that a live training run uses (holds re/LOCK)."""
+    shutil.copytree(c.out / "ckpt", c.out / "re")
+    code = ("import sys, time\nfrom launch.checkpoint import DirLock\nDirLock(sys.argv[1]).acquire()\n"
+            "print('locked', flush=True)\ntime.sleep(600)\n")
+    c.holder = subprocess.Popen([sys.executable, "-c", code, str(c.out / "re")], cwd=REPO, env=_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert c.holder.stdout.readline().strip() == "locked"
+
+
+def _convert_disk_fills(mp: pytest.MonkeyPatch) -> None:
+    _full_disk_on_call(mp, 1)  # the weights file of the model directory
 
 
 def _final_eval_failed_steps_kept(c: Ctx) -> None:
@@ -362,20 +508,28 @@ def _final_eval_failed_steps_kept(c: Ctx) -> None:
     assert latest(c.out) == "step_00000004" and intact(c.out / "ckpt" / "step_00000004")
 
 
-def _disk_fills(mp: pytest.MonkeyPatch) -> None:
-    """The tensor writer fails with ENOSPC on the 2nd file of the next save (the model file
-    written, the optimizer file not)."""
-    import launch.checkpoint.io as io
+def _full_disk_on_call(mp: pytest.MonkeyPatch, n: int) -> None:
+    """safetensors' writer fails on its n-th call from now as it does on a full disk: with its
+    own error type (SafetensorError, not an OSError) and the OS error only in the message."""
+    from safetensors import SafetensorError
 
-    real, calls = io.save_file, []
+    import hyena_glt.checksums as checksums
+
+    real, calls = checksums.save_file, []
 
     def full(*a, **k):
         calls.append(1)
-        if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
+        if len(calls) == n:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         return real(*a, **k)
 
-    mp.setattr(io, "save_file", full)
+    mp.setattr(checksums, "save_file", full)
+
+
+def _disk_fills(mp: pytest.MonkeyPatch) -> None:
+    """The tensor writer fails with ENOSPC on the 2nd file of the next save (the model file
+    written, the optimizer file not)."""
+    _full_disk_on_call(mp, 2)
 
 
 def _evaluation_fails(mp: pytest.MonkeyPatch) -> None:
@@ -433,6 +587,15 @@ CASES = [
          lambda c: [p.unlink() for p in [c.out / "ckpt" / "latest", *(c.out / "ckpt").glob("step_*/meta.json")]],
          _train(), 2, lambda c: ["no intact checkpoint", str(c.out / "ckpt" / "step_00000002" / "meta.json"), "missing"],
          _unchanged),
+    # docs/checkpoints.md, "What a resume may change": the windows, the model, the seed are not
+    Case("resume-with-another-seq-len-is-refused", None, _train("train.seq_len=64"), 2,
+         lambda c: ["this run changes train.seq_len from 128 to 64", "set train.seq_len=128", "docs/checkpoints.md"],
+         _unchanged),
+    Case("resume-with-another-model-is-refused", None, _train("model.pattern=SDHH"), 2,
+         lambda c: ["this run changes model.pattern from 'SDH*SDH*' to 'SDHH'", "new checkpoint.dir"], _unchanged),
+    Case("resume-with-other-validation-logging-and-layout-settings", None,
+         _train("train.eval_batches=1", "train.log_every=2", "checkpoint.keep=3", "train.peer_timeout_s=30"), 0,
+         lambda c: ["resumed from", "step_00000002"], _resumed_exactly),
     Case("bad-data-val-path-fails-at-start", None, lambda c: [*train_argv(c.packs, c.out), "data.val=/nonexistent/val"],
          2, lambda c: ["data.val", "/nonexistent/val", "does not exist"], _nothing_trained),
     Case("convert-damaged-dir-falls-back", lambda c: _truncate(c.out / "ckpt" / "step_00000002" / MODEL),
@@ -442,8 +605,38 @@ CASES = [
          lambda c: ["convert", str(c.out / "ckpt" / "step_00000002"), str(c.out / "model")], 2,
          lambda c: [str(c.out / "ckpt" / "step_00000002" / MODEL), "1000 bytes"], _nothing_converted),
     Case("failed-save-enospc", None, _train(), 2,
-         lambda c: ["saving checkpoint step_00000004", "No space left on device", "as they were"], _failed_save,
-         patch=_disk_fills),
+         lambda c: ["saving checkpoint step_00000004", f"/{OPTIM}: No space left on device (ENOSPC)", "as they were"],
+         _failed_save, patch=_disk_fills),
+    # outputs written whole: refused when not empty, replaced with --replace, locked
+    Case("convert-into-non-empty-dir-is-refused", _non_empty_output,
+         lambda c: ["convert", str(c.out / "ckpt"), str(_model(c))], 2,
+         lambda c: [str(_model(c)), "already exists and is not empty", "--replace"], _output_unchanged),
+    Case("convert-over-a-model-without-replace-is-refused", _old_output,
+         lambda c: ["convert", str(c.out / "ckpt"), str(_model(c))], 2,
+         lambda c: [str(_model(c)), "already exists and is not empty", "--replace"], _old_output_kept),
+    Case("convert-replace-swaps-the-new-model-in", _old_output,
+         lambda c: ["convert", str(c.out / "ckpt"), str(_model(c)), "--replace"], 0,
+         lambda c: ["converted", "step_00000002 (step 2,"], _converted_latest),
+    Case("convert-takes-over-a-stale-output-lock", _stale_output_lock_and_leftovers,
+         lambda c: ["convert", str(c.out / "ckpt"), str(_model(c))], 0,
+         lambda c: ["took over the stale lock", "is not running", "removed model.partial-deadbeef"], _converted_latest),
+    Case("convert-while-another-writes-the-output-is-refused", _hold_output_lock,
+         lambda c: ["convert", str(c.out / "ckpt"), str(_model(c))], 2,
+         lambda c: [f"output directory {_model(c)} is in use by another run", f"PID {c.holder.pid}"],
+         lambda c: _unchanged(c)),
+    Case("reshard-writes-a-new-checkpoint-dir", None,
+         lambda c: ["reshard", str(c.out / "ckpt"), str(c.out / "re"), "parallel.tp=1"], 0,
+         lambda c: ["resharded"], _resharded),
+    Case("reshard-into-non-empty-dir-is-refused", lambda c: shutil.copytree(c.out / "ckpt", c.out / "re"),
+         lambda c: ["reshard", str(c.out / "ckpt"), str(c.out / "re"), "parallel.tp=1"], 2,
+         lambda c: [str(c.out / "re"), "already exists and is not empty", "--replace"], _unchanged),
+    Case("reshard-replace-of-a-checkpoint-dir-in-use-is-refused", _busy_checkpoint_dir,
+         lambda c: ["reshard", str(c.out / "ckpt"), str(c.out / "re"), "parallel.tp=1", "--replace"], 2,
+         lambda c: [f"checkpoint.dir {c.out / 're'} is in use by another run", f"PID {c.holder.pid}"], _unchanged),
+    Case("convert-enospc-names-the-file-and-publishes-nothing", None,
+         lambda c: ["convert", str(c.out / "ckpt"), str(_model(c))], 2,
+         lambda c: [f"writing {_model(c)} failed", "/model.safetensors: No space left on device (ENOSPC)",
+                    "nothing was published"], _output_unchanged, patch=_convert_disk_fills),
     Case("final-evaluation-fails-after-the-final-save", None, _train(), 2,
          lambda c: ["saved checkpoint", "validation data became unreadable"], _final_eval_failed_steps_kept,
          patch=_evaluation_fails),
@@ -591,6 +784,123 @@ def test_sigkill_during_saves_then_resume_gives_the_uninterrupted_losses(packs, 
         assert "took over the stale lock" in text and "resumed from" in text, text[-3000:]
 
 
+# ---------------------------------------------------------------- kill while an output is published
+OUTPUT_WRITES = ["hyena_glt.checksums:write_text_atomic", "hyena_glt.checksums:write_safetensors",
+                 "launch.checkpoint.publish:_rename"]
+
+
+def _output_state(out: Path, old: dict, new: dict) -> str:
+    """What a killed `convert --replace` left at `out`: 'old' or 'new' (a complete, verified model
+    directory with those weights) or 'absent' (nothing at `out`: the old one must then be intact
+    beside it, as out.replaced-*). Anything else fails the test."""
+    beside = sorted(p.name for p in out.parent.iterdir() if p.name.startswith(out.name + "."))
+    assert all(n == f"{out.name}.LOCK" or n.startswith((f"{out.name}.partial-", f"{out.name}.replaced-"))
+               for n in beside), beside
+    if not out.exists():
+        aside = [out.parent / n for n in beside if ".replaced-" in n]
+        assert len(aside) == 1, beside
+        got = HyenaGLTForCausalLM.from_pretrained(aside[0]).state_dict()
+        assert all(torch.equal(got[k], v) for k, v in old.items()), "the set-aside output is not the old one"
+        return "absent"
+    got = HyenaGLTForCausalLM.from_pretrained(out).state_dict()  # verified against its checksums.json
+    for name, want in (("old", old), ("new", new)):
+        if all(torch.equal(got[k], v) for k, v in want.items()):
+            return name
+    raise AssertionError(f"{out} holds neither the old nor the new model")
+
+
+@pytest.mark.slow
+def test_sigkill_during_convert_leaves_the_old_or_the_new_model(base, tmp_path):
+    """SIGKILL `convert --replace` over an existing model directory at several moments (the
+    slow-saves hook sleeps after each file it writes and each rename of the swap): every time
+    the directory holds the old complete model or the new complete one (or, between the two
+    renames of the swap, nothing, the old one intact beside it), and the next convert takes
+    over the stale lock, clears what was left and publishes the new model."""
+    from launch.checkpoint import full_model_state
+
+    delay = 0.6
+    out = tmp_path / "run"
+    shutil.copytree(base, out)
+    model = out / "model"
+    old, new = (full_model_state(out / "ckpt" / f"step_{s:08d}") for s in (1, 2))
+    rc, _, err = run_cli("convert", out / "ckpt" / "step_00000001", model)
+    assert rc == 0, err
+    args = ["convert", str(out / "ckpt"), str(model), "--replace"]
+    # seconds after the new config.json appears: config written; + weights; + checksums.json;
+    # + the old directory set aside; + the new one renamed in
+    moments = [0.5 * delay, 1.5 * delay, 2.5 * delay, 3.5 * delay, 4.5 * delay]
+    seen, states = [], []
+    for i, after in enumerate(moments):
+        log = open(tmp_path / f"attempt{i}.log", "w")
+        proc = subprocess.Popen([*_cli(), *args], cwd=REPO, env=_env(**slow_saves_env(delay, OUTPUT_WRITES)),
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 240
+            while proc.poll() is None and time.time() < deadline and not list(out.glob("model.partial-*/config.json")):
+                time.sleep(0.01)
+            assert proc.poll() is None, (tmp_path / f"attempt{i}.log").read_text()[-3000:]
+            time.sleep(after)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+            log.close()
+        partial = [sorted(q.name for q in p.iterdir()) for p in out.glob("model.partial-*")]
+        seen.append((partial[0] if partial else None, model.exists()))
+        states.append(_output_state(model, old, new))
+        assert (out / "model.LOCK").exists()  # left behind by the killed process
+        if i + 1 < len(moments):  # the next attempt clears this one's leftovers; reset to the old model
+            rc, _, err = run_cli("convert", out / "ckpt" / "step_00000001", model, "--replace")
+            assert rc == 0 and _output_state(model, old, new) == "old", err
+    assert len(set(map(str, seen))) >= 4, seen  # the kills landed at different moments
+    assert {"old", "new"} <= set(states), states
+    proc = run(args)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-3000:]
+    assert "took over the stale lock" in text, text[-3000:]
+    assert _output_state(model, old, new) == "new"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("model")) == ["model"]
+
+
+def test_an_interrupted_swap_is_put_back(tmp_path):
+    """The moments between the renames of a swap, replayed: recover() puts the old output back
+    (or, once every new output is in place, removes the old one), for one directory and for a
+    pair of files (export-vortex's OUT.pt + OUT.yml)."""
+    from launch.checkpoint.publish import partial_path, recover, replaced_path
+
+    out, tok = tmp_path / "model", "0123abcd"
+    # the old directory set aside, the new one not renamed in yet
+    replaced_path(out, tok).mkdir()
+    (replaced_path(out, tok) / "weights").write_text("old")
+    partial_path(out, tok).mkdir()
+    (partial_path(out, tok) / "weights").write_text("new")
+    said = recover([out], log=None)
+    assert (out / "weights").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["model"], said
+    # renamed in, the old one not removed yet: committed
+    replaced_path(out, tok).mkdir()
+    recover([out], log=None)
+    assert (out / "weights").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    # a pair: the old .pt set aside and the new .pt in, the .yml not yet
+    pt, yml = tmp_path / "e.pt", tmp_path / "e.yml"
+    pt.write_text("old pt")
+    yml.write_text("old yml")
+    replaced_path(yml, tok).write_text("old yml")
+    yml.unlink()  # set aside
+    replaced_path(pt, tok).write_text("old pt")
+    pt.write_text("new pt")  # renamed in
+    partial_path(yml, tok).write_text("new yml")
+    recover([pt, yml], log=None)
+    assert pt.read_text() == "old pt" and yml.read_text() == "old yml"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.pt", "e.yml", "model"]
+    # a pair with no old outputs: the .pt renamed in, the .yml not yet -> nothing is left
+    pt.unlink()
+    yml.unlink()
+    pt.write_text("new pt")
+    partial_path(yml, tok).write_text("new yml")
+    recover([pt, yml], log=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 # ---------------------------------------------------------------- in-process units
 def test_pruning_orders_by_step_number_and_keeps_newer(tmp_path):
     from launch.checkpoint import prune, step_dirs
@@ -628,8 +938,10 @@ def test_not_enough_disk_for_one_checkpoint_fails_at_start(packs, tmp_path, monk
     assert need == n * 12 and n > 100_000
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=need - 1))
-    with pytest.raises(ValueError, match=r"checkpoint\.dir: .* GiB free, one checkpoint needs about"):
+    with pytest.raises(ValueError, match=r"checkpoint\.dir: .* has \d[\d,.]* MiB free, one checkpoint needs about "
+                                         r"\d[\d,.]* MiB \(") as e:
         check_start(cfg)
+    assert "0.00" not in str(e.value), str(e.value)  # a size in a unit it fills, not "0.00 GiB"
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=need))
     check_start(cfg)
 

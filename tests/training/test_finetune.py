@@ -4,8 +4,13 @@ import gzip
 
 import numpy as np
 import pytest
-from support.training import GRAD_NORM_REL, WEIGHT_ATOL, assert_close, weight_differences
 import torch
+from support.training import (
+    GRAD_NORM_REL,
+    WEIGHT_ATOL,
+    assert_close,
+    weight_differences,
+)
 
 from hyena_glt import (
     HyenaGLTConfig,
@@ -194,19 +199,29 @@ def test_finetune_and_predict_commands(lambda_phage, tmp_path, capsys):
     assert (tmp_path / "ft" / "head.json").is_file()
     rc = main(["predict", "--model", str(tmp_path / "ft"), "--input", str(tmp_path / "val.fa")])
     out = capsys.readouterr().out.splitlines()
-    assert rc == 0 and out[0] == "id\tlabel\tprobabilities" and out[1].startswith("v0\t")
+    assert rc == 0 and out[0] == "id\tlabel\tp_real\tp_shuffled" and out[1].startswith("v0\t")
     assert out[1].split("\t")[1] in ("real", "shuffled") and out[-1].startswith("metrics: accuracy")  # labelled input
+    rc = main(["predict", "--model", str(tmp_path / "ft"), "--input", str(tmp_path / "val.fa"),
+               "--output", str(tmp_path / "v.tsv")])
+    captured = capsys.readouterr()  # --output: stdout quiet, one summary line (with the metrics) on stderr
+    assert rc == 0 and captured.out == "" and len(captured.err.splitlines()) == 1 and "metrics: accuracy" in captured.err
+    assert (tmp_path / "v.tsv").read_text().splitlines() == out[:-1]
     rc = main(["predict", "--model", str(tmp_path / "ft"), "--sequence", "ACGTACGT", "--output", str(tmp_path / "p.tsv")])
-    out = capsys.readouterr().out.splitlines()
-    assert rc == 0 and len(out) == 2 and out[1].startswith("seq1\t") and (tmp_path / "p.tsv").is_file()
+    captured = capsys.readouterr()
+    lines = (tmp_path / "p.tsv").read_text().splitlines()
+    assert rc == 0 and captured.out == "" and len(lines) == 2 and lines[1].startswith("seq1\t")
     for task, file in (("regression", "reg.tsv"), ("token-cls", "tok.tsv")):
         rc = main(["finetune", "--model", str(tmp_path / "lm"), "--task", task, "--train", str(tmp_path / file),
                    "--val", str(tmp_path / file), "--out", str(tmp_path / task), "--max-steps", "2", "--epochs", "1"])
         out = capsys.readouterr().out
         assert rc == 0 and (("mse" in out and "pearson" in out) if task == "regression" else "mcc" in out)
     rc = main(["predict", "--model", str(tmp_path / "token-cls"), "--sequence", "ACGGT"])
-    line = capsys.readouterr().out.splitlines()[1].split("\t")
-    assert rc == 0 and len(line[1]) == 5 and set(line[1]) <= {"0", "1"}
+    out = capsys.readouterr().out.splitlines()
+    line = out[1].split("\t")
+    assert rc == 0 and out[0] == "id\tlabels" and len(line[1]) == 5 and set(line[1]) <= {"0", "1"}
+    rc = main(["predict", "--model", str(tmp_path / "regression"), "--sequence", "ACGGT"])
+    out = capsys.readouterr().out.splitlines()
+    assert rc == 0 and out[0] == "id\tprediction" and len(out[1].split("\t")) == 2
 
 
 def test_finetune_bad_input_is_one_line_error(tmp_path, capsys):
@@ -262,7 +277,7 @@ def test_multitask_finetune_command_learns_every_task_with_weighted_sampling(lam
     assert total == history[-1]["step"] and 0.4 < steps["rich"] / total < 0.6, steps  # weight 2 of 4
     rc = main(["predict", "--model", str(tmp_path / "mt"), "--task", "rich", "--input", str(tmp_path / "rich_val.csv")])
     lines = capsys.readouterr().out.splitlines()
-    assert rc == 0 and lines[0] == "id\tlabel\tprobabilities" and lines[1].split("\t")[1] in ("gc-rich", "at-rich")
+    assert rc == 0 and lines[0] == "id\tlabel\tp_at-rich\tp_gc-rich" and lines[1].split("\t")[1] in ("gc-rich", "at-rich")
     assert lines[-1].startswith("metrics: accuracy")
     rc = main(["predict", "--model", str(tmp_path / "mt"), "--sequence", "ACGT"])
     assert rc == 2 and "name one of ['basewise', 'gc', 'rich']" in capsys.readouterr().err
@@ -350,7 +365,7 @@ def test_finetune_step_leaves_the_other_tasks_heads_untouched(lambda_phage, tmp_
     from types import SimpleNamespace
 
     from launch.finetune.data import prepare_task
-    from launch.finetune.trainer import Finetuner, FinetuneJob, start_data_parallel
+    from launch.finetune.trainer import FinetuneJob, Finetuner, start_data_parallel
     from megatron_adapters.groups import destroy_parallel
 
     _write_multitask(read_genome(lambda_phage), tmp_path, n=16)
@@ -388,5 +403,5 @@ def test_a_new_task_kind_is_one_registry_entry(lambda_phage, tmp_path, monkeypat
     assert rc == 0 and "mcc" in capsys.readouterr().out
     rc = main(["predict", "--model", str(tmp_path / "ft"), "--input", str(tmp_path / "val.fa")])
     out = capsys.readouterr().out.splitlines()
-    assert rc == 0 and out[0] == "id\tclass\tscores" and out[1].split("\t")[1] in ("real", "shuffled")
+    assert rc == 0 and out[0] == "id\tclass\tscores_real\tscores_shuffled" and out[1].split("\t")[1] in ("real", "shuffled")
     assert out[-1].startswith("metrics: accuracy")

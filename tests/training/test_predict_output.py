@@ -1,7 +1,8 @@
 """`hyena-glt predict --output`: the TSV holds one row per input sequence (the --input records in
-file order, then the --sequence ones), the header's columns, and the predictions of the fine-tuned
-model computed here on each sequence alone (the command pads sequences of different lengths into
-one batch: the padding must not change a prediction)."""
+file order, then the --sequence ones), the header's columns (one probability column per class,
+named by the class), and the predictions of the fine-tuned model computed here on each sequence
+alone (the command pads sequences of different lengths into one batch: the padding must not
+change a prediction). With --output nothing goes to stdout, and one summary line to stderr."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import torch
 from conftest import run_cli
 
 from hyena_glt import HyenaGLTConfig, HyenaGLTForCausalLM
-
 
 TRAIN = ["ACGTACGTAC", "GGGCCCGGGC", "ATATATATAT", "GCGCGCATAT", "TTTTAAAACC", "CAGTCAGTCA"] * 3
 
@@ -37,20 +37,38 @@ def test_predict_output_tsv_is_the_models_prediction(tmp_path):
                               *[a for s in extra for a in ("--sequence", s)], "--batch-size", "3",
                               "--output", tmp_path / "p.tsv")
     assert rc == 0, err
+    assert stdout == ""  # the table goes to the file only
+    assert len(err.splitlines()) == 1 and f"wrote 6 prediction(s) to {tmp_path / 'p.tsv'}" in err, err
     lines = (tmp_path / "p.tsv").read_text().splitlines()
-    assert lines == stdout.splitlines()  # the file is the table printed (no labels given: no metrics line)
     rows = [x.split("\t") for x in lines]
-    assert rows[0] == ["id", "label", "probabilities"]
-    seqs = {**inputs, "seq1": extra[0], "seq2": extra[1]}
-    assert [r[0] for r in rows[1:]] == list(seqs)
     model, tok = load_head_model(tmp_path / "ft").eval(), ByteTokenizer()
     names = model.label_names
     assert sorted(names) == ["at", "gc"]
+    assert rows[0] == ["id", "label", *[f"p_{n}" for n in names]]  # class-index order, named
+    seqs = {**inputs, "seq1": extra[0], "seq2": extra[1]}
+    assert [r[0] for r in rows[1:]] == list(seqs)
     for row, seq in zip(rows[1:], seqs.values()):
-        assert len(row) == 3, row
+        assert len(row) == 2 + len(names), row
         with torch.no_grad():
             probs = model(tok.encode(seq.encode(), add_bos=True).ids[None]).logits[0].float().softmax(-1)
-        got = [float(x) for x in row[2].split(",")]
-        assert len(got) == len(names) and abs(sum(got) - 1) <= 1e-3, row
+        got = [float(x) for x in row[2:]]
+        assert abs(sum(got) - 1) <= 1e-3, row
         assert got == pytest.approx(probs.tolist(), abs=1e-4), (row, probs)  # printed to 4 decimals
         assert row[1] == names[int(probs.argmax())], (row, probs)
+    rc, stdout, err = run_cli("predict", "--model", tmp_path / "ft", "--input", tmp_path / "new.fa",
+                              *[a for s in extra for a in ("--sequence", s)], "--batch-size", "3")
+    assert rc == 0 and err == "" and stdout.splitlines() == lines  # without --output: the same table on stdout
+
+
+def test_class_columns_split_only_per_class_number_lists():
+    from launch.finetune.commands import _class_columns
+
+    header, rows = _class_columns(["id", "label", "probabilities"], [["a", "x", "0.2,0.8"], ["b", "y", "0.9,0.1"]],
+                                  ["x", "y"])
+    assert header == ["id", "label", "p_x", "p_y"] and rows == [["a", "x", "0.2", "0.8"], ["b", "y", "0.9", "0.1"]]
+    header, rows = _class_columns(["id", "class", "scores"], [["a", "x", "1,2,3"]], ["x", "y", "z"])
+    assert header == ["id", "class", "scores_x", "scores_y", "scores_z"]
+    kept = (["id", "labels"], [["a", "0,1"]])  # token labels, not numbers per class
+    assert _class_columns(*kept, ["x", "y", "z"]) == kept
+    kept = (["id", "prediction"], [["a", "0.5"]])  # regression: one value
+    assert _class_columns(*kept, ["0"]) == kept

@@ -6,6 +6,11 @@ child's PYTHONPATH with HYENA_GLT_TEST_SAVE_DELAY=SECONDS (tests/support/__init_
 launch.checkpoint.writer to be imported and wraps the two functions every file of a save goes
 through (`write_tensors`: model, optimizer, RNG and state files; `write_meta`), so each
 written file is followed by a sleep.
+
+HYENA_GLT_TEST_SAVE_DELAY_AT=module:function,module:function,... wraps those functions instead
+(`slow_saves_env(delay, at=...)`): e.g. the file writes of a saved model directory
+(hyena_glt.checksums) and each rename of an output being published (launch.checkpoint.publish),
+so a test can kill `convert` or `export-vortex` at chosen moments.
 """
 
 import importlib.abc
@@ -13,8 +18,12 @@ import os
 import sys
 import time
 
-TARGET = "launch.checkpoint.writer"
 DELAY = float(os.environ.get("HYENA_GLT_TEST_SAVE_DELAY") or 0)
+_AT = os.environ.get("HYENA_GLT_TEST_SAVE_DELAY_AT") or "launch.checkpoint.writer:write_tensors,launch.checkpoint.writer:write_meta"
+WRAP: dict[str, list[str]] = {}
+for _item in _AT.split(","):
+    _module, _fn = _item.strip().split(":")
+    WRAP.setdefault(_module, []).append(_fn)
 
 
 def _then_sleep(fn):
@@ -28,7 +37,7 @@ def _then_sleep(fn):
 
 class _SlowSaves(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name != TARGET:
+        if name not in WRAP:
             return None
         for finder in sys.meta_path:
             if finder is not self and hasattr(finder, "find_spec"):
@@ -41,7 +50,7 @@ class _SlowSaves(importlib.abc.MetaPathFinder):
 
         def patched(module):
             exec_module(module)
-            for fn in ("write_tensors", "write_meta"):
+            for fn in WRAP[name]:
                 setattr(module, fn, _then_sleep(getattr(module, fn)))
 
         spec.loader.exec_module = patched
