@@ -109,7 +109,7 @@ def stream_bytes_per_position(config) -> int:
     + 2 x vocab_size) 4-byte values (the layers' projections, convolutions, states and MLP, and
     the logits with their log-softmax, taken in fp32 whatever the model's dtype). Measured on
     the tiny models (d_model 64, fp32, 1 thread): 3.6 KB per position in one pass (64K, 256K),
-    9.7 KB per position of a chunk that continues a cached prefix (chunks of 32K and 128K),
+    about 10 KB per position of a chunk that continues a cached prefix (chunks of 32K to 128K),
     under this estimate's 12.3 KB; attention's K/V cache comes on top (`--kv-dtype`)."""
     return 4 * (40 * config.d_model + 2 * config.vocab_size)
 
