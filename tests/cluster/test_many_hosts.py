@@ -40,8 +40,8 @@ from support.training import (
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-PEER_TIMEOUT = 10  # train.peer_timeout_s of these runs (the default, sized for real clusters, is 60)
-EXIT_BOUND = 45  # a survivor must be gone this many seconds after the fault (measured: ~11-15 s)
+PEER_TIMEOUT = 5  # train.peer_timeout_s of these runs (the default, sized for real clusters, is 60)
+EXIT_BOUND = 45  # a survivor must be gone this many seconds after the fault (measured: 5-6 s)
 _ports = itertools.count(29400)
 
 
