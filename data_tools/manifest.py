@@ -80,7 +80,7 @@ def load_manifest(out: str | Path) -> dict:
             missing = f" ({reason or 'jobs ' + ', '.join(map(str, missing_jobs)) + ' have not finished'})"
         raise FileNotFoundError(f"{path} not found: not a finished pack{missing}")
     try:
-        manifest = json.loads(path.read_bytes())
+        manifest = json.loads(path.read_bytes(), parse_constant=_no_constant)
     except ValueError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -98,28 +98,98 @@ _REQUIRED_OPTIONS = ("seq_len", "stride", "reverse_complement", "max_n_fraction"
 _REQUIRED_SHARD = ("path", "split", "samples", "bases", "bytes", "sha256", "index", "index_sha256")
 
 
+_COUNTS_MAX = 2**63 - 1  # counts are read into int64 arrays
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows (a damaged file)")
+
+
 def check_manifest(manifest: dict, path: Path) -> None:
-    """ValueError naming `path` and the first missing key (or entry of the wrong type)."""
-    def need(obj, keys, where: str) -> None:
+    """ValueError naming `path` and the first missing key or value of the wrong type or range
+    (what the readers of manifest.json rely on: the loaders, `data stats`, the split checks)."""
+    def bad(where: str, what: str, value) -> ValueError:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        return ValueError(f"{path}: damaged manifest: {where}: expected {what}, got {shown}")
+
+    def need(obj, keys, where: str) -> dict:
         if not isinstance(obj, dict):
             raise ValueError(f"{path}: damaged manifest: {where or 'the top level'} is not an object")
         for k in keys:
             if k not in obj:
                 raise ValueError(f"{path}: damaged manifest: missing key {where + '.' if where else ''}{k}")
+        return obj
+
+    def count(obj: dict, key: str, where: str, low: int = 0) -> None:
+        v = obj[key]
+        if type(v) is not int or not low <= v <= _COUNTS_MAX:
+            raise bad(f"{where}.{key}" if where else key, f"a whole number >= {low}", v)
+
+    def number(obj: dict, key: str, where: str, low: float, high: float) -> None:
+        v = obj[key]
+        if type(v) not in (int, float) or not low <= v <= high:
+            raise bad(f"{where}.{key}", f"a number in [{low:g}, {high:g}]", v)
+
+    def text(obj: dict, key: str, where: str) -> None:
+        if not isinstance(obj[key], str):
+            raise bad(f"{where}.{key}" if where else key, "a string", obj[key])
+
+    def listed(obj: dict, key: str, where: str) -> list:
+        if not isinstance(obj[key], list):
+            raise bad(f"{where}.{key}" if where else key, "a list", obj[key])
+        return obj[key]
 
     need(manifest, _REQUIRED, "")
-    need(manifest["options"], _REQUIRED_OPTIONS, "options")
-    need(manifest["input_totals"], ("files", "records", "bases"), "input_totals")
-    need(manifest["windows"], ("planned", "kept", "dropped"), "windows")
+    count(manifest, "num_jobs", "", 1)
+    o = need(manifest["options"], _REQUIRED_OPTIONS, "options")
+    for k in ("seq_len", "stride"):
+        count(o, k, "options", 1)
+    count(o, "min_len", "options")
+    if type(o["seed"]) is not int:
+        raise bad("options.seed", "a whole number", o["seed"])
+    for k in ("max_n_fraction", "val_fraction", "test_fraction"):
+        number(o, k, "options", 0, 1)
+    text(o, "reverse_complement", "options")
+    for k in ("conservation", "val_regions"):  # optional: an object when present
+        if o.get(k) is not None and not isinstance(o[k], dict):
+            raise bad(f"options.{k}", "an object or null", o[k])
+    if o.get("val_regions") is not None:
+        text(need(o["val_regions"], ("path",), "options.val_regions"), "path", "options.val_regions")
+    if "split_by" in o:
+        text(o, "split_by", "options")
+    t = need(manifest["input_totals"], ("files", "records", "bases"), "input_totals")
+    for k in ("files", "records", "bases"):
+        count(t, k, "input_totals")
+    listed(manifest, "inputs", "")
+    w = need(manifest["windows"], ("planned", "kept", "dropped"), "windows")
     for k in ("planned", "kept", "dropped"):
-        need(manifest["windows"][k], ("windows",), f"windows.{k}")
-    need(manifest["totals"], (), "totals")
-    for split, t in manifest["totals"].items():
-        need(t, ("shards", "samples", "windows", "records", "bases"), f"totals.{split}")
-    if not isinstance(manifest["shards"], list):
-        raise ValueError(f"{path}: damaged manifest: shards is not a list")
-    for i, shard in enumerate(manifest["shards"]):
-        need(shard, _REQUIRED_SHARD, f"shards[{i}]")
+        count(need(w[k], ("windows",), f"windows.{k}"), "windows", f"windows.{k}")
+    for split, t in need(manifest["totals"], (), "totals").items():
+        for k in ("shards", "samples", "windows", "records", "bases"):
+            count(need(t, ("shards", "samples", "windows", "records", "bases"), f"totals.{split}"), k, f"totals.{split}")
+    for reason, d in need(manifest["dropped"], (), "dropped").items():
+        keys = ("windows", "bases") if isinstance(d, dict) and "windows" in d else ("records",)
+        for k in keys:
+            count(need(d, keys, f"dropped.{reason}"), k, f"dropped.{reason}")
+    for i, f in enumerate(listed(manifest, "skipped_files", "")):
+        need(f, ("path", "reason"), f"skipped_files[{i}]")
+    for i, shard in enumerate(listed(manifest, "shards", "")):
+        where = f"shards[{i}]"
+        need(shard, _REQUIRED_SHARD, where)
+        for k in ("path", "split", "sha256", "index", "index_sha256"):
+            text(shard, k, where)
+        for k in ("samples", "bases", "bytes"):
+            count(shard, k, where)
+    h = manifest.get("holdout")
+    if h is not None:  # `--split-by position` or `--val-regions` (holdout.job_holdout)
+        need(h, ("mode", "overlap_windows"), "holdout")
+        count(h, "overlap_windows", "holdout")
+        if h["mode"] != "position":
+            r = need(h, ("val_regions",), "holdout")["val_regions"]
+            need(r, ("path", "records", "intervals", "bases", "records_not_found"), "holdout.val_regions")
+            for k in ("records", "intervals", "bases"):
+                count(r, k, "holdout.val_regions")
+            listed(r, "records_not_found", "holdout.val_regions")
 
 
 _JOB_KEYS = ("job_index", "num_jobs", "options", "input_list", "inputs", "shards", "windows", "dropped",

@@ -40,6 +40,13 @@ MERGE_RELAXATIONS = ("ste", "soft")
 # that name ("identity": none), so adding one is adding its name here.
 MLP_ACTIVATIONS = ("silu", "gelu", "identity")
 NORM_EPS_PLACEMENTS = ("inside", "outside")
+# Upper bounds of the sizes, far above any model trained (Evo 2 40B: d_model 8192, 1M context):
+# a config beyond them is a typo or a damaged file, and its tensors could not even be described
+# (element counts past int64), so it is refused here, naming the field, instead of failing
+# wherever the model is built.
+MAX_WIDTH = 2**24  # widths, head counts, vocabulary, filter taps and orders
+MAX_LENGTH = 2**27  # context lengths, and windows and patch lengths measured in bytes
+MAX_MLP_RATIO = 256.0
 
 
 def _one_of(values) -> str:
@@ -48,25 +55,25 @@ def _one_of(values) -> str:
 
 
 class HyenaGLTConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
     pattern: str = Field("SDH*", description="one layer-kind code per layer (hyena_glt.kinds: S, D, H, * and "
                          "plug-ins' codes); '|' = pipeline stage boundary")
-    d_model: int = Field(256, gt=0, description="hidden size: the width of every layer's input and output")
-    num_heads: int = Field(4, gt=0, description="attention heads of the '*' layers")
+    d_model: int = Field(256, gt=0, le=MAX_WIDTH, description="hidden size: the width of every layer's input and output")
+    num_heads: int = Field(4, gt=0, le=MAX_WIDTH, description="attention heads of the '*' layers")
     vocab_size: int = Field(BYTE_VOCAB_SIZE, description="at least the byte tokenizer's 260 ids")
-    max_seq_len: int = Field(8192, gt=0, description="longest context the model is meant to see")
-    mlp_ratio: float = Field(8 / 3, gt=0, description="gated-MLP hidden size = round(mlp_ratio * d_model)")
-    mlp_multiple_of: int = Field(16, gt=0, description="MLP hidden size is rounded up to this multiple")
+    max_seq_len: int = Field(8192, gt=0, le=MAX_LENGTH, description="longest context the model is meant to see")
+    mlp_ratio: float = Field(8 / 3, gt=0, le=MAX_MLP_RATIO, description="gated-MLP hidden size = round(mlp_ratio * d_model)")
+    mlp_multiple_of: int = Field(16, gt=0, le=MAX_WIDTH, description="MLP hidden size is rounded up to this multiple")
     # Hidden quirk made explicit: one trainer ran every MLP after layer 1 with an identity activation.
     mlp_activation: str = Field("silu", description="activation of the gated MLPs (layer 0: first_mlp_activation "
                                 "when set)")
-    short_filter_len: int = Field(7, gt=0, description="taps of the S layers' short causal filter")
-    featurizer_len: int = Field(3, gt=0, description="taps of the short causal convolution on the q, k, v "
+    short_filter_len: int = Field(7, gt=0, le=MAX_WIDTH, description="taps of the S layers' short causal filter")
+    featurizer_len: int = Field(3, gt=0, le=MAX_WIDTH, description="taps of the short causal convolution on the q, k, v "
                                 "projections of every Hyena (S, D, H) layer")
-    medium_filter_len: int = Field(128, gt=0, description="taps of the D layers' medium causal filter")
-    modal_order: int = Field(16, gt=0, description="decaying modes per channel of the H layers' long (modal) filter")
-    num_filter_groups: int = Field(16, gt=0, description="channel groups sharing an S/D filter")
+    medium_filter_len: int = Field(128, gt=0, le=MAX_WIDTH, description="taps of the D layers' medium causal filter")
+    modal_order: int = Field(16, gt=0, le=MAX_WIDTH, description="decaying modes per channel of the H layers' long (modal) filter")
+    num_filter_groups: int = Field(16, gt=0, le=MAX_WIDTH, description="channel groups sharing an S/D filter")
     medium_decay_min: float = Field(1e-2, gt=0, description="slowest per-channel decay rate of D filters")
     medium_decay_max: float = Field(1.0, gt=0, description="fastest per-channel decay rate of D filters")
     rope_base: float = Field(10000.0, gt=0, description="RoPE frequency base of the attention layers")
@@ -80,7 +87,7 @@ class HyenaGLTConfig(BaseModel):
         None, description="layer 0's MLP activation (None: mlp_activation); Evo 2: gelu, then identity")
     medium_decay: bool = Field(True, description="D filters: taps times a fixed per-channel decay (False: raw taps)")
     short_filter_skip: bool = Field(True, description="S filters: add the per-channel skip term skip[c] * z")
-    mlp_hidden_size: int | None = Field(None, gt=0, description="gated-MLP width (None: from mlp_ratio)")
+    mlp_hidden_size: int | None = Field(None, gt=0, le=MAX_WIDTH, description="gated-MLP width (None: from mlp_ratio)")
     rope_position_scale: float = Field(
         1.0, gt=0, description="RoPE positions are divided by this (position interpolation for longer context)")
     bos_token: bool = Field(
@@ -103,8 +110,8 @@ class HyenaGLTConfig(BaseModel):
         PATCHING_NONE, description=f"one of {', '.join(PATCHING)}; "
         f"{' / '.join(PATCHING_ALIASES)} = '{PATCHING_ENTROPY}' with that entropy_mode")
     patch_size: float = Field(4.0, ge=1, description="target mean patch length in bytes (static: the fixed length)")
-    min_patch: int = Field(1, ge=1, description="shortest complete patch (bytes)")
-    max_patch: int = Field(16, ge=1, description="longest patch (bytes); a boundary is forced after this many")
+    min_patch: int = Field(1, ge=1, le=MAX_LENGTH, description="shortest complete patch (bytes)")
+    max_patch: int = Field(16, ge=1, le=MAX_LENGTH, description="longest patch (bytes); a boundary is forced after this many")
     patch_budget: float = Field(
         0.0, ge=0, le=1,
         description="patch slots per sequence as a fraction of its byte length, P = ceil(L * patch_budget); "
@@ -112,7 +119,7 @@ class HyenaGLTConfig(BaseModel):
     )
     local_encoder_pattern: str = Field("S", description="layers of the byte-level local encoder (layer-kind codes)")
     local_decoder_pattern: str = Field("S", description="layers of the byte-level local decoder (layer-kind codes)")
-    bridge_window: int = Field(4, ge=1, description="earlier complete patches each byte attends to")
+    bridge_window: int = Field(4, ge=1, le=MAX_LENGTH, description="earlier complete patches each byte attends to")
     position_periods: list[int] = Field(
         default_factory=list, description="genomic periodic position features of the token-merging model "
         "(the plain model ignores them), e.g. [3, 8, 10, 21, 147]; [] = off; data parallelism only"
@@ -124,24 +131,24 @@ class HyenaGLTConfig(BaseModel):
         1.0, description="entropy (nats) or entropy jump above which a patch starts; 'optimal': the cost of a patch (nats)")
     entropy_jump_threshold: float = Field(1.0, description="dual mode: entropy jump H[j] - H[j-1] (nats) above which a patch starts")
     patch_lookahead: int = Field(
-        2, ge=0, description="optimal mode: the boundary at byte p is decided from bytes <= p + patch_lookahead; "
+        2, ge=0, le=MAX_LENGTH, description="optimal mode: the boundary at byte p is decided from bytes <= p + patch_lookahead; "
         "bytes then read only patches closed at least that many bytes before them")
     patch_length_weight: float = Field(
         0.1, ge=0, description="optimal mode: weight of a patch's squared length deviation from its target length")
     patch_adapt: bool = Field(
         False, description="complexity-adaptive merge ratio: the target patch length follows the trailing mean "
         "entropy (entropy patching only; min/max_patch still bound it)")
-    complexity_window: int = Field(64, ge=2, description="patch_adapt: trailing window (bytes) of the mean entropy")
-    entropy_window: int = Field(32, ge=2, description="topk mode: trailing window in which the top entropies start patches")
+    complexity_window: int = Field(64, ge=2, le=MAX_LENGTH, description="patch_adapt: trailing window (bytes) of the mean entropy")
+    entropy_window: int = Field(32, ge=2, le=MAX_LENGTH, description="topk mode: trailing window in which the top entropies start patches")
     entropy_pattern: str = Field("SS", description="layers of the small causal byte LM of the entropy patcher")
     entropy_joint: bool = Field(True, description="train the entropy model jointly (its CE joins the training loss)")
-    entropy_d_model: int = Field(64, gt=0, description="width of the entropy patcher's small byte LM")
+    entropy_d_model: int = Field(64, gt=0, le=MAX_WIDTH, description="width of the entropy patcher's small byte LM")
     entropy_adapt: bool = Field(
         False, description="in training, move the threshold toward a boundary rate of 1/patch_size (EMA; "
         "all-reduce the buffer across data-parallel ranks)"
     )
     merge_relaxation: str = Field("ste", description="learned patcher gradient: 'ste' (straight-through) or 'soft'")
-    merge_kernel: int = Field(9, ge=1, description="width of the learned patcher's genomic pattern convolution")
+    merge_kernel: int = Field(9, ge=1, le=MAX_LENGTH, description="width of the learned patcher's genomic pattern convolution")
     compression_loss_weight: float = Field(1.0, ge=0, description="learned patcher: weight of the compression-ratio term")
 
     # ---- validation: each rule names its field ----
@@ -176,8 +183,8 @@ class HyenaGLTConfig(BaseModel):
     @field_validator("motif_kernel_sizes")
     @classmethod
     def _motif(cls, v: list[int]) -> list[int]:
-        if not v or any(k < 1 for k in v):
-            raise ValueError(f"motif_kernel_sizes: need one or more positive sizes, got {v}")
+        if not v or any(not 1 <= k <= MAX_LENGTH for k in v):
+            raise ValueError(f"motif_kernel_sizes: need one or more sizes in [1, {MAX_LENGTH}], got {v}")
         return v
 
     @field_validator("patching")
@@ -229,8 +236,8 @@ class HyenaGLTConfig(BaseModel):
     @field_validator("position_periods")
     @classmethod
     def _periods(cls, v: list[int]) -> list[int]:
-        if any(p < 2 for p in v):
-            raise ValueError(f"position_periods: every period must be >= 2, got {v}")
+        if any(not 2 <= p <= MAX_LENGTH for p in v):
+            raise ValueError(f"position_periods: every period must be in [2, {MAX_LENGTH}], got {v}")
         return v
 
     @model_validator(mode="after")
@@ -263,8 +270,9 @@ class HyenaGLTConfig(BaseModel):
 
     @model_validator(mode="after")
     def _combinations(self) -> "HyenaGLTConfig":
-        if self.vocab_size < BYTE_VOCAB_SIZE:
-            raise ValueError(f"vocab_size: must be >= {BYTE_VOCAB_SIZE} (4 specials + 256 bytes), got {self.vocab_size}")
+        if not BYTE_VOCAB_SIZE <= self.vocab_size <= MAX_WIDTH:
+            raise ValueError(f"vocab_size: must be >= {BYTE_VOCAB_SIZE} (4 specials + 256 bytes) and <= {MAX_WIDTH}, "
+                             f"got {self.vocab_size}")
         if self.d_model % self.num_heads:
             raise ValueError(f"num_heads: d_model={self.d_model} must be divisible by num_heads={self.num_heads}")
         if (self.d_model // self.num_heads) % 2:
@@ -345,7 +353,11 @@ class HyenaGLTConfig(BaseModel):
     @classmethod
     def from_yaml(cls, path: str | Path) -> "HyenaGLTConfig":
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            data = yaml.safe_load(f)
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of config fields, got a {type(data).__name__}")
         if "model" in data and isinstance(data["model"], dict):  # a full training config
             data = data["model"]
         return cls._validated(data, path)

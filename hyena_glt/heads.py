@@ -269,13 +269,13 @@ class _HeadModel(nn.Module):
         state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location))
         head_file = directory / HEAD_NAME
         if head_file.is_file():
-            saved = json.loads(head_file.read_text())
-            if saved.get("task") != cls.task:
-                raise ValueError(f"{directory}: holds a {saved.get('task')!r} model, not {cls.task!r}")
+            saved = read_head_json(head_file)
+            if saved["task"] != cls.task:
+                raise ValueError(f"{directory}: holds a {saved['task']!r} model, not {cls.task!r}")
             if num_labels is not None and num_labels != saved["num_labels"]:
                 raise ValueError(f"num_labels: {directory} was fine-tuned with {saved['num_labels']}, given {num_labels}")
-            model = cls(config, saved["num_labels"], saved.get("dropout", 0.1) if dropout is None else dropout,
-                        initialize=False, label_names=saved.get("label_names"))
+            model = cls(config, saved["num_labels"], saved["dropout"] if dropout is None else dropout,
+                        initialize=False, label_names=saved["label_names"])
             check_state_dict(model, state, str(directory / WEIGHTS_NAME))
             model.load_state_dict(state, strict=True)
             return model
@@ -309,14 +309,102 @@ def head_model_class(kind: str) -> type[_HeadModel]:
     return named[0]
 
 
+# ---- the sidecar files: head.json and tasks.json, read and checked in one place ----
+MAX_LABELS = 2**20  # outputs of one head: a larger num_labels is a damaged file, not a model
+_HEAD_KEYS = ("task", "num_labels", "dropout", "label_names")
+_SPEC_KEYS = ("kind", "num_labels", "weight", "label_names")
+
+
+def _json_type(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _checked_labels(where: str, num_labels, label_names) -> tuple[int, list[str] | None]:
+    """(num_labels, label_names) of a head, or ValueError(f'{where}num_labels: ...')."""
+    if type(num_labels) is not int or not 1 <= num_labels <= MAX_LABELS:
+        raise ValueError(f"{where}num_labels: expected a whole number in [1, {MAX_LABELS}], got {num_labels!r}")
+    if label_names is not None:
+        if not isinstance(label_names, list) or not all(isinstance(n, str) for n in label_names):
+            raise ValueError(f"{where}label_names: expected a list of strings or null, got {_json_type(label_names)}")
+        if label_names and len(label_names) != num_labels:
+            raise ValueError(f"{where}label_names: {len(label_names)} name(s) for num_labels={num_labels}")
+        if len(set(label_names)) != len(label_names):
+            raise ValueError(f"{where}label_names: a name is listed twice")
+    return num_labels, label_names or None
+
+
+def _checked_dropout(where: str, dropout) -> float:
+    if type(dropout) not in (int, float) or not 0 <= dropout < 1:
+        raise ValueError(f"{where}dropout: expected a number in [0, 1), got {dropout!r}")
+    return float(dropout)
+
+
+def _sidecar(path: Path, keys: tuple[str, ...]) -> dict:
+    """A head.json / tasks.json object: ValueError naming the file for anything but an object of `keys`."""
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected an object with {', '.join(keys)}, got {_json_type(data)}")
+    unknown = sorted(set(data) - set(keys))
+    if unknown:
+        raise ValueError(f"{path}: unknown field(s) {unknown}; expected {', '.join(keys)} (written by another "
+                         "version, or damaged)")
+    return data
+
+
+def read_head_json(head_file: str | Path) -> dict:
+    """A fine-tuned head directory's head.json, checked: {"task": a registered task kind,
+    "num_labels": a whole number in [1, MAX_LABELS], "dropout": a number in [0, 1) (default 0.1),
+    "label_names": one string per label, or null}. ValueError naming the file and the field."""
+    data = _sidecar(Path(head_file), _HEAD_KEYS)
+    for key in ("task", "num_labels"):
+        if key not in data:
+            raise ValueError(f"{head_file}: missing key {key!r} (the file is damaged or incomplete)")
+    task = data["task"]
+    if not isinstance(task, str) or task not in TASK_KINDS:
+        raise ValueError(f"{head_file}: task: must be one of {', '.join(TASK_KINDS)}, got {task!r}")
+    num_labels, names = _checked_labels(f"{head_file}: ", data["num_labels"], data.get("label_names"))
+    return {"task": task, "num_labels": num_labels, "dropout": _checked_dropout(f"{head_file}: ", data.get("dropout", 0.1)),
+            "label_names": names}
+
+
+def read_tasks_json(tasks_file: str | Path) -> dict:
+    """A multi-task model directory's tasks.json, checked: {"dropout": a number in [0, 1) (default
+    0.1), "tasks": {name: {"kind", "num_labels", "weight", "label_names"}}, one or more}, with the
+    tasks as TaskSpec. ValueError naming the file and the field (`tasks.NAME.num_labels`)."""
+    data = _sidecar(Path(tasks_file), ("dropout", "tasks"))
+    tasks = data.get("tasks")
+    if not isinstance(tasks, dict) or not tasks:
+        raise ValueError(f"{tasks_file}: tasks: expected an object of one or more named tasks, got {_json_type(tasks)}")
+    specs = {}
+    for name, t in tasks.items():
+        where = f"{tasks_file}: tasks.{name}: "
+        if not isinstance(t, dict):
+            raise ValueError(f"{where}expected an object with {', '.join(_SPEC_KEYS)}, got {_json_type(t)}")
+        unknown = sorted(set(t) - set(_SPEC_KEYS))
+        if unknown:
+            raise ValueError(f"{where}unknown field(s) {unknown}; expected {', '.join(_SPEC_KEYS)}")
+        kind = t.get("kind")
+        if not isinstance(kind, str) or kind not in TASK_KINDS:
+            raise ValueError(f"{where}kind: must be one of {', '.join(TASK_KINDS)}, got {kind!r}")
+        num_labels, names = _checked_labels(where, t.get("num_labels", 2), t.get("label_names"))
+        weight = t.get("weight", 1.0)
+        if type(weight) not in (int, float) or not 0 < weight < float("inf"):
+            raise ValueError(f"{where}weight: expected a finite number > 0, got {weight!r}")
+        specs[name] = TaskSpec(kind, num_labels, float(weight), names)
+    return {"dropout": _checked_dropout(f"{tasks_file}: ", data.get("dropout", 0.1)), "tasks": specs}
+
+
 def load_head_model(directory: str | Path, map_location: str = "cpu") -> _HeadModel:
     """A fine-tuned head model of whatever task its head.json names."""
     head_file = Path(directory) / HEAD_NAME
     if not head_file.is_file():
         raise FileNotFoundError(f"{directory}: no {HEAD_NAME}; expected a directory written by `hyena-glt finetune`")
-    task = json.loads(head_file.read_text()).get("task")
-    if task not in TASK_KINDS:
-        raise ValueError(f"{head_file}: unknown task {task!r}")
+    try:
+        task = read_head_json(head_file)["task"]
+    except ValueError:  # damaged since it was saved? checksums.json says so first (as every loader does)
+        read_config(directory, need_weights=True)
+        raise
     return head_model_class(task).from_pretrained(directory, map_location=map_location)
 
 
@@ -399,8 +487,8 @@ class HyenaGLTMultiTask(nn.Module):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory}: no {name}; expected a directory written by a multi-task finetune")
         config = read_config(directory, need_weights=True)  # its files checked against checksums.json first
-        meta = json.loads((directory / TASKS_NAME).read_text())
-        model = cls(config, meta["tasks"], meta.get("dropout", 0.1), initialize=False)
+        meta = read_tasks_json(directory / TASKS_NAME)
+        model = cls(config, meta["tasks"], meta["dropout"], initialize=False)
         state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location))
         check_state_dict(model, state, str(directory / WEIGHTS_NAME))
         model.load_state_dict(state, strict=True)

@@ -52,6 +52,29 @@ def no_halo(cfg: HyenaGLTConfig) -> int:
     return 0
 
 
+# What a kind's operation sends across context-parallel ranks (`CPExchange.op`).
+CP_SEND_HALO = "halo"  # spec.short_conv: each zigzag chunk receives the `taps` positions before it
+CP_SEND_LONG_CONV = "long_conv"  # spec.long_conv: a FIR filter of `taps` taps or a modal one of order `state`
+CP_SEND_KV = "kv"  # spec.attention: `channels` values per token (K and V) gathered from every CP rank
+CP_SENDS = (CP_SEND_HALO, CP_SEND_LONG_CONV, CP_SEND_KV)
+
+
+@dataclass(frozen=True)
+class CPExchange:
+    """One context-parallel exchange a block of a kind runs per forward (the backward sends
+    the same amount back): the planner's traffic model (launch/plan/cost.py) computes its bytes,
+    which equal what megatron_adapters/context_parallel.py counts (tests/plan)."""
+
+    op: str  # CP_SENDS
+    channels: int  # channels of the whole model (tensor parallelism splits them)
+    taps: int = 0  # halo: positions a chunk needs before it; long_conv: a FIR filter's taps (0 when modal)
+    state: int = 0  # long_conv: a modal filter's order (values per channel of a chunk's end state)
+
+    def __post_init__(self):
+        if self.op not in CP_SENDS:
+            raise ValueError(f"CPExchange: op={self.op!r} must be one of {', '.join(CP_SENDS)}")
+
+
 @dataclass(frozen=True, eq=False)  # identity: a kind is one registered object
 class LayerKind:
     """Everything the system asks of one layer kind. Each callable takes the model config.
@@ -68,8 +91,10 @@ class LayerKind:
                  FLOP_TERMS, by the textbook algorithm (bench gpu's MFU; the MLP and output
                  layer are the model's, counted there)
     activations  (config, seq_len, tp) -> values per token the mixer keeps for backward on
-                 one tensor-parallel rank (train --dry-run; norms, residuals and MLP are the
-                 block's). seq_len is the whole context: CP gathers whatever spans it
+                 one tensor-parallel rank, as autograd really keeps them (measured: see
+                 docs/planning.md#activations; train --dry-run and plan read it; norms,
+                 residuals and MLP are the block's). seq_len is the whole context; what CP
+                 gathers is the planner's, from cp_sends
     cache        the inference-cache layout of its entry (CACHE_LAYOUTS)
     cache_state  (config, length) -> the shape, per sequence, of every tensor its cache entry
                  holds after `length` positions (KV caches: without the capacity slack)
@@ -80,6 +105,9 @@ class LayerKind:
     cp           its context-parallel path (CP_PATHS)
     halo         (config) -> positions before its own that its short convolutions read: the
                  shortest context-parallel chunk it allows is this long
+    cp_sends     (config) -> the CPExchange records of one block's forward (its halos, long
+                 convolution, K/V gather): the planner's CP traffic; None: not declared (the
+                 planner then counts no CP traffic for the kind and says so)
     evo2         the Vortex / Evo 2 block type it is (`hcs`, `hcm`, `hcl`, `attn`), or None
                  when Evo 2 has none (such a model is not exportable)
     """
@@ -94,6 +122,7 @@ class LayerKind:
     tp_split: Mapping[str, int]
     cp: str
     halo: Callable[[HyenaGLTConfig], int] = no_halo
+    cp_sends: Callable[[HyenaGLTConfig], tuple[CPExchange, ...]] | None = None
     evo2: str | None = None
     description: str = ""
 

@@ -6,12 +6,13 @@ is a field of that record, and nothing else in the project keys on the character
 
     what                                 field                who asks
     the mixer module of a block          build                layers.Block (operators.make_mixer)
-    forward FLOPs per token              flops                launch/bench/gpu.py (MFU)
-    activation memory per token          activations          launch/training/dry_run.py
+    forward FLOPs per token              flops                launch/bench/gpu.py (MFU), launch/plan
+    activation memory per token          activations          launch/plan/memory.py (train --dry-run, plan)
     inference-cache entry                cache, cache_state   hyena_glt/cache.py
     tensor-parallel splits               tp_split             megatron_adapters/sharding.py
     context-parallel path and halo       cp, halo             megatron_adapters/context_parallel.py,
                                                               parallel_config.check_layout
+    context-parallel traffic             cp_sends             launch/plan/cost.py
     Evo 2 / Vortex block type            evo2                 launch/interop/evo2.py
     a valid pattern character            code                 hyena_glt/config.py (every pattern field,
                                                               the token-merging ones included)
@@ -46,9 +47,14 @@ from .kind_record import (  # noqa: F401  (the record and its vocabulary are par
     CP_LONG_CONV_STATE,
     CP_MODAL,
     CP_PATHS,
+    CP_SEND_HALO,
+    CP_SEND_KV,
+    CP_SEND_LONG_CONV,
+    CP_SENDS,
     FLOP_TERMS,
     STAGE_SEPARATOR,
     TABLE,
+    CPExchange,
     LayerKind,
     direct_conv_flops,
     fft_conv_flops,

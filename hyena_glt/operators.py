@@ -39,7 +39,11 @@ from .kind_record import (
     CP_HALO,
     CP_KV_GATHER,
     CP_MODAL,
+    CP_SEND_HALO,
+    CP_SEND_KV,
+    CP_SEND_LONG_CONV,
     TABLE,
+    CPExchange,
     LayerKind,
     direct_conv_flops,
     fft_conv_flops,
@@ -350,9 +354,13 @@ def _hyena_flops(filter_flops: Callable[[HyenaGLTConfig, int], float]):
     return flops
 
 
-def _hyena_activations(cfg: HyenaGLTConfig, seq_len: int, tp: int) -> float:
-    # projections, featurizer, convolution and gates: 10 values of d_model/tp per token
-    return 10 * cfg.d_model / tp
+def _hyena_activations(values: float):
+    # what autograd keeps of the projections, featurizer, filter and gates: `values` x
+    # d_model/tp per token, measured per kind (fp32, CPU; docs/planning.md#activations)
+    def activations(cfg: HyenaGLTConfig, seq_len: int, tp: int) -> float:
+        return values * cfg.d_model / tp
+
+    return activations
 
 
 def _hyena_state(filter_state: Callable[[HyenaGLTConfig], dict[str, tuple[int, ...]]]):
@@ -366,17 +374,25 @@ def _featurizer_halo(cfg: HyenaGLTConfig) -> int:
     return cfg.featurizer_len - 1
 
 
+def _hyena_sends(filter_send: Callable[[HyenaGLTConfig], CPExchange]):
+    def sends(cfg: HyenaGLTConfig) -> tuple[CPExchange, ...]:
+        # the featurizer's halo (3 x d_model channels), then the filter's own exchange
+        return CPExchange(CP_SEND_HALO, 3 * cfg.d_model, taps=cfg.featurizer_len - 1), filter_send(cfg)
+
+    return sends
+
+
 def _hyena_kind(code: str, name: str, description: str, filter_flops, filter_state, filter_params: tuple[str, ...],
-                cp: str, halo, evo2: str) -> LayerKind:
+                cp: str, halo, evo2: str, filter_send, activation_values: float) -> LayerKind:
     return LayerKind(
         code=code, name=name, description=description,
         build=lambda cfg, out_std, spec: HyenaOperator(code, cfg, out_std, spec),
-        flops=_hyena_flops(filter_flops), activations=_hyena_activations,
+        flops=_hyena_flops(filter_flops), activations=_hyena_activations(activation_values),
         cache=CACHE_RECURRENT, cache_state=_hyena_state(filter_state),
         # Rows (group, channel, x1|x2|v) and filter channels split contiguously: whole groups per rank.
         tp_split={"in_proj.weight": 0, "out_proj.weight": 1, "featurizer.weight": 0,
                   **{f"filter.{p}": 0 for p in filter_params}},
-        cp=cp, halo=halo, evo2=evo2)
+        cp=cp, halo=halo, cp_sends=_hyena_sends(filter_send), evo2=evo2)
 
 
 register_kind(_hyena_kind(
@@ -384,17 +400,22 @@ register_kind(_hyena_kind(
     filter_flops=lambda cfg, L: direct_conv_flops(cfg.d_model, cfg.short_filter_len),
     filter_state=lambda cfg: {"fir": (cfg.d_model, cfg.short_filter_len - 1)},
     filter_params=("weight", "skip"), cp=CP_HALO,
-    halo=lambda cfg: max(cfg.featurizer_len, cfg.short_filter_len) - 1, evo2="hcs"))
+    halo=lambda cfg: max(cfg.featurizer_len, cfg.short_filter_len) - 1, evo2="hcs",
+    filter_send=lambda cfg: CPExchange(CP_SEND_HALO, cfg.d_model, taps=cfg.short_filter_len - 1), activation_values=12))
 register_kind(_hyena_kind(
     "D", "hyena_mr", "Hyena operator, medium explicit filter times a fixed per-channel exponential decay",
     filter_flops=lambda cfg, L: direct_conv_flops(cfg.d_model, cfg.medium_filter_len),
     filter_state=lambda cfg: {"fir": (cfg.d_model, cfg.medium_filter_len - 1)},
-    filter_params=("weight", "skip"), cp=CP_FIR, halo=_featurizer_halo, evo2="hcm"))
+    filter_params=("weight", "skip"), cp=CP_FIR, halo=_featurizer_halo, evo2="hcm",
+    filter_send=lambda cfg: CPExchange(CP_SEND_LONG_CONV, cfg.d_model, taps=cfg.medium_filter_len),
+    activation_values=14))
 register_kind(_hyena_kind(
     "H", "hyena_li", "Hyena operator, long implicit (modal) filter",
     filter_flops=lambda cfg, L: fft_conv_flops(cfg.d_model, L),
     filter_state=lambda cfg: {"modal": (cfg.d_model, cfg.modal_order)},
-    filter_params=("residues", "log_rates", "skip"), cp=CP_MODAL, halo=_featurizer_halo, evo2="hcl"))
+    filter_params=("residues", "log_rates", "skip"), cp=CP_MODAL, halo=_featurizer_halo, evo2="hcl",
+    filter_send=lambda cfg: CPExchange(CP_SEND_LONG_CONV, cfg.d_model, state=cfg.modal_order),
+    activation_values=15.5))
 
 
 def _attention_flops(cfg: HyenaGLTConfig, L: int) -> dict[str, float]:
@@ -404,9 +425,10 @@ def _attention_flops(cfg: HyenaGLTConfig, L: int) -> dict[str, float]:
 
 
 def _attention_activations(cfg: HyenaGLTConfig, seq_len: int, tp: int) -> float:
-    # qkv, context and output 5 x d_model/tp, plus the attention probabilities, heads/tp x
-    # seq_len per token (K/V are gathered over CP: every key of the context)
-    return 5 * cfg.d_model / tp + cfg.num_heads / tp * seq_len
+    # qkv, rotated q/k, context, output and the kernel's log-sum-exp: 9 x d_model/tp per token
+    # (measured: the fused kernel keeps no probabilities); K/V gathered over CP are the
+    # planner's (its `kv` exchange)
+    return 9 * cfg.d_model / tp
 
 
 def _attention_state(cfg: HyenaGLTConfig, length: int) -> dict[str, tuple[int, ...]]:
@@ -420,4 +442,4 @@ register_kind(LayerKind(
     flops=_attention_flops, activations=_attention_activations,
     cache=CACHE_KV, cache_state=_attention_state,
     tp_split={"qkv_proj.weight": 0, "out_proj.weight": 1},  # rows (head, q|k|v, head_dim): whole heads per rank
-    cp=CP_KV_GATHER, evo2="attn"))
+    cp=CP_KV_GATHER, cp_sends=lambda cfg: (CPExchange(CP_SEND_KV, 2 * cfg.d_model),), evo2="attn"))

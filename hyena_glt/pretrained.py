@@ -19,7 +19,6 @@ HYENA_GLT_VERIFY_MODEL=0; directories saved before checksums were recorded load 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,14 @@ import torch
 from torch import nn
 
 from .config import HyenaGLTConfig
-from .heads import HEAD_NAME, TASKS_NAME, HyenaGLTMultiTask, load_head_model
+from .heads import (
+    HEAD_NAME,
+    TASKS_NAME,
+    HyenaGLTMultiTask,
+    load_head_model,
+    read_head_json,
+    read_tasks_json,
+)
 from .model import CausalLM, read_config
 from .registry import Family, family_of
 
@@ -56,11 +62,10 @@ def inspect_pretrained(directory: str | Path, verify: bool | None = None) -> Sav
     tasks: dict[str, str] = {}
     if (directory / TASKS_NAME).is_file():
         kind = "multi-task"
-        meta = json.loads((directory / TASKS_NAME).read_text())
-        tasks = {n: t["kind"] for n, t in meta.get("tasks", {}).items()}
+        tasks = {n: t.kind for n, t in read_tasks_json(directory / TASKS_NAME)["tasks"].items()}
     elif (directory / HEAD_NAME).is_file():
         kind = "head"
-        task = json.loads((directory / HEAD_NAME).read_text()).get("task", "?")
+        task = read_head_json(directory / HEAD_NAME)["task"]
         tasks = {task: task}
     else:
         kind = "causal-lm"

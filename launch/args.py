@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["positive_int", "nonnegative_int", "positive_float", "nonnegative_float", "fraction", "probability"]
+__all__ = ["positive_int", "nonnegative_int", "layer_index", "positive_float", "nonnegative_float", "fraction",
+           "probability"]
 
 
 def _int(text: str) -> int:
@@ -47,6 +48,12 @@ def nonnegative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
+
+
+def layer_index(text: str) -> int:
+    """A block of the model: 0-based, or negative counting from the end (-1: the last). Any whole
+    number: the command checks it against the model's number of blocks once the model is loaded."""
+    return _int(text)
 
 
 def positive_float(text: str) -> float:

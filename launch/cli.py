@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import warnings
+import zlib
 from pathlib import Path
 
 # Modules that add subcommands, in the order they appear in --help, with the subcommands
@@ -30,6 +31,7 @@ COMMAND_MODULES = {
     "launch.inference.variants": ("score-variants",),
     "launch.data.commands": ("pack", "data"),
     "launch.finetune.commands": ("finetune", "predict"),  # task heads
+    "launch.plan.commands": ("plan", "calibrate"),  # layouts ranked by a cost model
     "launch.bench": ("bench",),
 }
 
@@ -142,6 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     name = " ".join(x for x in (args.command, getattr(args, "data_command", None)) if x)
     try:
         rc = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit ("Exception ignored ... BrokenPipeError")
+    except BrokenPipeError as e:
+        if _stdout_closed():  # `hyena-glt data stats PACK | head -1`: the reader has what it wanted
+            return 141  # as a process killed by SIGPIPE (128 + 13), quietly
+        msg = None if os.environ.get("HYENA_GLT_DEBUG") else user_error(e, args)
+        if msg is None:
+            raise
+        print(f"hyena-glt {name}: error: {msg}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"hyena-glt {name}: interrupted", file=sys.stderr)
         return 130
@@ -152,6 +163,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hyena-glt {name}: error: {msg}", file=sys.stderr)
         return 2
     return int(rc or 0)
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (a BrokenPipeError from writing to another
+    pipe is an error like any other). If so, stdout is pointed at /dev/null, so that Python's
+    flush at exit does not report it again (the standard recipe, Python docs: signal, "Note on
+    SIGPIPE")."""
+    closed = False
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        closed = True
+    except (OSError, ValueError):
+        return False
+    try:
+        fd = sys.stdout.fileno()
+        if not closed:
+            import select
+
+            poll = select.poll()
+            poll.register(fd, select.POLLOUT)
+            closed = any(ev & select.POLLERR for _, ev in poll.poll(0))  # a pipe without readers
+        if closed:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, fd)
+            os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (tests' StringIO), or no poll()
+        pass
+    return closed
 
 
 # ---------------------------------------------------------------------------- user errors
@@ -239,7 +279,7 @@ def _read(path: Path) -> bytes | None:
 
             data = gzip.decompress(data)
         return data
-    except (OSError, EOFError, ValueError):
+    except (OSError, EOFError, ValueError, zlib.error):  # a damaged .gz: zlib.error (not an OSError)
         return None
 
 

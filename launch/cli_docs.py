@@ -195,6 +195,8 @@ def config_rules() -> dict[str, str]:
     model itself). The choice lists come from the config module's constants."""
     from hyena_glt.config import (
         ENTROPY_MODES,
+        MAX_LENGTH,
+        MAX_WIDTH,
         MERGE_RELAXATIONS,
         MLP_ACTIVATIONS,
         NORM_EPS_PLACEMENTS,
@@ -209,14 +211,14 @@ def config_rules() -> dict[str, str]:
         "pattern": f"{codes}; at least one layer; `{STAGE_SEPARATOR}` between pipeline stages, each with at least one layer",
         "d_model": "divisible by `num_heads` and by `num_filter_groups`; `d_model / num_heads` even (RoPE)",
         "num_heads": "divides `d_model`; `d_model / num_heads` even (RoPE)",
-        "vocab_size": f">= {BYTE_VOCAB_SIZE} (4 special ids + 256 bytes)",
+        "vocab_size": f">= {BYTE_VOCAB_SIZE} (4 special ids + 256 bytes), <= {MAX_WIDTH}",
         "mlp_activation": _one_of(MLP_ACTIVATIONS),
         "first_mlp_activation": _one_of(MLP_ACTIVATIONS) + ", or null",
         "num_filter_groups": "divides `d_model` (and `entropy_d_model` with entropy patching)",
         "medium_decay_min": "<= `medium_decay_max`",
         "medium_decay_max": ">= `medium_decay_min`",
         "norm_eps_placement": _one_of(NORM_EPS_PLACEMENTS),
-        "motif_kernel_sizes": "one or more sizes, each >= 1",
+        "motif_kernel_sizes": f"one or more sizes, each in [1, {MAX_LENGTH}]",
         "patching": _one_of(PATCHING),
         "patch_size": merging + "in [`min_patch`, `max_patch`]; a whole number for `static`",
         "min_patch": merging + "<= `max_patch`",
@@ -224,7 +226,7 @@ def config_rules() -> dict[str, str]:
         "patch_budget": merging + "0, or >= 1 / `max_patch`",
         "local_encoder_pattern": f"one or more {codes}, no `{STAGE_SEPARATOR}`",
         "local_decoder_pattern": f"one or more {codes}, no `{STAGE_SEPARATOR}`",
-        "position_periods": "every period >= 2",
+        "position_periods": f"every period in [2, {MAX_LENGTH}]",
         "entropy_mode": _one_of(ENTROPY_MODES),
         "patch_adapt": merging + "true only with entropy patching",
         "entropy_pattern": f"one or more {codes}, no `{STAGE_SEPARATOR}`",
@@ -243,9 +245,10 @@ def _type_name(annotation) -> str:
 def _bounds(metadata) -> str:
     """A Field's bounds (gt/ge/lt/le) as text: `> 0`, `>= 1`, `in [0, 1]`."""
     b = {k: getattr(m, k) for m in metadata for k in ("gt", "ge", "lt", "le") if getattr(m, k, None) is not None}
+    num = lambda v: f"{v:g}" if isinstance(v, float) else str(v)  # noqa: E731  (ints exactly: 16777216)
     if "ge" in b and "le" in b and len(b) == 2:
-        return f"in [{b['ge']:g}, {b['le']:g}]"
-    return ", ".join(f"{op} {b[k]:g}" for k, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")) if k in b)
+        return f"in [{num(b['ge'])}, {num(b['le'])}]"
+    return ", ".join(f"{op} {num(b[k])}" for k, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")) if k in b)
 
 
 def config_fields() -> list[dict[str, str]]:

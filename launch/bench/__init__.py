@@ -10,6 +10,7 @@ Every benchmark lives in this package, one module per target, so the model packa
     merge   merge.py   the byte-level model with vs without token merging
     generate generate.py cached decoding vs recompute; streaming vs one-pass scoring memory
     stream  stream.py  chunked (cached) vs one-pass scoring time and memory with attention; 1 Mbp streams
+    plan    plan.py    `hyena-glt plan`'s predictions beside measured runs of 9 layouts
     gpu     gpu.py     the CUDA check (make gpu-check)
 
 Each module exposes `add_arguments(parser)` and `run(args) -> int`. Results print as a
@@ -31,6 +32,8 @@ BENCH_TARGETS = {
     "generate": ("launch.bench.generate", "cached decoding vs recompute tokens/s; streaming vs one-pass scoring memory"),
     "stream": ("launch.bench.stream", "chunked vs one-pass scoring time and memory (tiny attention model), "
                "1 Mbp streams of both tiny models"),
+    "plan": ("launch.bench.plan", "the planner's memory, CP bytes and step time beside measured training runs "
+             "(1, 2, 4 ranks)"),
     "gpu": ("launch.bench.gpu", "the CUDA check (make gpu-check): CUDA vs CPU forward, 1B bf16 tokens/s, MFU, memory"),
 }
 

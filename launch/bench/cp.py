@@ -19,8 +19,6 @@ import torch
 
 from launch.args import positive_int
 
-CODES = {"D": "medium regularized (128 taps)", "H": "long implicit (modal)"}
-
 
 def add_arguments(p) -> None:
     p.add_argument("--cp", type=positive_int, default=2)
@@ -39,6 +37,7 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
     from hyena_glt.config import HyenaGLTConfig
     from hyena_glt.layers import Block
     from hyena_glt.params import initialize
+    from launch.plan.cost import cp_bytes
     from megatron_adapters import context_parallel as cpar
     from megatron_adapters.build import megatron_config, parallel_device
     from megatron_adapters.groups import RankContext, initialize_parallel
@@ -81,7 +80,10 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
                         torch.cuda.synchronize()
                     best = min(best, time.perf_counter() - t0)
                 sent = {k: v / args["repeats"] for k, v in cpar.traffic.items()}
-                rows.append({"L": L, "layer": code, "path": path, "ms": best * 1e3, "bytes": sent})
+                # the planner's traffic model for the same block (launch/plan/cost.py)
+                predicted = cp_bytes(cfg, L, 1, args["cp"], 1, ctx.coords.cp, x.element_size(), path, codes=code)
+                rows.append({"L": L, "layer": code, "path": path, "ms": best * 1e3, "bytes": sent,
+                             "predicted_bytes": predicted})
     if rank == 0:
         with open(out, "w") as f:
             json.dump(rows, f)
@@ -93,6 +95,7 @@ def run(args) -> int:
 
     import torch.multiprocessing as mp
 
+    from hyena_glt.kinds import layer_kind
     from launch.net import free_port
 
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -113,11 +116,13 @@ def run(args) -> int:
             # The featurizer's halo (short_conv/halo) is the same in both paths: compare the long convolution's.
             nbytes = {k: sum(v for n, v in r["bytes"].items() if n.startswith("long_conv/"))
                       for k, r in (("all2all", a), ("state", s))}
+            if not nbytes["all2all"]:  # a kind without a long convolution (S, *): only halos / K/V
+                continue
             ratio = nbytes["state"] / nbytes["all2all"]
             summary.append({"L": L, "layer": code, "all2all_bytes": nbytes["all2all"], "state_bytes": nbytes["state"],
                             "ratio": ratio, "all2all_ms": a["ms"], "state_ms": s["ms"]})
             for r in (a, s):
-                print(f"{code + ' ' + CODES[code]:<34}{L:>8}{r['path']:>9}{nbytes[r['path']] / 2**20:>11.3f}"
+                print(f"{code + ' ' + layer_kind(code).name:<34}{L:>8}{r['path']:>9}{nbytes[r['path']] / 2**20:>11.3f}"
                       f"{r['ms']:>10.1f}{(f'1/{1 / ratio:.0f}' if r is s else ''):>21}", flush=True)
     result = {"bench": "cp", "cp": args.cp, "d_model": args.d_model, "rows": rows, "summary": summary}
     print("\n" + json.dumps(result))

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from hyena_glt import HyenaGLTConfig, build_causal_lm
+from launch.args import nonnegative_int, positive_int
 
 from .merge import DEFAULT_GENOME, _mmap_large_allocations, read_genome
 from .ops import _in_child
@@ -28,17 +29,17 @@ from .ops import _in_child
 
 def add_arguments(p) -> None:
     p.add_argument("--pattern", default="SDH*SDH*", help="decoding model's layer pattern")
-    p.add_argument("--d-model", type=int, default=64, help="width (configs/tiny.yaml: 64)")
+    p.add_argument("--d-model", type=positive_int, default=64, help="width (configs/tiny.yaml: 64)")
     p.add_argument("--lengths", default="1024,8192,65536", help="prompt lengths")
-    p.add_argument("--steps", type=int, default=64, help="cached decoding steps timed per prompt length")
-    p.add_argument("--recompute-steps", type=int, default=3, help="recomputed tokens timed per prompt length")
+    p.add_argument("--steps", type=positive_int, default=64, help="cached decoding steps timed per prompt length")
+    p.add_argument("--recompute-steps", type=positive_int, default=3, help="recomputed tokens timed per prompt length")
     p.add_argument("--stream-pattern", default="SDHSDH",
                    help="scoring model's pattern (default without attention: attention over millions of bases "
                    "costs time quadratic in length, see docs/inference.md)")
     p.add_argument("--stream-lengths", default="1000000,4000000", help="bases scored in one sequence")
-    p.add_argument("--chunk-size", type=int, default=16384, help="streaming chunk")
-    p.add_argument("--one-pass-max", type=int, default=1000000, help="longest sequence also run in one pass")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--chunk-size", type=positive_int, default=16384, help="streaming chunk")
+    p.add_argument("--one-pass-max", type=nonnegative_int, default=1000000, help="longest sequence also run in one pass")
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--genome", default=str(DEFAULT_GENOME), help="FASTA(.gz) to take bases from (default: bundled E. coli)")
 
 

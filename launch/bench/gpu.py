@@ -33,6 +33,7 @@ from pathlib import Path
 
 from launch.args import positive_float, positive_int
 from launch.net import free_port
+from launch.plan.cost import forward_flops_per_token, mfu, train_flops_per_token  # noqa: F401  (bench gpu.X in tests)
 
 REPO = Path(__file__).resolve().parents[2]
 GENOME = REPO / "data" / "genomes" / "ecoli_k12_w3110.fasta.gz"  # 4.6 Mbp: 141 windows of 32K
@@ -140,31 +141,8 @@ def forward_check(use_cuda: bool) -> dict:
 
 
 # ---------------------------------------------------------------------------- model FLOPs
-def forward_flops_per_token(cfg, L: int) -> dict:
-    """Model FLOPs of one forward, per token, of a plain striped model (docs/performance.md):
-    matmuls (projections, gated MLP, output layer), causal attention, convolutions. Each
-    block's mixer counts what its layer kind declares (`LayerKind.flops`, hyena_glt/kinds.py);
-    the gated MLP and the output layer are the model's."""
-    from hyena_glt.kinds import FLOP_TERMS, mixer_flops
-
-    D, H, V = cfg.d_model, cfg.mlp_hidden, cfg.vocab_size
-    total = dict.fromkeys(FLOP_TERMS, 0.0)
-    total["matmul"] = 2.0 * D * V  # output layer (tied or not, one D x V product)
-    for code in cfg.layers:
-        for term, flops in mixer_flops(code, cfg, L).items():
-            total[term] += flops
-        total["matmul"] += 3 * 2.0 * D * H  # gated MLP: gate, up, down
-    return {**total, "total": sum(total.values())}
-
-
-def train_flops_per_token(cfg, L: int) -> float:
-    """Forward + backward (twice the forward): the 6N-per-token convention with the attention
-    and convolution terms. Activation recomputation is not model work and is not counted."""
-    return 3.0 * forward_flops_per_token(cfg, L)["total"]
-
-
-def mfu(tokens_per_s: float, flops_per_token: float, peak_tflops: float, gpus: int = 1) -> float:
-    return tokens_per_s * flops_per_token / (gpus * peak_tflops * 1e12)
+# forward_flops_per_token, train_flops_per_token and mfu are the planner's (launch/plan/cost.py):
+# one definition of model FLOPs for every MFU the project reports.
 
 
 # ---------------------------------------------------------------------------- (b) training cases

@@ -18,20 +18,27 @@ import time
 import torch
 
 from hyena_glt.config import HyenaGLTConfig
-from hyena_glt.fftconv import causal_conv, causal_conv_blocked, conv_path, causal_conv_fft, causal_conv_reference
+from hyena_glt.fftconv import (
+    causal_conv,
+    causal_conv_blocked,
+    causal_conv_fft,
+    causal_conv_reference,
+    conv_path,
+)
 from hyena_glt.filters import ModalFilter
 from hyena_glt.kinds import KINDS, layer_kind
 from hyena_glt.layers import Block
-from hyena_glt.params import initialize
-
 from hyena_glt.modal import modal_conv, modal_path
+from hyena_glt.params import initialize
+from launch.args import positive_int
+
 
 def add_arguments(p) -> None:
-    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--d-model", type=positive_int, default=256)
     p.add_argument("--lengths", default="4096,16384,65536", help="comma-separated sequence lengths")
     p.add_argument("--ops", default=None, help="layer codes to measure (default: every registered layer kind)")
-    p.add_argument("--repeats", type=int, default=2, help="timed repetitions (after one warm-up)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--repeats", type=positive_int, default=2, help="timed repetitions (after one warm-up)")
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads in each timed process (default: torch's own count, every core)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])

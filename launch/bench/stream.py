@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from hyena_glt import HyenaGLTConfig, build_causal_lm
-from launch.args import nonnegative_int, positive_int
+from launch.args import nonnegative_float, nonnegative_int, positive_float, positive_int
 
 from .merge import DEFAULT_GENOME, _mmap_large_allocations, read_genome
 from .ops import _in_child
@@ -53,9 +53,11 @@ def add_arguments(p) -> None:
                    help="patterns streamed over --long bases (default: --pattern and --hyena-pattern)")
     p.add_argument("--long-chunk", type=positive_int, default=None,
                    help="chunk of the long stream (default: what `score` picks, auto_chunk_size)")
-    p.add_argument("--attention-gflops", type=float, default=None,
+    p.add_argument("--attention-gflops", type=positive_float, default=None,
                    help="the attention blocks' rate for the long stream's expected time (default: measured at the "
                    "longest of --lengths)")
+    p.add_argument("--log-every", type=nonnegative_float, default=600,
+                   help="seconds between the long stream's progress lines (0: none)")
     p.add_argument("--no-bf16", action="store_true", help="skip the chunked runs with a bfloat16 K/V cache")
     p.add_argument("--repeats", type=positive_int, default=1, help="timed runs of each measurement (the best is kept)")
     p.add_argument("--threads", type=positive_int, default=2)
@@ -76,7 +78,7 @@ def _rss_mib() -> float:
 
 
 def _job(cfg: HyenaGLTConfig, ids: torch.Tensor, labels: torch.Tensor, chunk: int | None, kv: str | None,
-         repeats: int, threads: int, keep: bool) -> dict:
+         repeats: int, threads: int, keep: bool, log_every: float = 0) -> dict:
     from hyena_glt.inference import stream_logprobs
 
     torch.set_num_threads(threads)
@@ -87,7 +89,17 @@ def _job(cfg: HyenaGLTConfig, ids: torch.Tensor, labels: torch.Tensor, chunk: in
     best = cpu = float("inf")
     for _ in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
-        logp = stream_logprobs(model, ids, labels, chunk, kv_dtype=None if kv is None else getattr(torch, kv))
+        last = [t0]
+
+        def tick(s: int, e: int, t0=t0, c0=c0, last=last) -> None:  # how far a long run got (readable if stopped)
+            now = time.perf_counter()
+            if log_every and now - last[0] >= log_every:
+                last[0] = now
+                print(f"#   {cfg.pattern}: {e:,} of {ids.shape[1]:,} bases after {now - t0:,.0f} s "
+                      f"({time.process_time() - c0:,.0f} CPU s)", flush=True)
+
+        logp = stream_logprobs(model, ids, labels, chunk, kv_dtype=None if kv is None else getattr(torch, kv),
+                               progress=tick)
         best, cpu = min(best, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
     out = {"seconds": best, "cpu_seconds": cpu, "peak_mib": _rss_mib() - base,
            "bits_per_base": float(-logp.double().mean() / np.log(2)), "load": os.getloadavg()[0]}
@@ -190,7 +202,7 @@ def run(args) -> int:
             if fl and rate and hyena_s is not None:
                 expected = hyena_s + fl / rate
                 print(f"# {pattern}: expected about {expected:,.0f} s", flush=True)
-            r = _in_child(_job, cfg, ids, labels, chunk, None, 1, args.threads, False)
+            r = _in_child(_job, cfg, ids, labels, chunk, None, 1, args.threads, False, args.log_every)
             if not fl:
                 hyena_s = r["cpu_seconds"] / args.threads
             r.update(bases=L, pattern=pattern, chunk=chunk, attention_tflop=fl / 1e12, expected_s=expected)

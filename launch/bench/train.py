@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from launch.args import positive_int
+
 REPO = Path(__file__).resolve().parents[2]
 GENOME = REPO / "data" / "genomes" / "ecoli_k12_w3110.fasta.gz"
 SIZES = {
@@ -31,8 +33,8 @@ def add_arguments(p) -> None:
     p.add_argument("--sizes", default="tiny,small")
     p.add_argument("--lengths", default="8192,32768")
     p.add_argument("--layouts", default=",".join(LAYOUTS))
-    p.add_argument("--steps", type=int, default=4, help="training steps per case (the first is warm-up)")
-    p.add_argument("--global-batch", type=int, default=2)
+    p.add_argument("--steps", type=positive_int, default=4, help="training steps per case (the first is warm-up)")
+    p.add_argument("--global-batch", type=positive_int, default=2)
 
 
 def _free_port() -> int:

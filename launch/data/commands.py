@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from launch.args import nonnegative_int, positive_float, positive_int
+from launch.args import fraction, nonnegative_int, positive_float, positive_int
 
 PACK_HELP = "pack FASTA files into webdataset tar shards with a manifest"
 PACK_DESCRIPTION = """\
@@ -36,10 +36,10 @@ def register(sub) -> None:
     p.add_argument("--seq-len", type=positive_int, default=8192, help="window length in bases (default 8192)")
     p.add_argument("--stride", type=positive_int, default=None,
                    help="distance between window starts; < --seq-len makes windows overlap (default: --seq-len)")
-    p.add_argument("--val-fraction", type=float, default=None,
+    p.add_argument("--val-fraction", type=fraction, default=None,
                    help="fraction of records put in 'val' (with --split-by position: of each record's windows); "
                         "default 0.01, 0 with --val-regions")
-    p.add_argument("--test-fraction", type=float, default=None,
+    p.add_argument("--test-fraction", type=fraction, default=None,
                    help="fraction of records put in 'test' (with --split-by position: of each record's windows); "
                         "default 0")
     p.add_argument("--split-by", choices=("record", "position"), default=None,
@@ -56,7 +56,7 @@ def register(sub) -> None:
                         "such a pack is refused (exit 2). Also with --finalize")
     p.add_argument("--reverse-complement", choices=("none", "both"), default="none",
                    help="'both' also writes every window's reverse complement (strand '-'); default none")
-    p.add_argument("--max-n-fraction", type=float, default=0.1,
+    p.add_argument("--max-n-fraction", type=fraction, default=0.1,
                    help="drop windows with a larger fraction of N (X for protein); default 0.1")
     p.add_argument("--min-len", type=nonnegative_int, default=64,
                    help="drop windows (record tails, short records) shorter than this; default 64")

@@ -100,8 +100,6 @@ def _info(args) -> int:
     import math
     from pathlib import Path
 
-    import torch
-
     from hyena_glt import HyenaGLTConfig, build_causal_lm, family_of, inspect_pretrained
     from hyena_glt.config import PATCHING_NONE
     from hyena_glt.kinds import KINDS
@@ -118,8 +116,7 @@ def _info(args) -> int:
         cfg, what = saved.config, saved.describe()
         from safetensors import safe_open
 
-        with torch.device("meta"):
-            buffers = {n for n, _ in build_causal_lm(cfg, initialize=False).named_buffers()}
+        buffers = {n for n, _ in _meta_model(cfg, path, build_causal_lm).named_buffers()}
         with safe_open(str(path / "model.safetensors"), "pt") as f:  # what is stored, heads included
             n_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k not in buffers)
     else:
@@ -127,9 +124,7 @@ def _info(args) -> int:
             raise FileNotFoundError(f"{path}: no such config file or model directory")
         cfg = HyenaGLTConfig.from_yaml(path)
         what = f"family {family_of(cfg).name}"
-        with torch.device("meta"):  # count without allocating (works for 40B configs)
-            model = build_causal_lm(cfg, initialize=False)
-        n_params = model.num_parameters()
+        n_params = _meta_model(cfg, path, build_causal_lm).num_parameters()
     counts = {c: cfg.layers.count(c) for c in KINDS}
     print(f"{what}: pattern {cfg.pattern}: {cfg.num_layers} layers {counts}, d_model {cfg.d_model}, "
           f"{n_params:,} parameters")
@@ -137,6 +132,21 @@ def _info(args) -> int:
         print(f"token merging: {cfg.patching} patcher, mean patch {cfg.patch_size:g} bytes, "
               f"local encoder {cfg.local_encoder_pattern}, local decoder {cfg.local_decoder_pattern}")
     return 0
+
+
+def _meta_model(cfg, path, build):
+    """The model of `cfg` on the meta device: counted without allocating (works for 40B configs).
+    Sizes the config's bounds let through but whose tensors torch cannot describe (an element
+    count past int64) are refused in one line naming the file."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return build(cfg, initialize=False)
+    except (RuntimeError, TypeError, OverflowError) as e:
+        if not isinstance(e, OverflowError) and "overflow" not in str(e).lower():
+            raise  # not about sizes: a bug, keep its traceback
+        raise ValueError(f"{path}: model: too large to build ({' '.join(str(e).split())})") from None
 
 
 def _verify_report(path) -> bool:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from data_tools.progress import Progress
-from launch.args import fraction, nonnegative_int, positive_int
+from launch.args import fraction, layer_index, nonnegative_int, positive_int
 
 LN2 = math.log(2)
 # The default chunk: a sequence runs in one pass when its forward fits this many bytes.
@@ -262,7 +262,7 @@ def register(sub) -> None:
                    "of <i>.npy (L_i, d_model) + ids.txt")
     p.add_argument("--seq-len", type=nonnegative_int, default=0,
                    help="embed only the first N bases of each record (0: all)")
-    p.add_argument("--layer", type=int, default=None,
+    p.add_argument("--layer", type=layer_index, default=None,
                    help="output of this block (0-based; negative from the end) instead of the final hidden states")
     p.add_argument("--per-base", action="store_true", help="one vector per base instead of the mean")
     _stream_args(p, "records")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import glob
 import io
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ import yaml
 # Rows map one to one, ours[(r + 4) % V] = evo[r]: a bijection, so export(import(x)) gives
 # back x's rows exactly (Evo 2 rows 508..511 land on our specials, ours 260..511 on its
 # 256..507).
-from hyena_glt.config import PATCHING_NONE
+from hyena_glt.config import MAX_LENGTH, MAX_WIDTH, PATCHING_NONE
 from hyena_glt.tokenizer import NUM_SPECIAL
 
 EVO2_VOCAB_SIZE = 512
@@ -120,6 +121,43 @@ def _value(evo: dict, key: str, default=_REQUIRED):
     return default
 
 
+MAX_LAYERS = 4096  # Evo 2 40B has 50: a larger num_layers is a damaged config (and is looped over)
+
+
+def _whole(evo: dict, key: str, default=_REQUIRED, low: int = 1, high: int = MAX_WIDTH) -> int | None:
+    """A whole-number field in [low, high], or ValueError naming it (None: absent, with default
+    None). YAML gives ints; a float that is whole or a string of digits is taken too, anything
+    else is refused."""
+    v = _value(evo, key, default)
+    if v is None:
+        return None
+    n = None
+    if isinstance(v, int) and not isinstance(v, bool):
+        n = v
+    elif isinstance(v, float) and v.is_integer():
+        n = int(v)
+    elif isinstance(v, str):
+        try:
+            n = int(v)
+        except ValueError:
+            pass
+    if n is None or not low <= n <= high:
+        raise ValueError(f"{key}: expected a whole number in [{low}, {high}], got {v!r}")
+    return n
+
+
+def _real(evo: dict, key: str, default=_REQUIRED) -> float:
+    """A finite number field (a number, or a string YAML did not read as one: `1e-6`), or ValueError naming it."""
+    v = _value(evo, key, default)
+    try:
+        x = float(v) if isinstance(v, (int, float, str)) and not isinstance(v, bool) else math.nan
+    except (ValueError, OverflowError):
+        x = math.nan
+    if not math.isfinite(x):
+        raise ValueError(f"{key}: expected a finite number, got {v!r}")
+    return x
+
+
 def _same(a, b) -> bool:
     if isinstance(b, bool) or b is None:  # Vortex tests these fields for truth
         return bool(a) == bool(b)
@@ -143,6 +181,9 @@ def config_from_evo2(evo: dict):
     naming the field for anything the model cannot express, or that this importer does not know."""
     if not isinstance(evo, dict):
         raise ValueError("not a YAML mapping of config fields")
+    odd = [k for k in evo if not isinstance(k, str)]
+    if odd:
+        raise ValueError(f"field {odd[0]!r}: field names must be text")
     unknown = sorted(set(evo) - MODEL_FIELDS - IGNORED_FIELDS)
     if unknown:
         raise ValueError(f"unknown field(s) {unknown}: this importer does not know what they do in Vortex")
@@ -152,36 +193,40 @@ def config_from_evo2(evo: dict):
             shown = f"{got!r}" if key in evo else f"absent (Vortex default {default!r})"
             raise ValueError(f"{key}: {shown} means {meaning}; hyena-glt needs {need!r}")
 
-    n = int(_value(evo, "num_layers"))
+    n = _whole(evo, "num_layers", high=MAX_LAYERS)
     codes = block_kinds()
     kinds: dict[int, str] = {}
     for field, code in layer_field_codes().items():
-        for i in evo.get(field) or []:
-            if not isinstance(i, int) or not 0 <= i < n:
+        listed = evo.get(field)
+        if listed is not None and not isinstance(listed, list):
+            raise ValueError(f"{field}: expected a list of layer indices, got {listed!r}")
+        for i in listed or []:
+            if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n:
                 raise ValueError(f"{field}: {i!r} is not a layer index in 0..{n - 1}")
             if i in kinds:
                 raise ValueError(f"{field}: layer {i} is also listed as another kind of block")
             kinds[i] = code
     missing = [i for i in range(n) if i not in kinds]
     if missing:
-        raise ValueError(f"layers {missing} are in none of {', '.join(LAYER_FIELDS)}")
+        shown = f"{missing[:8]}"[:-1] + (f", ... ({len(missing)} in all)]" if len(missing) > 8 else "]")
+        raise ValueError(f"layers {shown} are in none of {', '.join(LAYER_FIELDS)}")
     pattern = "".join(kinds[i] for i in range(n))
     blocks = set(_blocks(pattern).values())
 
-    D = int(_value(evo, "hidden_size"))
-    filters = int(_value(evo, "num_filters", D))
+    D = _whole(evo, "hidden_size")
+    filters = _whole(evo, "num_filters", D)
     if filters > D or D % filters:
         raise ValueError(f"num_filters: {filters} must divide hidden_size={D} (Vortex asserts it)")
     groups = {}
     if HCS in blocks:
-        groups["hcs_filter_groups"] = int(_value(evo, "hcs_filter_groups"))
-        if int(_value(evo, "hcs_filter_length")) >= 128:
+        groups["hcs_filter_groups"] = _whole(evo, "hcs_filter_groups")
+        if _whole(evo, "hcs_filter_length") >= 128:
             raise ValueError(f"hcs_filter_length: {evo['hcs_filter_length']} >= 128 gives Vortex's short filters a "
                              f"skip term and FFT path; hyena-glt's {codes[HCS]} filters of Evo 2 have neither "
                              "(needs < 128)")
     if HCM in blocks:
-        groups["hcm_filter_groups"] = int(_value(evo, "hcm_filter_groups"))
-        if int(_value(evo, "hcm_filter_length")) < 128:
+        groups["hcm_filter_groups"] = _whole(evo, "hcm_filter_groups")
+        if _whole(evo, "hcm_filter_length") < 128:
             raise ValueError(f"hcm_filter_length: {evo['hcm_filter_length']} < 128 leaves Vortex's medium filters "
                              f"without their skip term; hyena-glt's {codes[HCM]} filters have one (needs >= 128)")
     if len(set(groups.values())) > 1:
@@ -194,9 +239,9 @@ def config_from_evo2(evo: dict):
     if act not in ("gelu", "silu"):
         raise ValueError(f"mlp_activation: {act!r}; Vortex runs 'gelu' or 'silu'")
     evo2_style = bool(evo.get("evo2_style_activations", False))
-    inner = evo.get("inner_mlp_size")
+    inner = _whole(evo, "inner_mlp_size", None)
     if inner is None:  # Vortex's own default width
-        multiple = int(_value(evo, "inner_size_multiple_of", 64)) * int(_value(evo, "model_parallel_size", 1))
+        multiple = _whole(evo, "inner_size_multiple_of", 64) * _whole(evo, "model_parallel_size", 1)
         inner = multiple * ((int(2 * D * 4 / 3) + multiple - 1) // multiple)
 
     mha_bias, hyena_bias = bool(evo.get("mha_out_proj_bias", True)), bool(evo.get("hyena_out_proj_bias", False))
@@ -207,23 +252,22 @@ def config_from_evo2(evo: dict):
 
     interpolated = bool(evo.get("use_interpolated_rotary_pos_emb", False))
     fields = dict(
-        pattern=pattern, d_model=D, num_heads=int(_value(evo, "num_attention_heads")),
-        vocab_size=int(_value(evo, "vocab_size")), max_seq_len=int(_value(evo, "max_seqlen", 8192)),
-        mlp_hidden_size=int(inner), mlp_activation="identity" if evo2_style else act,
+        pattern=pattern, d_model=D, num_heads=_whole(evo, "num_attention_heads"),
+        vocab_size=_whole(evo, "vocab_size"), max_seq_len=_whole(evo, "max_seqlen", 8192, high=MAX_LENGTH),
+        mlp_hidden_size=inner, mlp_activation="identity" if evo2_style else act,
         first_mlp_activation=act if evo2_style else None,
-        num_filter_groups=next(iter(groups.values()), 1), norm_eps=float(_value(evo, "eps")),
+        num_filter_groups=next(iter(groups.values()), 1), norm_eps=_real(evo, "eps"),
         norm_eps_placement="outside", mixer_out_bias=out_bias, medium_decay=False, short_filter_skip=False,
-        rope_base=float(_value(evo, "rotary_emb_base", 1000000)),
-        rope_position_scale=float(_value(evo, "rotary_emb_scaling_factor", 1.0)) if interpolated else 1.0,
+        rope_base=_real(evo, "rotary_emb_base", 1000000),
+        rope_position_scale=_real(evo, "rotary_emb_scaling_factor", 1.0) if interpolated else 1.0,
         tie_embeddings=True, bos_token=False,  # Evo 2 reads raw bytes: no BOS
     )
     if hyena:
-        fields.update(featurizer_len=int(_value(evo, "short_filter_length")),
-                      modal_order=int(_value(evo, "state_size")))
+        fields.update(featurizer_len=_whole(evo, "short_filter_length"), modal_order=_whole(evo, "state_size"))
     if HCS in blocks:
-        fields["short_filter_len"] = int(evo["hcs_filter_length"])
+        fields["short_filter_len"] = _whole(evo, "hcs_filter_length")
     if HCM in blocks:
-        fields["medium_filter_len"] = int(evo["hcm_filter_length"])
+        fields["medium_filter_len"] = _whole(evo, "hcm_filter_length")
     return _validated(fields)
 
 

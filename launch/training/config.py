@@ -28,7 +28,8 @@ from launch.training.watchdog import DEFAULT_TIMEOUT as DEFAULT_PEER_TIMEOUT
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: a NaN or infinite number (`.nan`, `.inf`, 1e400) is refused, naming the key
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ParallelSection(_Section):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gzip
 import io
 import json
@@ -226,6 +227,12 @@ WEIRD_VALUES = st.one_of(
 )
 
 
+def _weird(draw):
+    """A WEIRD_VALUES value of its own: st.just({}) and st.just([]) give one shared object, which
+    a later damage ('add') would change for every example after (until it contains itself)."""
+    return copy.deepcopy(draw(WEIRD_VALUES))
+
+
 def _paths(obj, prefix=()) -> list[tuple]:
     out = [prefix]
     if isinstance(obj, dict):
@@ -247,20 +254,20 @@ def damaged_tree(draw, obj, max_steps: int = 3):
         op = draw(st.sampled_from(["replace", "replace", "replace", "delete", "add", "wrap"]))
         if not path:
             if op == "replace" and draw(st.integers(0, 4)) == 0:
-                obj = draw(WEIRD_VALUES)
+                obj = _weird(draw)
             elif op == "add" and isinstance(obj, dict):
-                obj[draw(st.text(min_size=1, max_size=8))] = draw(WEIRD_VALUES)
+                obj[draw(st.text(min_size=1, max_size=8))] = _weird(draw)
             continue
         parent = obj
         for k in path[:-1]:
             parent = parent[k]
         key = path[-1]
         if op == "replace":
-            parent[key] = draw(WEIRD_VALUES)
+            parent[key] = _weird(draw)
         elif op == "delete":
             del parent[key]
         elif op == "add" and isinstance(parent[key], dict):
-            parent[key][draw(st.text(min_size=1, max_size=8))] = draw(WEIRD_VALUES)
+            parent[key][draw(st.text(min_size=1, max_size=8))] = _weird(draw)
         elif op == "wrap":
             parent[key] = [parent[key]]
     return obj

@@ -1,4 +1,4 @@
-"""Fuzzing pack manifests (data_tools/manifest.py `load_manifest`, owned elsewhere: report only)
+"""Fuzzing pack manifests (data_tools/manifest.py `load_manifest`)
 as `hyena-glt data stats DIR` and the training loaders (data_tools/dataset.py `PackedDataset`)
 read them.
 
@@ -96,25 +96,26 @@ def test_loader_reads_a_byte_damaged_manifest_or_fails_in_one_line(pack, data):
     _load(pack, data.draw(damaged_manifest(pack, tree=False)))
 
 
-# ---------------------------------------------------------------------------- known holes (report only)
+# ---------------------------------------------------------------------------- found by fuzzing
 
-# data_tools/manifest.py check_manifest checks that keys are present, not their types: a manifest whose
-# values have the wrong type or range ('dropped': null, totals.train.bases: null, options.seq_len: NaN
-# or Infinity, which json.loads reads, shards[i].path: null, samples: "3") makes `data stats`
+# data_tools/manifest.py check_manifest checked that keys were present, not their types: a manifest whose
+# values had the wrong type or range ('dropped': null, totals.train.bases: null, options.seq_len: NaN
+# or Infinity, which json.loads reads, shards[i].path: null, samples: "3") made `data stats`
 # (data_tools/stats.py) and PackedDataset (data_tools/dataset.py) fail with TypeError, AttributeError
-# or OverflowError tracebacks, or a ValueError without the file's name. Fix: check the types in
-# check_manifest (counts: int >= 0 and not bool; seq_len, stride: int >= 1; path, split, sha256,
-# index: str; dropped and totals entries: objects) and load with json.loads(..., parse_constant=...)
-# refusing NaN/Infinity, each as ValueError(f"{path}: damaged manifest: KEY: ...").
-TYPES_REASON = ("data_tools/manifest.py check_manifest checks keys, not types: wrong-typed values give tracebacks "
-                "from `data stats` and PackedDataset")
+# or OverflowError tracebacks, or a ValueError without the file's name. check_manifest now checks the
+# types and ranges, and load_manifest refuses NaN/Infinity: one line naming manifest.json and the key.
 
 
-@pytest.mark.xfail(strict=True, reason=TYPES_REASON)
 @budget(25)
 @given(data=st.data())
-def test_known_bug_data_stats_with_a_manifest_of_wrong_types(pack, data):
+def test_data_stats_reads_a_manifest_of_wrong_types_or_exits_2_with_one_line(pack, data):
     _stats(pack, data.draw(damaged_manifest(pack, tree=True)))
+
+
+@budget(25)
+@given(data=st.data())
+def test_loader_reads_a_manifest_of_wrong_types_or_fails_in_one_line(pack, data):
+    _load(pack, data.draw(damaged_manifest(pack, tree=True)))
 
 
 def _edit(pack: Path, change) -> bytes:
@@ -123,12 +124,26 @@ def _edit(pack: Path, change) -> bytes:
     return json_bytes(m)
 
 
-@pytest.mark.xfail(strict=True, reason=TYPES_REASON)
-def test_known_bug_manifest_examples(pack):
+def test_manifest_of_wrong_types_is_one_line_naming_the_key(pack):
     import math
 
-    for change in (lambda m: m.update(dropped=None), lambda m: m["totals"]["train"].update(bases=None)):
-        _stats(pack, _edit(pack, change))
-    for change in (lambda m: m["options"].update(seq_len=math.nan), lambda m: m["options"].update(seq_len=math.inf),
-                   lambda m: [s.update(path=None) for s in m["shards"]]):
-        _load(pack, _edit(pack, change))
+    from data_tools.manifest import load_manifest
+
+    cases = [(lambda m: m.update(dropped=None), "dropped"),
+             (lambda m: m["totals"]["train"].update(bases=None), "totals.train.bases"),
+             (lambda m: m["options"].update(seq_len=math.nan), "NaN"),
+             (lambda m: m["options"].update(seq_len=math.inf), "Infinity"),
+             (lambda m: m["options"].update(seq_len=2.5), "options.seq_len"),
+             (lambda m: [s.update(path=None) for s in m["shards"]], "shards[0].path"),
+             (lambda m: m["shards"][1].update(samples="3"), "shards[1].samples"),
+             (lambda m: m["shards"][1].update(samples=2**70), "shards[1].samples"),
+             (lambda m: m["options"].update(conservation=5), "options.conservation")]
+    for change, key in cases:
+        raw = _edit(pack, change)
+        _stats(pack, raw)
+        _load(pack, raw)
+        with scratch() as d:
+            out = _manifest(pack, raw, d)
+            with pytest.raises(ValueError) as e:
+                load_manifest(out)
+            assert str(e.value).startswith(f"{out / 'manifest.json'}: ") and key in str(e.value), str(e.value)

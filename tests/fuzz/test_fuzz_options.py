@@ -23,7 +23,8 @@ NUMBERS = st.one_of(st.sampled_from([t.decode("utf-8", "replace") for t in TOKEN
                     st.integers(-(10**30), 10**30).map(str), st.floats().map(repr), st.just("9" * 5000))
 RULES = {A.positive_int: lambda v: type(v) is int and v >= 1, A.nonnegative_int: lambda v: type(v) is int and v >= 0,
          A.positive_float: lambda v: math.isfinite(v) and v > 0, A.nonnegative_float: lambda v: math.isfinite(v) and v >= 0,
-         A.fraction: lambda v: math.isfinite(v) and 0 <= v <= 1, A.probability: lambda v: math.isfinite(v) and 0 < v <= 1}
+         A.fraction: lambda v: math.isfinite(v) and 0 <= v <= 1, A.probability: lambda v: math.isfinite(v) and 0 < v <= 1,
+         A.layer_index: lambda v: type(v) is int}
 
 
 @budget(200)
@@ -61,7 +62,8 @@ UNCHECKED = sorted((c, o) for c, o, t in OPTIONS if t not in RULES)
 
 
 COMMANDS = sorted({c for c, _, _ in CHECKED})
-BAD = ["nan", "inf", "-inf", "-1", "1e999", "x", ""]  # none is in the range of any checked type
+BAD = ["nan", "inf", "-inf", "-1", "1e999", "x", ""]  # none is in the range of any checked type but layer_index
+BAD_FOR = {A.layer_index: [v for v in BAD if v != "-1"]}  # -1: the last block
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -70,8 +72,8 @@ def test_checked_numeric_options_refuse_bad_numbers_in_argparse(command):
 
     words = command.split()
     parser = build_parser(words[0])
-    for _, option, _ in (x for x in CHECKED if x[0] == command):
-        for value in BAD:
+    for _, option, kind in (x for x in CHECKED if x[0] == command):
+        for value in BAD_FOR.get(kind, BAD):
             err = io.StringIO()
             with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), \
                     pytest.raises(SystemExit) as e:
@@ -79,19 +81,12 @@ def test_checked_numeric_options_refuse_bad_numbers_in_argparse(command):
             assert e.value.code == 2 and f"argument {option}" in err.getvalue(), (option, value, err.getvalue())
 
 
-@pytest.mark.xfail(strict=True, reason="options with bare type=int/float (pack fractions, embed --layer, bench): "
-                   "use launch/args.py types")
 def test_every_numeric_option_uses_a_checked_type():
-    """Bare type=int/float takes nan, inf or negative values: pack --val-fraction, --test-fraction,
-    --max-n-fraction (launch/data/commands.py; the pack's own check refuses them later, in one
-    line), embed --layer (launch/inference/evaluate.py), and bench ops/stream/generate/train
-    --d-model, --repeats, --threads, --steps, ... (launch/bench/*.py: `bench ops --repeats -1` prints
-    timings of -0.0). Fix: type=fraction / positive_int / nonnegative_int from launch/args.py."""
+    """Bare type=int/float took nan, inf or negative values: pack --val-fraction, --test-fraction,
+    --max-n-fraction (launch/data/commands.py), embed --layer (launch/inference/evaluate.py), and
+    bench ops/stream/generate/train --d-model, --repeats, --threads, --steps, ... (launch/bench/*.py:
+    `bench ops --repeats -1` printed timings of -0.0). Every numeric option now has a type of
+    launch/args.py (fraction, positive_int, nonnegative_int, layer_index, ...): a new bare
+    type=int/float option fails here."""
     assert UNCHECKED == []
-
-
-def test_the_unchecked_options_are_the_known_ones():
-    """The list the xfail above reports: a new bare type=int/float option fails here."""
-    known = {"pack": {"--val-fraction", "--test-fraction", "--max-n-fraction"}, "embed": {"--layer"}}
-    for command, option in UNCHECKED:
-        assert command.startswith("bench") or option in known.get(command, set()), (command, option)
+    assert ("embed", "--layer", A.layer_index) in CHECKED and ("pack", "--val-fraction", A.fraction) in CHECKED

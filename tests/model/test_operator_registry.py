@@ -129,8 +129,8 @@ def test_cache_holds_what_each_kind_declares_and_cached_generation_equals_recomp
 
 
 def test_dry_run_estimates_the_plugin_kind(tmp_path):
+    from launch.plan.memory import estimate
     from launch.training.config import TrainConfig
-    from launch.training.dry_run import estimate
     from megatron_adapters import ParallelConfig, ParallelConfigError, check_layout
     from megatron_adapters.sharding import canonical_params
 

@@ -28,6 +28,8 @@ from hyena_glt.fftconv import fir_extend
 from hyena_glt.kinds import (
     CACHE_RECURRENT,
     CP_HALO,
+    CP_SEND_HALO,
+    CPExchange,
     LayerKind,
     direct_conv_flops,
     register_kind,
@@ -78,4 +80,4 @@ KIND = register_kind(LayerKind(
     build=GatedConv, flops=flops, activations=activations,
     cache=CACHE_RECURRENT, cache_state=lambda cfg, length: {"history": (cfg.d_model, TAPS - 1)},
     tp_split={"gate_value_proj.weight": 0, "taps": 0, "out_proj.weight": 1},
-    cp=CP_HALO, halo=lambda cfg: TAPS - 1))
+    cp=CP_HALO, halo=lambda cfg: TAPS - 1, cp_sends=lambda cfg: (CPExchange(CP_SEND_HALO, cfg.d_model, taps=TAPS - 1),)))

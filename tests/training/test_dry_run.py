@@ -61,7 +61,7 @@ def test_a_valid_layout_prints_the_memory_estimate():
 
 
 def test_the_estimate_follows_the_stated_formulas():
-    from launch.training.dry_run import estimate
+    from launch.plan.memory import estimate
     from launch.training.config import TrainConfig
     from megatron_adapters.sharding import canonical_params
 
