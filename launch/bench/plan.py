@@ -12,8 +12,9 @@ profile of this machine (`--hardware FILE`, or calibrated first by `hyena-glt ca
   the resident set as they do a GPU allocator's live bytes.
 * bytes: what each rank handed to context-parallel collectives per step (the counters of
   megatron_adapters/context_parallel.py) against `cost.cp_bytes` (exactly equal).
-* step time: the median of the steps after the first, against the predicted step time; and
-  whether the predictions rank the layouts in the measured order.
+* step time: the median of the steps after the first of a second run of the layout, without
+  the allocator settings of the memory run (they cost time), against the predicted step time;
+  and whether the predictions rank the layouts in the measured order.
 
 Every rank runs one thread (a CPU device is one core: `cores_per_device` 1); four ranks on a
 two-core machine share the cores, which the model knows (ranks per node > devices per node).
@@ -123,7 +124,7 @@ def run(args) -> int:
 
             hw_path = str(work / "cpu.yaml")
             calibrate(argparse.Namespace(out=hw_path, d_model=tc0.model.d_model, seq_len=seq_len, cores_per_device=1,
-                                         repeats=3))
+                                         micro_batch=tc0.train.micro_batch_size, repeats=3))
         hw = load_hardware(hw_path)
         print(f"# bench plan: {hw.description}; model d_model {tc0.model.d_model}, pattern {tc0.model.pattern!r}, "
               f"seq_len {seq_len}, global batch {tc0.train.global_batch_size}, micro-batch "
@@ -135,7 +136,10 @@ def run(args) -> int:
             world, extra = LAYOUTS[name]
             tc = TrainConfig.load(config, [*base, *extra])
             t0 = time.perf_counter()
-            measured = measure(config, [*base, *extra], world, work / name.replace(" ", "_").replace("=", ""))
+            work_dir = work / name.replace(" ", "_").replace("=", "")
+            timed = measure(config, [*base, *extra], world, work_dir / "timed", memory=False)
+            measured = measure(config, [*base, *extra, "train.steps=2"], world, work_dir / "memory")
+            measured["step_seconds"] = timed["step_seconds"]
             row = {"layout": name, "wall_s": time.perf_counter() - t0, **compare(tc, world, hw, measured)}
             results.append(row)
             worst = max(row["ranks"], key=lambda r: abs(r["measured_bytes"] / r["predicted_bytes"] - 1))

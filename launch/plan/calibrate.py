@@ -6,8 +6,9 @@ child with that many threads:
   achieved            per FLOP term: that MLP-shaped matmul fwd+bwd, causal attention
                       (scaled_dot_product_attention) and the model's causal convolution
                       (hyena_glt.fftconv.causal_conv of a 128-tap filter), fwd+bwd
-  kind_achieved       one block of every registered layer kind (what `bench ops` times, its
-                      _layer_job): the block's FLOPs x 3 / its fwd+bwd time, as a fraction of peak
+  kind_achieved       one block of every registered layer kind on --micro-batch sequences of
+                      --seq-len (as `bench ops` times one): the block's FLOPs x 3 / its fwd+bwd
+                      time, as a fraction of peak
   memory_bandwidth    a copy of a 256 MiB tensor (read + write)
   links               a gloo all-reduce between two processes on this machine at 4 KiB ... 64
                       MiB: the latency from the smallest, the bandwidth from the largest
@@ -32,6 +33,8 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="the profile YAML to write")
     p.add_argument("--d-model", type=positive_int, default=256, help="width of the measured blocks")
     p.add_argument("--seq-len", type=positive_int, default=2048, help="tokens of the measured blocks")
+    p.add_argument("--micro-batch", type=positive_int, default=1, help="sequences per measured block call (the "
+                   "runs' train.micro_batch_size: per-token rates differ with it)")
     p.add_argument("--cores-per-device", type=positive_int, default=1, help="cores (threads) of one rank")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed runs of each measurement (the best is kept)")
 
@@ -46,7 +49,7 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
-def _compute_job(d_model: int, L: int, threads: int, repeats: int) -> dict:
+def _compute_job(d_model: int, L: int, batch: int, threads: int, repeats: int) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -94,13 +97,13 @@ def _compute_job(d_model: int, L: int, threads: int, repeats: int) -> dict:
         cfg = HyenaGLTConfig(pattern=code, d_model=D, num_heads=heads, num_filter_groups=16, max_seq_len=L)
         block = Block(code, cfg, 0)
         initialize(block, 0)
-        xb = torch.randn(1, L, D, generator=g, requires_grad=True)
+        xb = torch.randn(batch, L, D, generator=g, requires_grad=True)
 
         def step():
             block.zero_grad(set_to_none=True)
             block(xb).square().mean().backward()
 
-        flops = 3 * sum(block_flops(code, cfg, L).values()) * L
+        flops = 3 * sum(block_flops(code, cfg, L).values()) * L * batch
         kinds[code] = flops / _best(step, repeats) / peak
     big = torch.empty(2**26)  # 256 MiB
     out = torch.empty_like(big)
@@ -159,8 +162,8 @@ def run(args) -> int:
     cores = os.cpu_count() or 1
     devices = max(1, cores // args.cores_per_device)
     print(f"# calibrate: {cores} cores, {devices} device(s) of {args.cores_per_device} core(s); d_model "
-          f"{args.d_model}, {args.seq_len} tokens; load average {os.getloadavg()[0]:.1f}", flush=True)
-    c = _in_child(_compute_job, args.d_model, args.seq_len, args.cores_per_device, args.repeats)
+          f"{args.d_model}, {args.micro_batch} x {args.seq_len} tokens; load average {os.getloadavg()[0]:.1f}", flush=True)
+    c = _in_child(_compute_job, args.d_model, args.seq_len, args.micro_batch, args.cores_per_device, args.repeats)
     print(f"peak (fp32 GEMM) {c['peak'] / 1e9:.1f} GFLOP/s; achieved "
           + ", ".join(f"{k} {v:.3f}" for k, v in c["achieved"].items())
           + "; per kind " + ", ".join(f"{k} {v:.3f}" for k, v in c["kinds"].items())
@@ -186,7 +189,8 @@ def run(args) -> int:
         "inter_node": {"bandwidth_gbs": link["bandwidth_gbs"], "latency_us": link["latency_us"]},
         "achieved": c["achieved"],
         "kind_achieved": c["kinds"],
-        "calibration": {"d_model": args.d_model, "seq_len": args.seq_len, "repeats": args.repeats,
+        "calibration": {"d_model": args.d_model, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
+                        "repeats": args.repeats,
                         "load_average": os.getloadavg()[0], "allreduce_s": link["allreduce_s"]},
     }
     from .hardware import Hardware

@@ -4,9 +4,10 @@ trainer is built) over its resident set then, the bytes it handed to context-par
 `hyena-glt calibrate` measures the trainer's own memory beside the model with it, `bench plan`
 every layout of its table (docs/planning.md).
 
-Allocations >= 64 KiB are served by mmap and the heap is trimmed at 64 KiB
+For memory, allocations >= 64 KiB are served by mmap and the heap is trimmed at 64 KiB
 (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_), so freed tensors leave the resident set as
-they leave a GPU allocator's live bytes. Every rank runs one thread: a CPU device is a core.
+they leave a GPU allocator's live bytes; that costs time, so timed runs go without it. Every
+rank runs one thread: a CPU device is a core.
 """
 
 from __future__ import annotations
@@ -73,16 +74,21 @@ def _worker(rank: int, world: int, port: int, config: str, overrides: list[str],
     Path(out, f"rank{rank}.json").write_text(json.dumps(record))
 
 
-def measure(config: str, overrides: list[str], world: int, work: Path) -> dict:
-    """Run the layout: per-rank records and rank 0's step times."""
+def measure(config: str, overrides: list[str], world: int, work: Path, memory: bool = True) -> dict:
+    """Run the layout: per-rank records and rank 0's step times. `memory`: with the allocator
+    settings that make the resident set follow live tensors (MALLOC); they cost time (every
+    allocation >= 64 KiB is its own mmap), so a timed run goes without them."""
     import torch.multiprocessing as mp
 
     from launch.net import free_port
 
     out = work / "ranks"
     out.mkdir(parents=True, exist_ok=True)
+    env = MALLOC if memory else {"OMP_NUM_THREADS": "1"}
     saved = {k: os.environ.get(k) for k in MALLOC}
-    os.environ.update(MALLOC)
+    for k in MALLOC:
+        os.environ.pop(k, None)
+    os.environ.update(env)
     try:
         mp.spawn(_worker, args=(world, free_port(), config, [*overrides, f"out_dir={work}"], str(out)), nprocs=world,
                  join=True)
