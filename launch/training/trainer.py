@@ -25,6 +25,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -54,24 +55,55 @@ class TrainingStopped(RuntimeError):
 
 class _PreemptionFlag:
     """SIGTERM / SIGUSR1 (what SLURM and preemptible schedulers send) set a flag; the trainer
-    checks it between steps, agrees on it across ranks, saves and exits cleanly."""
+    checks it between steps, agrees on it across ranks, saves and exits cleanly.
+
+    A rank blocked in a collective whose peer is gone never gets to that check: torchrun's
+    agent sends SIGTERM to the survivors of a failed rank and waits 30 s before SIGKILL. So
+    when the step in progress has not ended `grace` seconds after the signal (3 step times,
+    at least MIN_GRACE_S), the rank exits at once with 128 + the signal, without a checkpoint
+    (its peers could not have joined one), and a restart begins without the wait."""
+
+    MIN_GRACE_S = 10.0
 
     def __init__(self):
         self.signum = None
+        self.step_seconds = 0.0  # the trainer's last step time
+        self._timer: threading.Timer | None = None
         self._previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+        self._cancel()
 
     def _handler(self, signum, frame):
-        self.signum = signum
+        if self.signum is None:
+            self.signum = signum
+            grace = max(self.MIN_GRACE_S, 3 * self.step_seconds)
+            self._timer = threading.Timer(grace, self._stuck, args=(signum, grace))
+            self._timer.daemon = True
+            self._timer.start()
+
+    @staticmethod
+    def _stuck(signum: int, grace: float) -> None:
+        print(f"hyena-glt train: signal {signum} received {grace:.0f} s ago and the step in progress has not ended "
+              "(a peer rank is gone): exiting without a checkpoint; a restart resumes from the last one",
+              file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+    def _cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def agreed(self, device) -> bool:
         flag = torch.tensor([1.0 if self.signum else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        stop = bool(flag.item())
+        if stop:  # every rank got here: the save that follows has its peers
+            self._cancel()
+        return stop
 
 
 def _autocast_factory(precision: str, device: torch.device):
@@ -441,6 +473,7 @@ class Trainer:
             t0 = time.perf_counter()
             loss_sum, weight_sum, grad_norm, finite = self.opt.step(micro, self.autocast)
             dt = time.perf_counter() - t0
+            preempt.step_seconds = dt
             loss = loss_sum / max(weight_sum, 1e-8)
             self.step, self.tokens = step, self.tokens + n_tok
             last = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens,

@@ -48,7 +48,7 @@ _ports = itertools.count(29400)
 @pytest.fixture(scope="module")
 def cluster():
     try:
-        c = NetnsCluster([f"node{i}" for i in range(1, 11)])
+        c = NetnsCluster([f"node{i}" for i in range(1, 11)], tag="h")
     except Unavailable as e:
         pytest.skip(f"no network namespaces: {e}")
     try:

@@ -37,7 +37,7 @@ PACK_OPTIONS = ["--seq-len", "2048", "--stride", "1500", "--reverse-complement",
 @pytest.fixture(scope="module")
 def cluster():
     try:
-        c = NetnsCluster(["node1", "node2"])
+        c = NetnsCluster(["node1", "node2"], tag="l")
     except Unavailable as e:
         pytest.skip(f"no network namespaces: {e}")
     try:

@@ -38,7 +38,7 @@ class LocalSlurm:
     def __init__(self, root: Path, nodes: tuple[str, ...] = ("node1", "node2"), cpus: int = 1):
         ensure_installed(PACKAGES, COMMANDS)
         self.root = root
-        self.net = NetnsCluster(list(nodes))
+        self.net = NetnsCluster(list(nodes), tag="s")  # beside any other cluster of this process
         try:
             self._configure(cpus)
         except BaseException:
