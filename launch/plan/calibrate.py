@@ -10,9 +10,11 @@ child with that many threads:
                       --seq-len (as `bench ops` times one): the block's FLOPs x 3 / its fwd+bwd
                       time, as a fraction of peak
   memory_bandwidth    a copy of a 256 MiB tensor (read + write)
-  links               a gloo all-reduce between two processes on this machine at 4 KiB ... 64
-                      MiB: the latency from the smallest, the bandwidth from the largest
-                      (intra_node = inter_node: one machine)
+  links               gloo between two processes on this machine, each call after a few ms of
+                      compute as in training, by its mean: a point-to-point exchange (the
+                      link's own rate) and each collective (`ops`), at 64 KiB and 8 MiB: the
+                      latency from the small, the bandwidth from the large (intra_node =
+                      inter_node: one machine)
   memory_gib          MemTotal / devices
   runtime_gib         a 1-rank training run's peak beyond the memory model's total (the trainer's
                       buffers and the allocator's slack, launch/plan/measure.py)
@@ -111,25 +113,49 @@ def _compute_job(d_model: int, L: int, batch: int, threads: int, repeats: int) -
     return {"peak": peak, "achieved": achieved, "kinds": kinds, "bandwidth": bw}
 
 
-def _link_worker(rank: int, port: int, sizes: list[int], repeats: int, out: str) -> None:
+# What the link probe times, as training issues them: each one after a few milliseconds of a
+# rank's own compute (so a rank that sleeps in a collective is woken as in training, and the
+# ranks arrive as unevenly), by the mean of many. Full-tensor sizes: the small one gives the
+# latency, the large one the bandwidth.
+LINK_SIZES = (1 << 16, 1 << 23)
+LINK_OPS = ("exchange", "all_reduce", "all_gather", "reduce_scatter")
+
+
+def _link_worker(rank: int, port: int, repeats: int, out: str) -> None:
     import json
+    import warnings
 
     import torch
     import torch.distributed as dist
 
+    warnings.filterwarnings("ignore")  # torch's renames of the collectives, once per rank
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    times = {}
-    for n in sizes:
-        t = torch.ones(n // 4)
-        best = float("inf")
-        for i in range(repeats + 1):
+    work = torch.randn(384, 384)
+    times: dict = {}
+    for nbytes in LINK_SIZES:
+        full, half = torch.randn(nbytes // 4), torch.randn(nbytes // 8)
+        got_full, got_half = torch.empty_like(full), torch.empty_like(half)
+
+        def exchange():  # both ranks send the whole tensor to the other, as halos and pipeline stages do
+            ops = [dist.P2POp(dist.isend, full, 1 - rank), dist.P2POp(dist.irecv, got_full, 1 - rank)]
+            for r in dist.batch_isend_irecv(ops):
+                r.wait()
+
+        calls = {"exchange": exchange, "all_reduce": lambda: dist.all_reduce(full),
+                 "all_gather": lambda: dist.all_gather_into_tensor(got_full, half),
+                 "reduce_scatter": lambda: dist.reduce_scatter_tensor(got_half, full)}
+        for name in LINK_OPS:
+            spent = []
             dist.barrier()
-            t0 = time.perf_counter()
-            dist.all_reduce(t)
-            if i:
-                best = min(best, time.perf_counter() - t0)
-        times[n] = best
+            for i in range(4 + 8 * repeats):
+                for _ in range(4):
+                    work @ work
+                t0 = time.perf_counter()
+                calls[name]()
+                if i >= 4:
+                    spent.append(time.perf_counter() - t0)
+            times.setdefault(name, {})[nbytes] = sum(spent) / len(spent)
     if rank == 0:
         with open(out, "w") as f:
             json.dump(times, f)
@@ -137,6 +163,9 @@ def _link_worker(rank: int, port: int, sizes: list[int], repeats: int, out: str)
 
 
 def _link(repeats: int) -> dict:
+    """Each op's latency and bandwidth on 2 ranks, in the ring accounting of launch/plan/cost.py
+    (all-reduce: the bytes once and 2 latencies; all-gather and reduce-scatter: half the bytes
+    and 1; an exchange: the bytes and 1)."""
     import json
     import tempfile
 
@@ -144,16 +173,20 @@ def _link(repeats: int) -> dict:
 
     from launch.net import free_port
 
-    sizes = [4096, 2**20, 2**24, 2**26]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "link.json")
-        mp.spawn(_link_worker, args=(free_port(), sizes, repeats, out), nprocs=2, join=True)
+        mp.spawn(_link_worker, args=(free_port(), repeats, out), nprocs=2, join=True)
         with open(out) as f:
-            times = {int(k): v for k, v in json.load(f).items()}
-    # ring all-reduce over 2: the bytes once over the link and 2 latencies
-    latency = times[sizes[0]] / 2
-    bandwidth = sizes[-1] / max(times[sizes[-1]] - 2 * latency, 1e-9)
-    return {"latency_us": latency * 1e6, "bandwidth_gbs": bandwidth / 1e9, "allreduce_s": times}
+            times = {op: {int(k): v for k, v in t.items()} for op, t in json.load(f).items()}
+    small, large = LINK_SIZES
+    rates = {}
+    for op, t in times.items():
+        share, messages = {"all_reduce": (1.0, 2), "all_gather": (0.5, 1), "reduce_scatter": (0.5, 1)}.get(op, (1.0, 1))
+        bandwidth = share * (large - small) / max(t[large] - t[small], 1e-9)
+        latency = max(0.0, (t[small] - share * small / bandwidth) / messages)
+        rates[op] = {"bandwidth_gbs": bandwidth / 1e9, "latency_us": latency * 1e6}
+    link = {**rates.pop("exchange"), "ops": rates}
+    return {"link": link, "seconds": times}
 
 
 def run(args) -> int:
@@ -168,8 +201,11 @@ def run(args) -> int:
           + ", ".join(f"{k} {v:.3f}" for k, v in c["achieved"].items())
           + "; per kind " + ", ".join(f"{k} {v:.3f}" for k, v in c["kinds"].items())
           + f"; memory {c['bandwidth'] / 1e9:.1f} GB/s", flush=True)
-    link = _link(args.repeats)
-    print(f"gloo all-reduce: latency {link['latency_us']:.0f} us, bandwidth {link['bandwidth_gbs']:.2f} GB/s", flush=True)
+    probe = _link(args.repeats)
+    link = probe["link"]
+    print("gloo, between compute (latency, bandwidth): " + ", ".join(
+        f"{op} {r['latency_us']:.0f} us {r['bandwidth_gbs']:.2f} GB/s"
+        for op, r in {"exchange": link, **link["ops"]}.items()), flush=True)
     runtime = _runtime(args)
     print(f"trainer memory beside the model's tensors (1 rank, 2 steps): {runtime / 2**20:.0f} MiB", flush=True)
     with open("/proc/meminfo") as f:
@@ -185,13 +221,13 @@ def run(args) -> int:
         "devices_per_node": devices,
         "runtime_gib": runtime / 2**30,
         "cores_per_device": args.cores_per_device,
-        "intra_node": {"bandwidth_gbs": link["bandwidth_gbs"], "latency_us": link["latency_us"]},
-        "inter_node": {"bandwidth_gbs": link["bandwidth_gbs"], "latency_us": link["latency_us"]},
+        "intra_node": link,
+        "inter_node": link,
         "achieved": c["achieved"],
         "kind_achieved": c["kinds"],
         "calibration": {"d_model": args.d_model, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
                         "repeats": args.repeats,
-                        "load_average": os.getloadavg()[0], "allreduce_s": link["allreduce_s"]},
+                        "load_average": os.getloadavg()[0], "collective_s": probe["seconds"]},
     }
     from .hardware import Hardware
 
@@ -204,24 +240,18 @@ def run(args) -> int:
 
 
 def _runtime(args) -> float:
-    """Bytes one training rank holds beside what the memory model counts: a 1-rank run of the
-    measured config (launch/plan/measure.py) at --d-model and --seq-len, 2 steps."""
+    """A 1-rank run of the measured config (launch/plan/measure.py) at --d-model and --seq-len, 2 steps."""
     import tempfile
     from pathlib import Path
 
-    from launch.training.config import TrainConfig
-
-    from .measure import BASE, CONFIG, measure, pack
-    from .memory import estimate
+    from .measure import BASE, pack, runtime_bytes
 
     with tempfile.TemporaryDirectory(prefix="hyena-glt-calibrate-") as tmp:
         work = Path(tmp)
         data = pack(work, args.seq_len)
         overrides = [*BASE, f"model.d_model={args.d_model}", f"model.max_seq_len={args.seq_len}",
                      f"train.seq_len={args.seq_len}", "train.steps=2", f"data.train={data}", f"data.val={data}"]
-        r = measure(str(CONFIG), overrides, 1, work / "run")["ranks"][0]
-        tc = TrainConfig.load(CONFIG, overrides)
-        return max(0.0, r["peak"] - r["baseline"] - estimate(tc, tc.layout_for(1))[0].total)
+        return max(0.0, runtime_bytes(overrides, work / "run")[0])
 
 
 def _cpu_name() -> str:

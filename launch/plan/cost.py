@@ -11,16 +11,23 @@ For the slowest pipeline rank of a layout (docs/planning.md has the formulas):
 * communication: the bytes each collective moves, over the link it crosses (a group whose
   ranks lie on one node uses `intra_node`, else `inter_node`; ranks are ordered tp, cp, dp,
   pp as megatron-core does), as ring collectives (all-reduce: 2(n-1)/n of the bytes and
-  2(n-1) latencies; all-gather and reduce-scatter half of that):
-  - TP: per block and micro-batch two all-reduces forward and two backward (the mixer's and
-    the MLP's row-parallel outputs; an all-gather + reduce-scatter pair each under SP);
+  2(n-1) latencies; all-gather and reduce-scatter half of that) at the link's rate for the
+  collective (`Link.op`):
+  - TP: what megatron-core's parallel linears run, for the linears a block really builds
+    (`tp_linears`): a column-parallel one all-reduces its input's gradient in backward, a
+    row-parallel one its output in forward; under SP the first all-gathers its input forward
+    and again backward (it keeps only its share) and reduce-scatters the gradient, the second
+    reduce-scatters its output and all-gathers the gradient. The embedding all-reduces its
+    output, the output layer is a column-parallel linear and vocab-parallel cross entropy
+    all-reduces 3 values per token;
   - CP: what each kind declares (`LayerKind.cp_sends`): halos, the long convolution's modal
     state or all-to-all, the K/V gather, forward and backward, with the same accounting as
     the counters of megatron_adapters/context_parallel.py (`cp_bytes` equals them: tests/plan);
   - DP: the gradient sum over dp x cp (ZeRO-1/2: reduce + all-gather of the parameters; ZeRO-3
     also gathers the parameters for forward and backward);
   - PP: each micro-batch's activations forward and gradients backward between stages.
-* the pipeline bubble: (pp - 1) / vpp micro-batch times more than the m micro-batches take.
+* the pipeline bubble: (pp - 1) / vpp micro-batch times more than the m micro-batches take
+  (on a CPU whose ranks time-share cores, at the speed of the fewer ranks busy then).
 
 No overlap of communication with compute is assumed: the trainer reduces gradients after the
 backward and the pipeline's sends block (megatron_adapters), so the model adds them up.
@@ -43,6 +50,8 @@ from hyena_glt.kinds import (
 
 from .hardware import Hardware
 from .memory import FP32, RankEstimate, estimate, layer_values
+
+CROSS_ENTROPY_REDUCTIONS = 3  # vocab-parallel cross entropy: the logits' max, the sum of exps, the target logit
 
 
 # ---------------------------------------------------------------------------- model FLOPs
@@ -85,6 +94,87 @@ def block_flops(code: str, cfg, L: int) -> dict[str, float]:
     terms = mixer_flops(code, cfg, L)
     terms["matmul"] += 3 * 2.0 * cfg.d_model * cfg.mlp_hidden  # gated MLP: gate, up, down
     return terms
+
+
+@_memo
+def tp_linears(code: str, cfg) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(input widths of one block's column-parallel linears, output widths of its row-parallel
+    ones): the block is built on the meta device from a spec that records what it asks for,
+    so a kind's mixer (and a plug-in's) is counted as it is built, the gated MLP too."""
+    import dataclasses
+
+    import torch
+
+    from hyena_glt.layers import Block
+    from hyena_glt.spec import LOCAL
+
+    columns, rows = [], []
+
+    def column(d_in, d_out, *args, **kwargs):
+        columns.append(d_in)
+        return LOCAL.column_linear(d_in, d_out, *args, **kwargs)
+
+    def row(d_in, d_out, *args, **kwargs):
+        rows.append(d_out)
+        return LOCAL.row_linear(d_in, d_out, *args, **kwargs)
+
+    with torch.device("meta"):
+        Block(code, cfg, 1, dataclasses.replace(LOCAL, column_linear=column, row_linear=row))
+    return tuple(columns), tuple(rows)
+
+
+def tp_collectives(codes: Counter, cfg, tokens: int, value_bytes: int, sp: bool, recompute: bool, first: bool,
+                   last: bool) -> Counter:
+    """(collective, bytes of the whole tensor) -> calls, of one micro-batch's forward and
+    backward on a tensor-parallel rank holding the blocks `codes` (and the embedding / output
+    layer on the first / last stage); tests/plan counts them in a real run."""
+    calls: Counter = Counter()
+
+    def column(w: int, n: int) -> None:
+        nbytes = tokens * w * value_bytes
+        if sp:
+            calls["all_gather", nbytes] += n * passes + n  # forward (again when recomputed), backward
+            calls["reduce_scatter", nbytes] += n
+        else:
+            calls["all_reduce", nbytes] += n
+
+    def row(w: int, n: int, forwards: int) -> None:
+        nbytes = tokens * w * value_bytes
+        if sp:
+            calls["reduce_scatter", nbytes] += n * forwards
+            calls["all_gather", nbytes] += n
+        else:
+            calls["all_reduce", nbytes] += n * forwards
+
+    # A checkpointed block runs its forward again before the backward, up to the last tensor
+    # the backward needs (torch.utils.checkpoint stops there): all but the block's output,
+    # its last row-parallel linear's reduction.
+    passes = 2 if recompute else 1
+    for code, n in codes.items():
+        cols, rows = tp_linears(code, cfg)
+        for w in cols:
+            column(w, n)
+        for i, w in enumerate(rows):
+            row(w, n, 1 if i == len(rows) - 1 else passes)
+    d = cfg.d_model
+    if first:  # vocab-parallel embedding: partial rows summed (then split over the sequence under SP)
+        calls["all_reduce", tokens * d * value_bytes] += 1
+        if sp:
+            calls["all_gather", tokens * d * value_bytes] += 1
+    if last:
+        passes = 1
+        column(d, 1)
+        calls["all_reduce", tokens * FP32] += CROSS_ENTROPY_REDUCTIONS
+    return calls
+
+
+def tp_seconds(codes: Counter, cfg, tokens: int, value_bytes: int, tp: int, sp: bool, recompute: bool, link,
+               first: bool, last: bool) -> float:
+    """Seconds one micro-batch's tensor-parallel collectives (`tp_collectives`) take."""
+    if tp == 1:
+        return 0.0
+    calls = tp_collectives(codes, cfg, tokens, value_bytes, sp, recompute, first, last)
+    return sum(n * _ring(op, nbytes, tp, link) for (op, nbytes), n in calls.items())
 
 
 @_memo
@@ -195,11 +285,13 @@ class Prediction:
 
 
 def _ring(kind: str, nbytes: float, n: int, link) -> float:
+    """A ring collective over n ranks of `nbytes` (the whole tensor) at the link's rate for it."""
     if n == 1:
         return 0.0
+    rate = link.op(kind)
     if kind == "all_reduce":
-        return link.seconds(2 * (n - 1) / n * nbytes, 2 * (n - 1))
-    return link.seconds((n - 1) / n * nbytes, n - 1)  # all_gather, reduce_scatter
+        return rate.seconds(2 * (n - 1) / n * nbytes, 2 * (n - 1))
+    return rate.seconds((n - 1) / n * nbytes, n - 1)  # all_gather, reduce_scatter
 
 
 def ranks_per_node(world: int, hw: Hardware, per_node: int | None) -> int:
@@ -213,7 +305,9 @@ def predict(tc, layout, hw: Hardware, per_node: int | None = None) -> Prediction
     world, dp = layout.world_size, layout.dp
     tp, cp, pp, vpp = p.tp, p.cp, p.pp, p.vpp or 1
     node = ranks_per_node(world, hw, per_node)
-    share = max(1.0, node / hw.devices_per_node)  # CPU: ranks beyond the cores time-share them
+    # CPU: ranks beyond the cores time-share them, in compute and in communication (a collective
+    # ends only when every member has had its turn on a core)
+    share = max(1.0, node / hw.devices_per_node)
     L, b = t.seq_len, t.micro_batch_size
     m = tc.micro_batches_per_rank(dp)
     value = FP32 if t.precision == "fp32" else 2
@@ -243,20 +337,15 @@ def predict(tc, layout, hw: Hardware, per_node: int | None = None) -> Prediction
                           for c, n in codes.items()) * tokens
         compute = (compute + elementwise) * share
         elementwise *= share
-        # TP: two collectives per block forward (and again under recompute) and two backward
-        act = tokens * cfg.d_model * value
-        per_block = 2 * (3 if t.activation_checkpointing else 2)
-        if p.sp:
-            tp_s = per_block * (_ring("all_gather", act, tp, link["tp"]) + _ring("reduce_scatter", act, tp, link["tp"]))
-        else:
-            tp_s = per_block * _ring("all_reduce", act, tp, link["tp"])
-        tp_s *= sum(codes.values())
+        tp_s = share * tp_seconds(codes, cfg, tokens, value, tp, p.sp, t.activation_checkpointing, link["tp"],
+                                  0 in mine, last in mine)
         cp_s = 0.0
         if cp > 1:  # an interior CP rank (two neighbours); one message per exchange, pass and peer
             sent = cp_bytes(cfg, L, b, cp, tp, min(1, cp - 1), value, p.cp_long_conv, t.activation_checkpointing,
                             codes=codes.elements())
             exchanges = sum(n * len(_sends(c, cfg)) for c, n in codes.items())
-            cp_s = link["cp"].seconds(sum(sent.values()), exchanges * (3 if t.activation_checkpointing else 2) * (cp - 1))
+            cp_s = share * link["cp"].seconds(sum(sent.values()),
+                                              exchanges * (3 if t.activation_checkpointing else 2) * (cp - 1))
         mb_s = compute + tp_s + cp_s  # one micro-batch
         if slowest is None or mb_s > slowest[0]:
             slowest = (mb_s, r, compute, tp_s, cp_s, elementwise)
@@ -264,7 +353,7 @@ def predict(tc, layout, hw: Hardware, per_node: int | None = None) -> Prediction
     est = ranks[r]
     # PP: activations forward and their gradients backward, per micro-batch and model chunk
     pp_bytes = tokens * cfg.d_model * value / (tp if p.sp else 1)
-    pp_s = 2 * m * vpp * link["pp"].seconds(pp_bytes) if pp > 1 else 0.0
+    pp_s = share * 2 * m * vpp * link["pp"].seconds(pp_bytes) if pp > 1 else 0.0
     # DP x CP: the gradient sum (and ZeRO's parameter gathers)
     grad_bytes = est.params * FP32
     n = dp * cp
@@ -277,11 +366,14 @@ def predict(tc, layout, hw: Hardware, per_node: int | None = None) -> Prediction
         dp_s = _ring("reduce_scatter", grad_bytes, n, link["dp"]) + _ring("all_gather", grad_bytes, n, link["dp"])
     else:
         dp_s = _ring("reduce_scatter", grad_bytes, n, link["dp"]) + 3 * _ring("all_gather", grad_bytes, n, link["dp"])
+    dp_s *= share
     # AdamW streams p, g, m, v in and p, m, v out (+ the gradient norm's read): 32 bytes per value
     part = est.params / (n if zero else 1)
     optimizer_s = 32 * part / (hw.memory_bandwidth_gbs * 1e9) * share
     compute_total = m * compute
-    bubble_s = (pp - 1) / vpp * mb_s if pp > 1 else 0.0
+    # in the bubble only one stage's ranks work: where ranks time-share cores they then have
+    # more of them (share / pp ranks per core, at least one)
+    bubble_s = (pp - 1) / vpp * mb_s * max(1.0, share / pp) / share if pp > 1 else 0.0
     comm = {"tp": m * tp_s, "cp": m * cp_s, "dp": dp_s, "pp": pp_s}
     step = m * mb_s + bubble_s + dp_s + pp_s + optimizer_s
     tps = t.global_batch_size * L / step

@@ -6,7 +6,10 @@ A profile is a small YAML file (configs/hardware/h100.yaml is the commented exam
     memory_gib             device memory; `usable_memory` of it is the planner's budget
     memory_bandwidth_gbs   device memory bandwidth (the optimizer step streams the states)
     devices_per_node       devices that share a node (and its fast link)
-    intra_node, inter_node a link's bandwidth (GB/s per device, one direction) and latency (us)
+    intra_node, inter_node a link's bandwidth (GB/s per device, one direction) and latency (us);
+                           optional `ops`: the same per collective (all_reduce, all_gather,
+                           reduce_scatter) where they differ from a point-to-point message (gloo
+                           on CPU: `hyena-glt calibrate` measures each; NCCL rings: leave it out)
     achieved               fraction of peak reached, by FLOP term (matmul, attention, conv)
     kind_achieved          optional: fraction of peak of a whole block of a layer kind (mixer +
                            MLP), by pattern character; `hyena-glt calibrate` measures these
@@ -30,13 +33,30 @@ from hyena_glt.kinds import FLOP_TERMS
 PROFILES = Path(__file__).resolve().parents[2] / "configs" / "hardware"
 
 
-class Link(BaseModel):
+class Rate(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     bandwidth_gbs: float = Field(gt=0, description="GB/s per device, one direction")
     latency_us: float = Field(ge=0, description="time of an empty message, microseconds")
 
     def seconds(self, nbytes: float, messages: float = 1) -> float:
         return nbytes / (self.bandwidth_gbs * 1e9) + messages * self.latency_us * 1e-6
+
+
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
+
+
+class Link(Rate):
+    """A point-to-point message's rate, and each collective's where it differs."""
+
+    ops: dict[str, Rate] = Field(default_factory=dict)
+
+    def model_post_init(self, _) -> None:
+        bad = sorted(set(self.ops) - set(COLLECTIVES))
+        if bad:
+            raise ValueError(f"ops: unknown collective(s) {', '.join(bad)}; known: {', '.join(COLLECTIVES)}")
+
+    def op(self, collective: str) -> Rate:
+        return self.ops.get(collective, self)
 
 
 class Hardware(BaseModel):

@@ -41,7 +41,35 @@ def _start_peak() -> int:
     return _status_bytes("VmRSS")
 
 
-def _worker(rank: int, world: int, port: int, config: str, overrides: list[str], out: str) -> None:
+# torch.profiler's names of the tensor collectives megatron-core's parallel layers call, and
+# which of their inputs is the whole tensor (the planner's bytes: launch/plan/cost.py)
+PROFILED_COLLECTIVES = {"c10d::_allgather_base_": ("all_gather", 0), "c10d::_reduce_scatter_base_": ("reduce_scatter", 1),
+                        "c10d::allreduce_": ("all_reduce", None)}
+
+
+def _collectives(events) -> dict[str, int]:
+    """'<collective> <bytes of the whole tensor>' -> calls, from a profile's events; an
+    all-reduce's tensor list has no recorded shape: '<all_reduce> ?'."""
+    import math
+
+    import torch
+
+    counts: dict[str, int] = {}
+    for e in events:
+        if e.name not in PROFILED_COLLECTIVES:
+            continue
+        op, which = PROFILED_COLLECTIVES[e.name]
+        size = "?"
+        if which is not None:
+            dtype = getattr(torch, e.input_dtypes[which].split(" ")[-1], None) if e.input_dtypes else None
+            size = math.prod(e.input_shapes[which]) * (dtype.itemsize if isinstance(dtype, torch.dtype) else 4)
+        key = f"{op} {size}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _worker(rank: int, world: int, port: int, config: str, overrides: list[str], out: str,
+            collectives: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     import warnings
@@ -64,20 +92,31 @@ def _worker(rank: int, world: int, port: int, config: str, overrides: list[str],
     base = _start_peak()
     trainer = Trainer(cfg, log=lambda *a, **k: None)
     cpar.traffic.clear()
-    trainer.train()
+    if collectives:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            trainer.train()
+    else:
+        trainer.train()
     peak = _status_bytes("VmHWM")
     coords = trainer.ctx.coords
     record = {"rank": rank, "tp": coords.tp, "cp": coords.cp, "dp": coords.dp, "pp": coords.pp, "baseline": base,
               "peak": peak, "traffic": {k: v / cfg.train.steps for k, v in cpar.traffic.items()}}
+    if collectives:
+        record["collectives"] = {k: v / cfg.train.steps for k, v in _collectives(prof.events()).items()}
     trainer.close()
     destroy_parallel()
     Path(out, f"rank{rank}.json").write_text(json.dumps(record))
 
 
-def measure(config: str, overrides: list[str], world: int, work: Path, memory: bool = True) -> dict:
+def measure(config: str, overrides: list[str], world: int, work: Path, memory: bool = True,
+            collectives: bool = False) -> dict:
     """Run the layout: per-rank records and rank 0's step times. `memory`: with the allocator
     settings that make the resident set follow live tensors (MALLOC); they cost time (every
-    allocation >= 64 KiB is its own mmap), so a timed run goes without them."""
+    allocation >= 64 KiB is its own mmap), so a timed run goes without them. `collectives`:
+    each rank's tensor collectives per step, under torch.profiler (which costs time and memory:
+    a run of its own)."""
     import torch.multiprocessing as mp
 
     from launch.net import free_port
@@ -90,8 +129,8 @@ def measure(config: str, overrides: list[str], world: int, work: Path, memory: b
         os.environ.pop(k, None)
     os.environ.update(env)
     try:
-        mp.spawn(_worker, args=(world, free_port(), config, [*overrides, f"out_dir={work}"], str(out)), nprocs=world,
-                 join=True)
+        mp.spawn(_worker, args=(world, free_port(), config, [*overrides, f"out_dir={work}"], str(out), collectives),
+                 nprocs=world, join=True)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -103,6 +142,21 @@ def measure(config: str, overrides: list[str], world: int, work: Path, memory: b
     seconds = [s["tokens"] / s["tokens_per_s"] if i == 0 else (s["tokens"] - steps[i - 1]["tokens"]) / s["tokens_per_s"]
                for i, s in enumerate(steps)]
     return {"ranks": ranks, "step_seconds": seconds, "losses": [s["loss"] for s in steps]}
+
+
+def runtime_bytes(overrides: list[str], work: Path) -> tuple[int, int]:
+    """The trainer's own memory beside the tensors the memory model counts (a hardware profile's
+    `runtime_gib`): a 1-rank run of CONFIG with `overrides`, its peak over its baseline less the
+    model's total. Returns (runtime, the model's total): libraries' buffers differ by CPU (BLAS
+    packing, gloo), so it is measured on the machine, never assumed."""
+    from launch.training.config import TrainConfig
+
+    from .memory import estimate
+
+    r = measure(str(CONFIG), overrides, 1, work)["ranks"][0]
+    tc = TrainConfig.load(CONFIG, overrides)
+    total = estimate(tc, tc.layout_for(1))[0].total
+    return r["peak"] - r["baseline"] - total, total
 
 
 def pack(work: Path, seq_len: int) -> Path:
