@@ -23,8 +23,12 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml Makefile
 demo: env
 	$(VENV)/bin/hyena-glt demo
 
+# Two workers (pytest-xdist): a test process runs torch on one thread (tests/conftest.py), so one
+# worker left a core idle between launches. --dist loadfile keeps each file on one worker, so a
+# file's shared launches and fixtures are made once (network-namespace hosts are named by their
+# worker's PID, and apt installs take a lock: tests/support/).
 test: env
-	HYENA_GLT_REQUIRE_VTX=1 $(PY) -m pytest -q
+	HYENA_GLT_REQUIRE_VTX=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
 # The inner loop: every test that starts no other process and takes seconds (< 3 min in all).
 test-fast: env

@@ -3,6 +3,7 @@ when their commands are missing: CI starts from a fresh machine."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -16,6 +17,14 @@ def ensure_installed(packages: tuple[str, ...], commands: tuple[str, ...]) -> No
     """apt-get install `packages` unless every one of `commands` is already on PATH (or in /usr/sbin)."""
     if all(_which(c) for c in commands):
         return
+    # `make test` runs two test workers; apt-get fails at once on the dpkg lock the other holds.
+    with open("/tmp/hyena-glt-tests-apt.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not all(_which(c) for c in commands):
+            _install(packages, commands)
+
+
+def _install(packages: tuple[str, ...], commands: tuple[str, ...]) -> None:
     if os.geteuid() != 0:
         raise Unavailable(f"{', '.join(c for c in commands if not _which(c))} missing and installing needs root")
     if not shutil.which("apt-get"):
