@@ -35,10 +35,10 @@ def hyena(*args, env=None, cmd=HYENA) -> subprocess.CompletedProcess:
 class Gated:
     """A `hyena-glt` process held in the middle of its pack (see the module docstring)."""
 
-    def __init__(self, tmp_path: Path, *args, cmd=HYENA, pauses: int = 1):
+    def __init__(self, tmp_path: Path, *args, cmd=HYENA, pauses: int = 1, after: int = 3):
         self.gate = tmp_path / f"gate-{len(list(tmp_path.glob('gate-*')))}"
         self.gate.mkdir()
-        env = {**os.environ, "HYENA_GLT_TEST_GATE": str(self.gate),
+        env = {**os.environ, "HYENA_GLT_TEST_GATE": str(self.gate), "HYENA_GLT_TEST_GATE_AFTER": str(after),
                "PYTHONPATH": os.pathsep.join(p for p in (str(GATE), os.environ.get("PYTHONPATH", "")) if p)}
         self.proc = subprocess.Popen([*cmd, *map(str, args)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
@@ -149,9 +149,12 @@ def test_packs_started_together(tmp_path, lambda_phage, ref):
     assert json.loads((other / "manifest.json").read_bytes())["options"]["seq_len"] == seq_len
 
 
-def test_kill_mid_pack_then_rerun(tmp_path, lambda_phage, ref):
+@pytest.mark.parametrize("after", [1, 3, 13], ids=["first-shard", "third-shard", "last-shard"])
+def test_kill_mid_pack_then_rerun(tmp_path, lambda_phage, ref, after):
+    """SIGKILL after the first, the third and the last (13th) shard was completed, the last one
+    just before manifest.json would be written."""
     out = tmp_path / "out"
-    killed = Gated(tmp_path, "pack", lambda_phage, "--out", out, *COMMON)
+    killed = Gated(tmp_path, "pack", lambda_phage, "--out", out, *COMMON, after=after)
     killed.kill()
     # Nothing that loads: no manifest.json, and the loaders and `data stats` say why.
     assert not (out / "manifest.json").exists()
@@ -163,9 +166,9 @@ def test_kill_mid_pack_then_rerun(tmp_path, lambda_phage, ref):
 
     with pytest.raises(FileNotFoundError, match="not a finished pack"):
         PackedDataset(out)
-    assert {".pack/LOCK-job-00000", ".train-00000-000012.tar.tmp"} <= set(leftovers(out))
+    assert ".pack/LOCK-job-00000" in leftovers(out)
     kept = len(completed_shards(out))
-    assert kept >= 2
+    assert kept >= after - 1
     # The next run takes over the dead run's lock (one line), keeps what it completed, and
     # ends with the bytes of an uninterrupted pack.
     rerun = hyena("pack", lambda_phage, "--out", out, *COMMON)
@@ -176,7 +179,8 @@ def test_kill_mid_pack_then_rerun(tmp_path, lambda_phage, ref):
     assert taken[0].startswith(f"pack: --out {out}: took over the stale lock of PID {pid} on {socket.gethostname()} "
                                "(started "), taken
     assert taken[0].endswith(f"): PID {pid} is not running"), taken
-    assert f"{kept} shard(s) kept from an earlier run" in rerun.stderr
+    if kept:
+        assert f"{kept} shard(s) kept from an earlier run" in rerun.stderr
     assert tree_bytes(out) == ref
     assert verify(out).returncode == 0
 
