@@ -2,8 +2,9 @@
 pack's state lock (DIR/.pack/LOCK), what a kill leaves, stale locks (data_tools/pack/lock.py).
 
 The pack that must be running while another starts (or when it is killed) is held in the
-middle of its work by tests/data/pack_gate/sitecustomize.py: after its N-th completed shard (`Gated(after=N)`, 3 by default) it
-writes GATE/paused-PID and waits for GATE/go. So nothing here depends on timing."""
+middle of its work by tests/data/pack_gate/sitecustomize.py: after its N-th completed shard
+(`Gated(after=N)`, 3 by default) it writes GATE/paused-PID and waits for GATE/go. So nothing
+here depends on timing."""
 
 from __future__ import annotations
 
